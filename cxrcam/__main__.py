@@ -1,0 +1,3 @@
+from cxrcam.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""The ``cxrcam`` command line: a thin layer over the stage modules.
+
+Every command reads its settings from ``--config`` (``configs/*.yaml``) plus trailing
+``section.key=value`` overrides. User mistakes (missing files, wrong columns, unknown config
+keys) print one ``Error:`` line and exit 1, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from cxrcam import __version__
+from cxrcam.config import Config, load_config
+from cxrcam.errors import CxrcamError
+
+
+class _Group(click.Group):
+    """Turns cxrcam's user errors into one readable line and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (CxrcamError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def config_options(func):
+    """``--config FILE`` and trailing ``section.key=value`` overrides -> ``config: Config``."""
+
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                  help="YAML settings (see configs/); defaults are built in.")
+    @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
+    @functools.wraps(func)
+    def wrapper(config_path, overrides, **kwargs):
+        return func(config=load_config(config_path, overrides), **kwargs)
+
+    return wrapper
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cxrcam")
+def main() -> None:
+    """Find and localise 14 thoracic findings on chest radiographs with weak supervision.
+
+    Typical flow: synth or bring data -> prepare -> train-classifier -> localize.
+    """
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["vinbig", "nih"]), default="vinbig", show_default=True,
+              help="Layout to write: VinBigData (DICOM + train.csv) or NIH (PNG + Data_Entry/BBox_List).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Dataset folder to create.")
+@click.option("--n-images", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=click.IntRange(min=64), default=512, show_default=True,
+              help="Typical image side in pixels (VinBigData images vary around it).")
+def synth(fmt: str, out: Path, n_images: int, seed: int, size: int) -> None:
+    """Write a synthetic chest X-ray dataset in a real dataset layout."""
+    from cxrcam.data.synth import synthesize
+
+    synthesize(fmt, out, n_images, seed=seed, size=size)
+    click.echo(f"wrote {n_images} {fmt} images to {out}")
+
+
+@main.command()
+@click.option("--dataset", type=click.Choice(["vinbig", "nih", "rsna"]), required=True)
+@click.option("--root", type=click.Path(path_type=Path), required=True,
+              help="Dataset folder as released (e.g. train.csv + train/*.dicom).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
+@click.option("--size", type=click.IntRange(min=16), help="Cached image side in pixels [config: prepare.size, 512].")
+@click.option("--workers", type=click.IntRange(min=0), help="Decoding processes, 0 = all cores [config: prepare.workers].")
+@config_options
+def prepare(dataset: str, root: Path, out: Path, size: int | None, workers: int | None, config: Config) -> None:
+    """Decode every image once into a resized training cache."""
+    from cxrcam.data.cache import prepare as run_prepare
+
+    if size is not None:
+        config.prepare.size = size
+    if workers is not None:
+        config.prepare.workers = workers
+    result = run_prepare(dataset, root, out, config)
+    click.echo(f"cached {result.cached} images ({result.skipped} already done, {result.failed} failed) "
+               f"in {result.seconds:.1f}s -> {out}")
+    if result.failed:
+        click.echo(f"failures listed with reasons in {out / 'failures.csv'}", err=True)

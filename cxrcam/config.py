@@ -1,0 +1,145 @@
+"""Typed settings loaded from ``configs/*.yaml`` with ``section.key=value`` overrides.
+
+The dataclasses below are the schema: their defaults are the built-in configuration, a
+YAML file overrides any subset, and the command line overrides any single key. A key the
+schema does not know is an error that names it, so a typo never silently does nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cxrcam.errors import CxrcamError
+
+
+@dataclass
+class FusionConfig:
+    """How the boxes of several readers of one image become the training truth."""
+
+    method: Literal["wbf", "reader", "union"] = "wbf"  # wbf: Weighted Boxes Fusion
+    iou_thr: float = 0.4
+    skip_box_thr: float = 0.0
+
+
+@dataclass
+class SplitConfig:
+    n_folds: int = 5
+    seed: int = 0
+    val_fold: int = 0  # the fold held out for validation; fold -1 is the official test set
+
+
+@dataclass
+class PrepareConfig:
+    size: int = 512  # cached images are size x size pixels
+    workers: int = 2  # decoding processes
+
+
+@dataclass
+class Config:
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise CxrcamError(f"config key {key!r}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except CxrcamError:
+                pass
+        raise CxrcamError(f"config key {key!r}: {value!r} does not fit {tp}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise CxrcamError(f"config key {key!r}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_coerce(v, arg, key) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise CxrcamError(f"config key {key!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting keys it does not define."""
+    if not isinstance(data, dict):
+        raise CxrcamError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise CxrcamError(f"unknown config key {prefix + str(key)!r}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"fusion.iou_thr=0.5"`` -> ``{"fusion": {"iou_thr": 0.5}}`` (value read as YAML)."""
+    if "=" not in text:
+        raise CxrcamError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults <- YAML file <- overrides, validated into a :class:`Config`."""
+    data = dataclasses.asdict(Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise CxrcamError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise CxrcamError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise CxrcamError(f"config file {path} must hold a mapping of sections")
+        data = _merge(data, loaded)
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    return from_dict(Config, data)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,42 @@
+"""Cross-validation folds: by patient (never by image), stratified by finding, seeded.
+
+Each image gets ``fold`` in 0..n_folds-1; images of an official test list keep ``fold == -1``
+and are never put in a training fold. Datasets without patient ids (VinBigData) group by image.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from cxrcam.data.tables import target_columns
+from cxrcam.errors import CxrcamError
+from cxrcam.schemas import Schema
+
+
+def assign_folds(images: pd.DataFrame, schema: Schema, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Return a copy of ``images`` with a ``fold`` column filled in."""
+    out = images.copy()
+    test = out["fold"].to_numpy() == -1 if "fold" in out else np.zeros(len(out), bool)
+    pool = np.flatnonzero(~test)
+    if n_folds < 2:
+        raise CxrcamError(f"split.n_folds must be at least 2, got {n_folds}")
+    if len(pool) < n_folds:
+        raise CxrcamError(f"cannot split {len(pool)} images into {n_folds} folds")
+    y = out[target_columns(schema)].to_numpy()[pool]
+    # Stratify on each image's rarest finding (or "normal"), the multi-label proxy
+    # most VinBigData/NIH pipelines use with StratifiedKFold.
+    freq = y.sum(axis=0)
+    rarity = np.where(y > 0, freq[None, :], np.inf)
+    key = np.where(y.any(axis=1), rarity.argmin(axis=1), schema.num_findings)
+    patient = out["patient_id"].where(out["patient_id"].notna(), out["image_id"]).astype(str).to_numpy()
+    folds = np.full(len(out), -1, dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # small classes with fewer members than folds are fine
+        warnings.simplefilter("ignore", UserWarning)
+        for k, (_, held) in enumerate(splitter.split(pool, key, groups=patient[pool])):
+            folds[pool[held]] = k
+    out["fold"] = folds
+    return out

@@ -1,0 +1,428 @@
+"""Synthetic chest radiographs in the real dataset layouts: the built-in data for demo and tests.
+
+Each image is a chest phantom (body, lungs with vessel markings, mediastinum, heart, aortic
+knob, ribs, diaphragm, noise) rendered as a density map (bright = dense). A finding changes
+the anatomy where it plausibly lies, with a look of its own, and its box is the extent of that
+change. About two thirds of images are normal; abnormal ones carry one to three findings.
+VinBigData output is 16-bit DICOM of varying non-square size (some MONOCHROME1, some with
+window or rescale tags) with three readers' jittered boxes per finding; NIH output is PNG
+with ``Data_Entry_2017.csv``, ``BBox_List_2017.csv`` and official-style split lists.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from cxrcam.errors import CxrcamError
+from cxrcam.schemas import NIH, VINBIG
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class Anatomy:
+    """Normalised geometry of one phantom; findings are placed relative to it."""
+
+    h: int
+    w: int
+    lungs: list[tuple[float, float, float, float]]  # (cx, cy, rx, ry) per lung, image left first
+    heart: tuple[float, float, float, float]
+    knob: tuple[float, float, float]  # (cx, cy, r)
+
+
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.meshgrid(np.linspace(0, 1, w, dtype=np.float32), np.linspace(0, 1, h, dtype=np.float32))
+
+
+def _ellipse(u, v, cx, cy, rx, ry) -> np.ndarray:
+    return ((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2 <= 1.0
+
+
+def _soft(mask: np.ndarray, sigma_px: float) -> np.ndarray:
+    m = mask.astype(np.float32)
+    return cv2.GaussianBlur(m, (0, 0), max(sigma_px, 0.5)) if sigma_px > 0 else m
+
+
+def _bbox(mask: np.ndarray) -> Box:
+    ys, xs = np.nonzero(mask)
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+
+
+def render_normal(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, Anatomy]:
+    u, v = _grid(h, w)
+    j = lambda s: float(rng.normal(0, s))  # noqa: E731 - small anatomical jitter
+    d = np.full((h, w), 0.03, np.float32)
+    body = _ellipse(u, v, 0.5 + j(0.01), 0.56, 0.47, 0.56)
+    d[body] = 0.42
+    lungs = [(0.31 + j(0.01), 0.44 + j(0.01), 0.14 + j(0.005), 0.29 + j(0.01)),
+             (0.69 + j(0.01), 0.44 + j(0.01), 0.13 + j(0.005), 0.29 + j(0.01))]
+    lung_mask = np.zeros((h, w), bool)
+    for cx, cy, rx, ry in lungs:
+        lung_mask |= _ellipse(u, v, cx, cy, rx, ry) & (v < cy + ry * 0.85)
+    d[lung_mask] = 0.14
+    # vessel markings: low-contrast branching texture, densest near the hila
+    tex = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), max(w / 180, 1))
+    hilum = np.exp(-(((np.abs(u - 0.5) - 0.12) / 0.12) ** 2 + ((v - 0.45) / 0.25) ** 2))
+    d += lung_mask * (0.035 * tex / (tex.std() + 1e-6) * (0.4 + hilum))
+    mediastinum = (np.abs(u - 0.5) < 0.065) & (v > 0.08) & (v < 0.8)
+    d[mediastinum] = 0.62
+    heart = (0.55 + j(0.008), 0.63 + j(0.008), 0.12 + j(0.005), 0.1 + j(0.004))
+    d[_ellipse(u, v, *heart)] = 0.66
+    knob = (0.565 + j(0.004), 0.27 + j(0.005), 0.03)
+    d[_ellipse(u, v, knob[0], knob[1], knob[2], knob[2] * w / h)] = 0.64
+    d[body & (v > 0.8)] = 0.58  # abdomen below the diaphragm
+    for i in range(9):  # ribs: curved bands over both lungs
+        y0 = 0.13 + i * 0.072 + j(0.004)
+        curve = y0 + 0.22 * (u - 0.5) ** 2 * (1 + 0.3 * i / 9)
+        rib = (np.abs(v - curve) < 0.011) & (np.abs(u - 0.5) > 0.07) & body
+        d[rib] += 0.09
+    return d, Anatomy(h, w, lungs, heart, knob)
+
+
+def _in_lung(a: Anatomy, rng: np.random.Generator, side: int | None = None,
+             zone: tuple[float, float] = (-0.6, 0.6)) -> tuple[float, float, int]:
+    """A random point inside a lung, ``zone`` a vertical range in lung radii (-1 top .. 1 bottom)."""
+    side = int(rng.integers(2)) if side is None else side
+    cx, cy, rx, ry = a.lungs[side]
+    t = rng.uniform(*zone)
+    half = np.sqrt(max(1 - t * t, 0.05)) * 0.6
+    return cx + rng.uniform(-half, half) * rx, cy + t * ry, side
+
+
+def _blob(d, a, rng, radius, gain, blur, zone=(-0.6, 0.6)) -> Box:
+    u, v = _grid(a.h, a.w)
+    cx, cy, _ = _in_lung(a, rng, zone=zone)
+    rx = radius * rng.uniform(0.8, 1.2)
+    mask = _ellipse(u, v, cx, cy, rx, rx * a.w / a.h * rng.uniform(0.8, 1.25))
+    d += gain * _soft(mask, blur * a.w)
+    return _bbox(mask)
+
+
+def nodule(d, a, rng):
+    return _blob(d, a, rng, rng.uniform(0.018, 0.03), 0.38, 0.002)
+
+
+def mass(d, a, rng):
+    return _blob(d, a, rng, rng.uniform(0.045, 0.07), 0.4, 0.004)
+
+
+def opacity(d, a, rng):  # lung opacity / pneumonia: medium patch, soft edge
+    return _blob(d, a, rng, rng.uniform(0.06, 0.09), 0.26, 0.012)
+
+
+def infiltration(d, a, rng):  # faint, hazy, larger
+    return _blob(d, a, rng, rng.uniform(0.08, 0.11), 0.17, 0.02)
+
+
+def consolidation(d, a, rng):  # dense patch crossed by dark air bronchograms
+    u, v = _grid(a.h, a.w)
+    box = _blob(d, a, rng, rng.uniform(0.07, 0.1), 0.42, 0.006, zone=(0.0, 0.6))
+    x0, y0, x1, y1 = box
+    inside = (u * a.w >= x0) & (u * a.w < x1) & (v * a.h >= y0) & (v * a.h < y1)
+    angle = rng.uniform(0.5, 1.2)
+    stripes = np.abs(np.sin((u * np.cos(angle) + v * np.sin(angle)) * 90)) < 0.12
+    d[inside & stripes] -= 0.2
+    return box
+
+
+def atelectasis(d, a, rng):  # thin oblique band (plate-like) in a lower zone
+    u, v = _grid(a.h, a.w)
+    cx, cy, _ = _in_lung(a, rng, zone=(0.2, 0.6))
+    angle = rng.uniform(-0.5, 0.5)
+    along = (u - cx) * np.cos(angle) + (v - cy) * np.sin(angle)
+    across = -(u - cx) * np.sin(angle) + (v - cy) * np.cos(angle)
+    mask = (np.abs(along) < rng.uniform(0.07, 0.1)) & (np.abs(across) < 0.012)
+    d += 0.4 * _soft(mask, 0.002 * a.w)
+    return _bbox(mask)
+
+
+def calcification(d, a, rng):  # cluster of tiny, very dense dots
+    u, v = _grid(a.h, a.w)
+    cx, cy, _ = _in_lung(a, rng)
+    mask = np.zeros((a.h, a.w), bool)
+    for _ in range(int(rng.integers(3, 7))):
+        r = rng.uniform(0.005, 0.009)
+        mask |= _ellipse(u, v, cx + rng.normal(0, 0.02), cy + rng.normal(0, 0.02), r, r * a.w / a.h)
+    d[mask] += 0.65
+    return _bbox(mask)
+
+
+def other_lesion(d, a, rng):  # ring-shaped (cavitary) lesion
+    u, v = _grid(a.h, a.w)
+    cx, cy, _ = _in_lung(a, rng)
+    r = rng.uniform(0.03, 0.05)
+    dist = np.sqrt(((u - cx) / r) ** 2 + ((v - cy) / (r * a.w / a.h)) ** 2)
+    ring = (dist <= 1) & (dist >= 0.6)
+    d[ring] += 0.4
+    return _bbox(dist <= 1)
+
+
+def cardiomegaly(d, a, rng):  # widened heart
+    u, v = _grid(a.h, a.w)
+    cx, cy, rx, ry = a.heart
+    big = _ellipse(u, v, cx, cy + 0.01, rx * rng.uniform(1.45, 1.7), ry * 1.15)
+    d[big] = np.maximum(d[big], 0.66)
+    return _bbox(big)
+
+
+def aortic_enlargement(d, a, rng):  # widened aortic knob
+    u, v = _grid(a.h, a.w)
+    cx, cy, r = a.knob
+    r2 = r * rng.uniform(1.7, 2.1)
+    knob = _ellipse(u, v, cx + 0.02, cy, r2, r2 * a.w / a.h)
+    d[knob] = np.maximum(d[knob], 0.64)
+    return _bbox(knob)
+
+
+def _lung_mask(a: Anatomy, side: int) -> np.ndarray:
+    u, v = _grid(a.h, a.w)
+    cx, cy, rx, ry = a.lungs[side]
+    return _ellipse(u, v, cx, cy, rx, ry) & (v < cy + ry * 0.85)
+
+
+def effusion(d, a, rng):  # basal meniscus: fluid rising towards the chest wall
+    u, v = _grid(a.h, a.w)
+    side = int(rng.integers(2))
+    cx, cy, rx, ry = a.lungs[side]
+    level = cy + ry * rng.uniform(0.35, 0.55)
+    lateral = cx - rx if side == 0 else cx + rx
+    meniscus = v > level - 0.9 * ((u - cx) / rx) ** 2 * 0.08 - 0.12 * np.clip(1 - np.abs(u - lateral) / rx, 0, 1) ** 3
+    mask = _lung_mask(a, side) & meniscus
+    d[mask] = 0.55
+    return _bbox(mask)
+
+
+def pneumothorax(d, a, rng):  # apical region without lung markings, thin pleural line
+    u, v = _grid(a.h, a.w)
+    side = int(rng.integers(2))
+    cx, cy, rx, ry = a.lungs[side]
+    lung = _lung_mask(a, side)
+    edge = cy - ry * rng.uniform(0.1, 0.35)
+    free = lung & (v < edge + 0.15 * ((u - cx) / rx) ** 2)
+    d[free] = 0.05
+    line = cv2.dilate(free.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    d[line & ~free & lung] = 0.32
+    return _bbox(free)
+
+
+def pleural_thickening(d, a, rng):  # dense band along the lateral chest wall
+    side = int(rng.integers(2))
+    cx, cy, rx, ry = a.lungs[side]
+    lung = _lung_mask(a, side)
+    inner = cv2.erode(lung.astype(np.uint8), np.ones((1, max(3, int(0.04 * a.w))), np.uint8)) > 0
+    u, v = _grid(a.h, a.w)
+    lateral = (u < cx - rx * 0.3) if side == 0 else (u > cx + rx * 0.3)
+    band = lung & ~inner & lateral & (v < cy + rng.uniform(0.0, 0.4) * ry)
+    d[band] = 0.5
+    return _bbox(band)
+
+
+def _reticular(d, a, rng, zone: tuple[float, float], period: float, gain: float) -> Box:
+    side = int(rng.integers(2))
+    cx, cy, rx, ry = a.lungs[side]
+    u, v = _grid(a.h, a.w)
+    region = _lung_mask(a, side) & (v > cy + zone[0] * ry) & (v < cy + zone[1] * ry)
+    net = (np.abs(np.sin(u * np.pi / period + rng.uniform(0, 6))) < 0.25) | \
+          (np.abs(np.sin(v * np.pi / period + rng.uniform(0, 6))) < 0.25)
+    d[region & net] += gain
+    return _bbox(region)
+
+
+def ild(d, a, rng):  # fine reticular net, lower zone
+    return _reticular(d, a, rng, (0.1, 0.85), 0.012, 0.16)
+
+
+def fibrosis(d, a, rng):  # coarse streaks, upper zone
+    return _reticular(d, a, rng, (-0.9, -0.1), 0.03, 0.22)
+
+
+def edema(d, a, rng):  # bilateral perihilar ("bat-wing") haze
+    u, v = _grid(a.h, a.w)
+    mask = (_lung_mask(a, 0) | _lung_mask(a, 1)) & _ellipse(u, v, 0.5, 0.47, 0.3, 0.17)
+    d += 0.2 * _soft(mask, 0.01 * a.w)
+    return _bbox(mask)
+
+
+def emphysema(d, a, rng):  # hyperlucent lungs with sparse markings
+    mask = _lung_mask(a, 0) | _lung_mask(a, 1)
+    d[mask] = 0.05 + 0.3 * (d[mask] - 0.14)
+    return _bbox(mask)
+
+
+def hernia(d, a, rng):  # retrocardiac gas bubble with a dense rim
+    u, v = _grid(a.h, a.w)
+    r = rng.uniform(0.05, 0.07)
+    dist = np.sqrt(((u - 0.5) / r) ** 2 + ((v - 0.7) / (r * a.w / a.h)) ** 2)
+    d[dist <= 1] = 0.25
+    d[(dist <= 1) & (dist > 0.8)] = 0.75
+    return _bbox(dist <= 1)
+
+
+Look = Callable[[np.ndarray, Anatomy, np.random.Generator], Box]
+
+LOOKS: dict[str, dict[str, Look]] = {
+    "vinbig": dict(zip(VINBIG.findings, (
+        aortic_enlargement, atelectasis, calcification, cardiomegaly, consolidation, ild,
+        infiltration, opacity, nodule, other_lesion, effusion, pleural_thickening,
+        pneumothorax, fibrosis))),
+    "nih": dict(zip(NIH.findings, (
+        atelectasis, cardiomegaly, effusion, infiltration, mass, nodule, opacity, pneumothorax,
+        consolidation, edema, emphysema, fibrosis, pleural_thickening, hernia))),
+}
+
+
+@dataclass
+class SynthImage:
+    density: np.ndarray  # float32 H x W, bright = dense
+    findings: list[tuple[int, Box]]  # (class id, true box in pixels)
+
+
+def synth_image(fmt: str, h: int, w: int, rng: np.random.Generator,
+                normal_fraction: float = 2 / 3) -> SynthImage:
+    """One phantom; findings drawn uniformly, 1-3 of them on abnormal images."""
+    d, anatomy = render_normal(h, w, rng)
+    looks = list(LOOKS[fmt].values())
+    findings = []
+    if rng.random() >= normal_fraction:
+        n = int(rng.choice([1, 1, 1, 2, 2, 3]))
+        for cid in rng.choice(len(looks), size=n, replace=False):
+            findings.append((int(cid), looks[cid](d, anatomy, rng)))
+    d += rng.normal(0, 0.012, d.shape).astype(np.float32)
+    d = cv2.GaussianBlur(d, (0, 0), 0.7)
+    return SynthImage(np.clip(d, 0, 1), findings)
+
+
+def _image_id(seed: int, index: int) -> str:
+    return hashlib.md5(f"cxrcam-{seed}-{index}".encode()).hexdigest()
+
+
+def _jitter(box: Box, rng: np.random.Generator, w: int, h: int) -> Box:
+    x0, y0, x1, y1 = box
+    bw, bh = x1 - x0, y1 - y0
+    x0, x1 = x0 + rng.normal(0, 0.06) * bw, x1 + rng.normal(0, 0.06) * bw
+    y0, y1 = y0 + rng.normal(0, 0.06) * bh, y1 + rng.normal(0, 0.06) * bh
+    x0, x1 = sorted((min(max(x0, 0), w - 1), min(max(x1, 1), w)))
+    y0, y1 = sorted((min(max(y0, 0), h - 1), min(max(y1, 1), h)))
+    return float(round(x0)), float(round(y0)), float(round(max(x1, x0 + 2))), float(round(max(y1, y0 + 2)))
+
+
+def write_dicom(path: Path, density: np.ndarray, rng: np.random.Generator) -> None:
+    """16-bit DICOM with the variety real VinBigData files show: bit depth, polarity,
+    window and rescale tags. Displayed correctly, every variant looks the same."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    bits = int(rng.choice([12, 14, 16]))
+    top = 2 ** bits - 1
+    mono1 = rng.random() < 0.3
+    stored = np.round(density * top * 0.85 + top * 0.05).astype(np.uint16)
+    if mono1:
+        stored = (top - stored).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", path.stem[:16]
+    ds.Rows, ds.Columns = density.shape
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+    if rng.random() < 0.3:  # a rescale in front of the window
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1000, "US"
+    if rng.random() < 0.5:  # a window spanning the phantom's range
+        lo, hi = float(stored.min()), float(stored.max())
+        offset = float(ds.get("RescaleIntercept", 0))
+        ds.WindowCenter = round((lo + hi) / 2 + offset, 1)
+        ds.WindowWidth = round((hi - lo) * 0.98, 1)
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: int = 512,
+               progress: bool = True) -> Path:
+    """Write a dataset of ``n_images`` phantoms in the real layout of ``fmt`` (vinbig, nih)."""
+    if fmt not in LOOKS:
+        raise CxrcamError(f"unknown synthetic format {fmt!r}; choose vinbig or nih")
+    if n_images < 1:
+        raise CxrcamError("--n-images must be at least 1")
+    out = Path(out)
+    write = _write_vinbig if fmt == "vinbig" else _write_nih
+    write(out, n_images, seed, size, progress)
+    return out
+
+
+def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool) -> None:
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    readers = [f"R{i}" for i in range(1, 18)]
+    rows = []
+    for i in tqdm(range(n), desc="synth vinbig", disable=not progress, unit="img"):
+        rng = np.random.default_rng([seed, i])
+        w = int(size * rng.uniform(0.8, 1.15))
+        h = int(w * rng.uniform(1.0, 1.3))  # portrait, non-square, like most VinBigData films
+        img = synth_image("vinbig", h, w, rng)
+        image_id = _image_id(seed, i)
+        write_dicom(out / "train" / f"{image_id}.dicom", img.density, rng)
+        rads = rng.choice(readers, size=3, replace=False)
+        if not img.findings:
+            rows += [(image_id, "No finding", 14, r, "", "", "", "") for r in rads]
+            continue
+        # Readers miss findings (soft labels), but every finding has at least one reader and
+        # every reader marks something, as in the real train.csv.
+        marked = rng.random((3, len(img.findings))) < 0.85
+        marked[rng.integers(3, size=len(img.findings)), np.arange(len(img.findings))] = True
+        marked[np.arange(3), rng.integers(len(img.findings), size=3)] |= ~marked.any(axis=1)
+        for k, rad in enumerate(rads):
+            for cid, box in (f for f, m in zip(img.findings, marked[k]) if m):
+                rows.append((image_id, VINBIG.findings[cid], cid, rad, *_jitter(box, rng, w, h)))
+    with open(out / "train.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"])
+        writer.writerows(rows)
+
+
+def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool) -> None:
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    box_classes = {"Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+                   "Pneumonia", "Pneumothorax"}
+    entries, boxes = [], []
+    patient, follow = 0, 0
+    for i in tqdm(range(n), desc="synth nih", disable=not progress, unit="img"):
+        rng = np.random.default_rng([seed, i])
+        if i == 0 or rng.random() > 0.3:  # some patients have follow-up images
+            patient, follow = patient + 1, 0
+        else:
+            follow += 1
+        name = f"{patient:08d}_{follow:03d}.png"
+        img = synth_image("nih", size, size, rng)
+        cv2.imwrite(str(out / "images" / name), np.round(img.density * 255).astype(np.uint8))
+        labels = sorted({NIH.findings[c] for c, _ in img.findings}) or ["No Finding"]
+        entries.append((name, "|".join(labels), follow, patient, int(rng.integers(20, 80)),
+                        rng.choice(["M", "F"]), "PA", size, size, 0.143, 0.143))
+        for cid, (x0, y0, x1, y1) in img.findings:
+            if NIH.findings[cid] in box_classes and rng.random() < 0.7:
+                label = "Infiltrate" if NIH.findings[cid] == "Infiltration" else NIH.findings[cid]
+                boxes.append((name, label, x0, y0, x1 - x0, y1 - y0))
+    with open(out / "Data_Entry_2017.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+                         "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
+                         "OriginalImagePixelSpacing[x", "y]"])
+        writer.writerows(entries)
+    with open(out / "BBox_List_2017.csv", "w", newline="") as f:
+        f.write("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
+        csv.writer(f).writerows(boxes)
+    patients = sorted({e[3] for e in entries})
+    test_patients = set(np.random.default_rng(seed).permutation(patients)[: max(1, len(patients) // 5)].tolist())
+    (out / "test_list.txt").write_text("".join(f"{e[0]}\n" for e in entries if e[3] in test_patients))
+    (out / "train_val_list.txt").write_text("".join(f"{e[0]}\n" for e in entries if e[3] not in test_patients))

@@ -1,0 +1,54 @@
+"""The common form every dataset reader produces, and its column names (defined once).
+
+images: one row per image: ``image_id, path, width, height, patient_id, fold``, then a hard
+    target ``y_<id>`` (0/1) and a soft target ``soft_<id>`` (share of readers who marked the
+    class) per finding class.
+boxes: one row per box in original pixels: ``image_id, class_id, x_min, y_min, x_max,
+    y_max, rad_id`` (the reader, or ``"wbf"``/``"union"`` after fusion).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from cxrcam.schemas import Schema
+
+BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
+BOX_TABLE_COLUMNS = ["image_id", "class_id", *BOX_COLUMNS, "rad_id"]
+
+
+def target_columns(schema: Schema) -> list[str]:
+    return [f"y_{i}" for i in range(schema.num_findings)]
+
+
+def soft_columns(schema: Schema) -> list[str]:
+    return [f"soft_{i}" for i in range(schema.num_findings)]
+
+
+@dataclass
+class DatasetTables:
+    schema: Schema
+    images: pd.DataFrame
+    boxes: pd.DataFrame
+
+    def targets(self):
+        return self.images[target_columns(self.schema)].to_numpy("float32")
+
+    def soft_targets(self):
+        return self.images[soft_columns(self.schema)].to_numpy("float32")
+
+
+def empty_boxes() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="float64" if c in BOX_COLUMNS else "object")
+                         for c in BOX_TABLE_COLUMNS}).astype({"class_id": "int64"})
+
+
+def require_columns(df: pd.DataFrame, columns: list[str], source: str) -> None:
+    """A table missing a column is a user error: name the columns and the file."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        from cxrcam.errors import CxrcamError
+
+        raise CxrcamError(f"{source}: missing column(s) {', '.join(missing)} "
+                          f"(found: {', '.join(map(str, df.columns))})")
