@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 from ensemble_boxes import weighted_boxes_fusion
 from torchvision.ops import box_iou
-import torch
 
 from cxrcam.config import FusionConfig
 from cxrcam.data.tables import BOX_COLUMNS, BOX_TABLE_COLUMNS, empty_boxes
@@ -49,7 +49,8 @@ def _union(image_id: str, group: pd.DataFrame, config: FusionConfig) -> pd.DataF
     rows = []
     for class_id, cls in group.groupby("class_id", sort=True):
         b = cls[BOX_COLUMNS].to_numpy(np.float64)
-        linked = (box_iou(torch.from_numpy(b), torch.from_numpy(b)) > config.iou_thr).numpy()
+        t = torch.tensor(b)
+        linked = (box_iou(t, t) > config.iou_thr).numpy()
         component = np.arange(len(b))
         for _ in range(len(b)):  # label propagation to a fixed point: connected components
             new = np.array([component[linked[i]].min() for i in range(len(b))])

@@ -100,7 +100,7 @@ def _raster_to_unit(path: Path) -> np.ndarray:
 
 def _dicom_to_unit(path: Path) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
     try:
         ds = pydicom.dcmread(path)
@@ -108,16 +108,17 @@ def _dicom_to_unit(path: Path) -> np.ndarray:
         raise ImageReadError(f"{path}: not a DICOM file ({exc})") from None
     if "PixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file has no pixel data")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            stored = ds.pixel_array
-    except (RuntimeError, NotImplementedError) as exc:
-        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
-        if "plugin" in str(exc).lower() or "dependenc" in str(exc).lower() or "handler" in str(exc).lower():
-            name = getattr(syntax, "name", str(syntax))
-            raise ImageReadError(f"{path}: " + _PLUGIN_HINT.format(name)) from None
-        raise
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed:
+        try:
+            available = get_decoder(syntax).is_available
+        except NotImplementedError:
+            raise ImageReadError(f"{path}: unsupported transfer syntax {syntax.name}") from None
+        if not available:
+            raise ImageReadError(f"{path}: " + _PLUGIN_HINT.format(syntax.name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stored = ds.pixel_array
     if stored.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
         stored = stored[0]  # multi-frame: the first frame is the radiograph
     if stored.ndim != 2:

@@ -1,0 +1,113 @@
+"""`cxrcam prepare`: the cache, exact box frames, failures, resume after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrcam.config import load_config
+from cxrcam.data.cache import open_cache, prepare
+from cxrcam.data.images import read_image
+from cxrcam.data.readers import read_dataset
+from cxrcam.errors import CxrcamError
+from cxrcam.schemas import VINBIG
+
+from conftest import shared
+
+
+def test_cache_images_and_boxes_in_both_frames(synth_vinbig, tmp_path):
+    config = load_config(overrides=["prepare.size=96", "prepare.workers=2"])
+    result = prepare("vinbig", synth_vinbig, tmp_path / "cache", config, progress=False)
+    assert (result.cached, result.failed) == (60, 0)
+    cache = open_cache(tmp_path / "cache")
+    assert cache.schema is VINBIG and cache.size == 96 and len(cache.images) == 60
+    tables = read_dataset("vinbig", synth_vinbig)
+    row = cache.images.iloc[5]
+    src = tables.images.set_index("image_id").loc[row["image_id"]]
+    assert (row["width"], row["height"]) == (src["width"], src["height"])  # original size recorded
+    img = cache.load(row["image_id"])
+    assert img.shape == (96, 96)
+    assert np.array_equal(img, read_image(src["path"], 96).image)  # what the decoder makes, no more loss
+    # boxes: the same fused truth, and the cache frame maps back to original pixels exactly
+    assert len(cache.boxes) == len(tables.boxes)
+    merged = cache.boxes.merge(cache.images[["image_id", "scale_x", "scale_y"]], on="image_id")
+    assert np.allclose(merged["cx_min"] / merged["scale_x"], merged["x_min"], rtol=0, atol=1e-9)
+    assert np.allclose(merged["cy_max"] / merged["scale_y"], merged["y_max"], rtol=0, atol=1e-9)
+    assert (merged["cx_max"] <= 96 + 1e-6).all()
+    assert set(cache.images["fold"]) == set(range(5))
+
+
+def test_corrupt_and_missing_images_are_reported_and_the_rest_complete(synth_vinbig, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synth_vinbig, root)
+    files = sorted((root / "train").glob("*.dicom"))
+    files[0].write_bytes(b"garbage")
+    files[1].write_bytes(files[1].read_bytes()[:2000])  # truncated pixel data
+    files[2].unlink()
+    result = prepare("vinbig", root, tmp_path / "cache", load_config(overrides=["prepare.size=64"]), progress=False)
+    assert (result.cached, result.failed) == (57, 3)
+    cache = open_cache(tmp_path / "cache")
+    failures = cache.failures.set_index("image_id")
+    assert set(failures.index) == {f.stem for f in files[:3]}
+    assert "not a DICOM" in failures.loc[files[0].stem, "reason"]
+    assert failures.loc[files[2].stem, "reason"] == "file not found"
+    assert len(cache.images) == 57 and not set(failures.index) & set(cache.images["image_id"])
+    assert not set(failures.index) & set(cache.boxes["image_id"])
+
+
+def test_rerun_skips_and_other_size_refused(synth_nih, tmp_path):
+    config = load_config(overrides=["prepare.size=64", "prepare.workers=1"])
+    prepare("nih", synth_nih, tmp_path / "c", config, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c" / "images").iterdir()}
+    again = prepare("nih", synth_nih, tmp_path / "c", config, progress=False)
+    assert (again.cached, again.skipped) == (0, 40)
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c" / "images").iterdir()}
+    with pytest.raises(CxrcamError, match="at 64 px"):
+        prepare("nih", synth_nih, tmp_path / "c", load_config(overrides=["prepare.size=128"]), progress=False)
+
+
+def test_interrupted_run_resumes(tmp_path):
+    """Kill a real `cxrcam prepare` half way; the next run finishes only what is left."""
+    from cxrcam.data.synth import synthesize
+
+    root = synthesize("vinbig", tmp_path / "data", 150, seed=3, size=384, progress=False)
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "cxrcam", "prepare", "--dataset", "vinbig", "--root", str(root),
+           "--out", str(out), "--size", "128", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "progress.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {json.loads(line)["id"] for line in log.read_text().splitlines() if line.endswith("}")}
+    assert 20 <= len(done_before) < 150, "kill landed before or after the run"
+    assert not (out / "manifest.csv").exists()
+    mtimes = {i: (out / "images" / f"{i}.png").stat().st_mtime_ns for i in done_before}
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    cache = open_cache(out)
+    assert len(cache.images) == 150 and cache.failures.empty
+    assert all((out / "images" / f"{i}.png").stat().st_mtime_ns == t for i, t in mtimes.items())
+    assert f"{150 - len(done_before)} images ({len(done_before)} already done" in resumed.stdout
+
+
+def test_real_nih_images(tmp_path):
+    result = prepare("nih", shared("nih"), tmp_path / "c", load_config(overrides=["prepare.size=256"]),
+                     progress=False)
+    assert (result.cached, result.failed) == (47, 0)
+    cache = open_cache(tmp_path / "c")
+    assert (cache.images["scale_x"] == 0.25).all()
+    assert len(cache.boxes) == 12
+    raw = pd.read_csv(shared("nih", "BBox_List_2017.csv"))
+    box = cache.boxes.iloc[0]
+    assert box["cx_min"] == pytest.approx(raw.iloc[0, 2] / 4)
