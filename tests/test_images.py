@@ -72,9 +72,22 @@ def chest16() -> np.ndarray:
     dict(bits_stored=12, window=(1800, 1500)),
     dict(bits_stored=12, window=(800, 2000), rescale=(1, -1000)),
     dict(bits_stored=16, rescale=(2, 0)),
+    dict(bits_stored=12, window=(1800, 1500), sigmoid=True),  # not a clamped line: gathered
+    dict(bits_stored=12, voi_lut=True),  # an arbitrary table
 ])
 def test_dicom_pipeline_matches_full_resolution_reference(tmp_path, chest16, variant):
+    sigmoid, voi_lut = variant.pop("sigmoid", False), variant.pop("voi_lut", False)
     path = make_dicom(tmp_path / "x.dcm", chest16, **variant)
+    if sigmoid or voi_lut:
+        ds = pydicom.dcmread(path)
+        if sigmoid:
+            ds.VOILUTFunction = "SIGMOID"
+        if voi_lut:  # a gamma-like curve over stored values 500..3500
+            item = pydicom.Dataset()
+            item.add_new(0x00283002, "US", [3001, 500, 16])  # LUTDescriptor
+            item.add_new(0x00283006, "US", (np.linspace(0, 1, 3001) ** 0.6 * 65535).astype(np.uint16).tolist())
+            ds.VOILUTSequence = [item]
+        ds.save_as(path)
     for size in (None, 256):
         ours = read_image(path, size).image.astype(np.float64)
         exact = reference(path, size)

@@ -3,9 +3,12 @@
 DICOM follows the display pipeline every reader of these datasets needs:
 stored pixels -> modality LUT (rescale) -> VOI LUT or window -> MONOCHROME1 inversion ->
 [0, 1] output range. Stored pixels are integers, so the pipeline is evaluated once per
-distinct stored value as a lookup table and then gathered; that is exact (the same numbers
-as running it on every pixel in float) and several times cheaper. Resizing uses area
-averaging on the full-precision result, then rounds to 8 bits once.
+possible stored value as a table. When that table is a line clamped at both ends (rescale
+and LINEAR windows, the usual case) the image is clipped at the knees, area-resized, and the
+line applied to the small image: area averaging commutes with a linear map, so this is
+exact and touches each full-resolution pixel twice. Other tables (SIGMOID, LUT sequences)
+are gathered pixel by pixel, then resized. Either way the result matches running the
+pipeline on every pixel in float and area-resizing, rounded to 8 bits once.
 """
 from __future__ import annotations
 
@@ -42,22 +45,22 @@ def read_image(path: str | Path, size: int | tuple[int, int] | None = None) -> D
     :class:`ImageReadError` with a readable reason, so batch jobs can skip and report it.
     """
     path = Path(path)
+    target = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+    resized = None  # (orig h, orig w) when the decoder already resized
     try:
         if path.suffix.lower() in DICOM_SUFFIXES:
-            img01 = _dicom_to_unit(path)
+            img01, resized = _dicom_to_unit(path, target)
         else:
             img01 = _raster_to_unit(path)
+            resized = img01.shape
+            img01 = _resize(img01, target)
     except ImageReadError:
         raise
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except Exception as exc:  # decoders raise many types; all mean "unreadable"
         raise ImageReadError(f"{path}: {type(exc).__name__}: {exc}") from None
-    h, w = img01.shape
-    if size is not None:
-        tw, th = (size, size) if isinstance(size, int) else size
-        if (tw, th) != (w, h):
-            img01 = cv2.resize(img01, (tw, th), interpolation=cv2.INTER_AREA)
+    h, w = img01.shape if resized is None else resized
     if img01.dtype == np.uint8:
         return Decoded(img01, h, w)
     out = np.empty(img01.shape, np.uint8)
@@ -98,7 +101,27 @@ def _raster_to_unit(path: Path) -> np.ndarray:
     raise ImageReadError(f"{path}: unsupported pixel type {img.dtype}")
 
 
-def _dicom_to_unit(path: Path) -> np.ndarray:
+def _resize(img: np.ndarray, target: tuple[int, int] | None) -> np.ndarray:
+    """Area averaging to (w, h): what every pixel of the original contributes, no aliasing."""
+    if target is None or target == (img.shape[1], img.shape[0]):
+        return img
+    return cv2.resize(img, target, interpolation=cv2.INTER_AREA)
+
+
+def _linear_knees(lut: np.ndarray) -> tuple[int, int] | None:
+    """(k0, k1) if ``lut`` is constant up to k0, linear from k0 to k1 and constant after."""
+    k0 = int(np.flatnonzero(lut != lut[0])[0]) - 1 if (lut != lut[0]).any() else 0
+    k1 = int(np.flatnonzero(lut != lut[-1])[-1]) + 1 if (lut != lut[-1]).any() else len(lut) - 1
+    if k1 <= k0 + 1:
+        return max(k0, 0), k1
+    seg = lut[k0:k1 + 1]
+    line = np.linspace(seg[0], seg[-1], len(seg))
+    if np.abs(seg - line).max() <= 1e-9 * max(abs(seg[-1] - seg[0]), 1e-300):
+        return k0, k1
+    return None
+
+
+def _dicom_to_unit(path: Path, target: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
@@ -123,21 +146,36 @@ def _dicom_to_unit(path: Path) -> np.ndarray:
         stored = stored[0]  # multi-frame: the first frame is the radiograph
     if stored.ndim != 2:
         raise ImageReadError(f"{path}: expected a greyscale image, got shape {stored.shape}")
+    shape = stored.shape
 
     def pipeline(values: np.ndarray) -> np.ndarray:
         return apply_voi_lut(apply_modality_lut(values, ds), ds).astype(np.float64)
 
     if np.issubdtype(stored.dtype, np.integer):
         # Unsigned data indexes the table directly; signed data is shifted to start at 0.
-        lo = min(int(stored.min()), 0)
+        smin, smax = int(stored.min()), int(stored.max())
+        lo = min(smin, 0)
         index = stored if lo == 0 else stored.astype(np.int32) - lo
-        present = np.bincount(index.ravel()) > 0
-        lut = pipeline(np.arange(lo, lo + len(present), dtype=np.int64).astype(stored.dtype))
-        vmin, vmax = lut[present].min(), lut[present].max()
+        lut = pipeline(np.arange(lo, smax + 1, dtype=np.int64).astype(stored.dtype))
+        if "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
+            present = np.bincount(index.ravel(), minlength=len(lut)) > 0  # any table shape
+            vmin, vmax = lut[present].min(), lut[present].max()
+        else:  # rescale and windowing are monotone: the extremes sit at the extreme values
+            vmin, vmax = sorted((lut[smin - lo], lut[smax - lo]))
         lut = _to_unit(lut, vmin, vmax, ds)
-        return lut.astype(np.float32)[index]
+        knees = _linear_knees(lut[smin - lo:])
+        if knees is None:
+            return _resize(lut.astype(np.float32)[index], target), shape
+        k0, k1 = knees[0] + smin, knees[1] + smin  # stored values at the knees
+        clipped = np.empty(shape, np.float32)  # clip and widen in one pass
+        np.clip(stored, k0, k1, out=clipped, casting="unsafe")
+        small = _resize(clipped, target)
+        y0, y1 = lut[k0 - lo], lut[k1 - lo]
+        slope = (y1 - y0) / (k1 - k0) if k1 > k0 else 0.0
+        return (y0 + (small - k0) * slope).astype(np.float32), shape
     values = pipeline(stored)
-    return _to_unit(values, values.min(), values.max(), ds).astype(np.float32)
+    unit = _to_unit(values, values.min(), values.max(), ds).astype(np.float32)
+    return _resize(unit, target), shape
 
 
 def _to_unit(values: np.ndarray, vmin: float, vmax: float, ds) -> np.ndarray:
