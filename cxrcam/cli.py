@@ -39,7 +39,7 @@ def config_options(func):
     return wrapper
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120, "terminal_width": 120})
 @click.version_option(__version__, prog_name="cxrcam")
 def main() -> None:
     """Find and localise 14 thoracic findings on chest radiographs with weak supervision.
@@ -86,6 +86,41 @@ def prepare(dataset: str, root: Path, out: Path, size: int | None, workers: int 
     if result.failed:
         click.echo(f"failures listed with reasons in {out / 'failures.csv'}", err=True)
 
+
+@main.command("train-classifier")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="A `cxrcam prepare` cache.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run folder: best.pt, last.pt, metrics.csv, curves.png.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@config_options
+def train_classifier(data: Path, out: Path, resume: bool, config: Config) -> None:
+    """Fine-tune a timm multi-label classifier (BCE) on a cache; torchrun for several GPUs.
+
+    \b
+    cxrcam train-classifier --config configs/resnet50.yaml --data cache/ --out runs/r50
+    torchrun --nproc_per_node 4 -m cxrcam train-classifier --config configs/densenet121.yaml ...
+    """
+    from cxrcam.train.classifier import train_classifier as run
+
+    metrics = run(config, data, out, resume=resume)
+    if metrics:
+        click.echo(f"done: epoch {metrics['epoch']}, validation mean AUROC {metrics['val_mean_auroc']:.3f} -> {out}")
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="best.pt or last.pt of a run.")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="A `cxrcam prepare` cache.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV to write.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: int) -> None:
+    """Write image-level finding probabilities of a trained classifier."""
+    from cxrcam.io import write_csv
+    from cxrcam.train.classifier import predict as run
+
+    table = run(checkpoint, data, batch_size=batch_size, workers=workers)
+    write_csv(out, table)
+    click.echo(f"wrote probabilities of {len(table)} images -> {out}")
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True)

@@ -41,10 +41,55 @@ class PrepareConfig:
 
 
 @dataclass
+class ModelConfig:
+    name: str = "resnet50"  # any timm model name
+    pretrained: bool | str = False  # true: ImageNet weights from the hub; or a local weights file
+    in_chans: int = 3  # 3 replicates the grey image (keeps ImageNet weights); 1 folds the first layer
+    drop_rate: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentations suited to radiographs: small geometry and exposure changes, no vertical flip."""
+
+    degrees: float = 5.0
+    translate: float = 0.05
+    scale: float = 0.1  # zoom in [1 - scale, 1 + scale]
+    brightness: float = 0.2
+    contrast: float = 0.2
+    hflip: bool = False  # a mirrored chest moves the heart: off by default
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32  # global: divided among processes under torchrun
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: float = 1.0
+    step_size: int = 5  # step scheduler: decay every step_size epochs
+    gamma: float = 0.1
+    grad_clip: float = 5.0  # max gradient norm; 0 disables
+    amp: Literal["none", "bf16", "fp16"] = "bf16"  # CUDA only; CPU runs in fp32
+    channels_last: bool = True  # CUDA only
+    pos_weight: bool = False  # weight positives by negatives/positives per class
+    soft_targets: bool = False  # targets = share of readers who marked the class
+    workers: int = 2
+    seed: int = 0
+    deterministic: bool = True
+
+
+@dataclass
 class Config:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -73,6 +118,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, arg, key) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
     raise CxrcamError(f"config key {key!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")

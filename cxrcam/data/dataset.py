@@ -1,0 +1,46 @@
+"""PyTorch datasets over a ``prepare`` cache: grey images in [0, 1] plus targets."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from cxrcam.config import AugmentConfig
+from cxrcam.data.cache import Cache
+from cxrcam.data.tables import soft_columns, target_columns
+
+
+def train_transforms(cfg: AugmentConfig) -> v2.Compose:
+    """Small affine and exposure changes; never a vertical flip (a chest has an up)."""
+    steps: list = [v2.RandomAffine(degrees=cfg.degrees, translate=(cfg.translate, cfg.translate),
+                                   scale=(1 - cfg.scale, 1 + cfg.scale))]
+    if cfg.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if cfg.brightness or cfg.contrast:
+        steps.append(v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast))
+    return v2.Compose(steps)
+
+
+class CacheDataset(Dataset):
+    """Rows of a cache manifest -> (1 x S x S float tensor in [0, 1], targets, row index)."""
+
+    def __init__(self, cache: Cache, rows: np.ndarray | None = None, transform=None, soft: bool = False):
+        images = cache.images if rows is None else cache.images.iloc[rows]
+        self.files = [str(cache.root / f) for f in images["file"]]
+        cols = soft_columns(cache.schema) if soft else target_columns(cache.schema)
+        self.targets = torch.from_numpy(images[cols].to_numpy(np.float32))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        img = cv2.imread(self.files[i], cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise RuntimeError(f"cached image unreadable: {self.files[i]} (re-run prepare)")
+        x = torch.from_numpy(img).unsqueeze(0).float().div_(255)
+        if self.transform is not None:
+            x = self.transform(x).clamp_(0, 1)
+        return x, self.targets[i], i

@@ -1,0 +1,1 @@
+"""Evaluation: classification and detection metrics."""

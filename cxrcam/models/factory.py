@@ -1,0 +1,136 @@
+"""``create_classifier(name, ...)``: any timm backbone as a multi-label chest X-ray classifier.
+
+The model takes what the data stage produces, a grey batch ``B x 1 x H x W`` in [0, 1], and
+owns everything from there: replication to the backbone's channels and the normalisation
+(ImageNet statistics by default, stored as buffers, so checkpoints carry them and
+``localize`` cannot get them wrong). The head is global average pooling + linear, which the
+fast all-class CAM relies on.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from cxrcam.errors import CxrcamError
+
+HUB_HOST = "huggingface.co"
+
+
+class Classifier(nn.Module):
+    """Grey image in [0, 1] -> logits for each finding."""
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        in_chans = len(mean)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, in_chans, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, in_chans, 1, 1))
+
+    @property
+    def in_chans(self) -> int:
+        return self.mean.shape[1]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The one image normalisation: grey [0, 1] -> the backbone's channels and statistics."""
+        if x.shape[1] != self.in_chans:
+            x = x.expand(-1, self.in_chans, -1, -1)
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    old = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(HUB_HOST, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _create_backbone(name: str, num_classes: int, in_chans: int, pretrained: bool | str,
+                     drop_rate: float) -> nn.Module:
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                                  global_pool="avg")
+    try:
+        if pretrained is False or pretrained in ("", "false", "none"):
+            return timm.create_model(name, pretrained=False, **kwargs)
+        if isinstance(pretrained, str) and pretrained not in ("true", "imagenet"):
+            path = Path(pretrained).expanduser()
+            if not path.is_file():
+                raise CxrcamError(f"model.pretrained: weights file not found: {path}")
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise CxrcamError(f"unknown timm model {name!r} (see timm.list_models())") from None
+        raise CxrcamError(f"model.pretrained: cannot load {pretrained} into {name}: {exc}") from None
+    # ImageNet weights from the hub: the local cache first, then the network if it answers.
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    try:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise CxrcamError(f"unknown timm model {name!r} (see timm.list_models())") from None
+        raise
+    except Exception:
+        pass
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    if not _hub_reachable():
+        raise CxrcamError(
+            f"ImageNet weights for {name} are not cached and the model hub ({HUB_HOST}) cannot be "
+            f"reached: set model.pretrained to a local weights file (.pth/.safetensors), or to false")
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:
+        raise CxrcamError(f"could not download ImageNet weights for {name}: {exc}") from None
+
+
+def create_classifier(name: str, num_classes: int, pretrained: bool | str = False, in_chans: int = 3,
+                      drop_rate: float = 0.0) -> Classifier:
+    """A timm backbone ``name`` with a ``num_classes`` pooling + linear head.
+
+    ``pretrained``: False (random init), True (ImageNet weights from the hub or its cache),
+    or the path of a local weights file. ``in_chans`` 3 replicates the grey image (keeps
+    ImageNet first-layer weights); 1 lets timm fold the first layer to one channel.
+    """
+    backbone = _create_backbone(name, num_classes, in_chans, pretrained, drop_rate)
+    cfg = backbone.pretrained_cfg or {}
+    mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    if in_chans == 1:
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    elif len(mean) != in_chans:
+        mean, std = (mean[0],) * in_chans, (std[0],) * in_chans
+    return Classifier(backbone, mean, std)
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild a classifier from a self-contained checkpoint (loaded with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CxrcamError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise CxrcamError(f"{path}: not a readable cxrcam checkpoint ({exc})") from None
+    if not isinstance(ckpt, dict) or "model_name" not in ckpt:
+        raise CxrcamError(f"{path}: not a cxrcam classifier checkpoint")
+    model = create_classifier(ckpt["model_name"], len(ckpt["classes"]), pretrained=False,
+                              in_chans=ckpt["in_chans"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt

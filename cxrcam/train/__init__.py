@@ -1,0 +1,1 @@
+"""Training loops (classifier; detector) and their distributed helpers."""
