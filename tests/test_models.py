@@ -1,0 +1,84 @@
+"""The classifier factory: timm backbones, pooling + linear head, weights files, offline."""
+from __future__ import annotations
+
+import io
+import socket
+
+import pytest
+import timm
+import torch
+
+from cxrcam.errors import CxrcamError
+from cxrcam.models import create_classifier, load_classifier
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "resnet10t", "test_efficientnet"])
+def test_any_timm_name_gives_pooling_linear_head(name):
+    model = create_classifier(name, 14).eval()
+    head = model.backbone.get_classifier()
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 14
+    assert model.backbone.global_pool.pool_type == "avg"
+    logits = model(torch.rand(2, 1, 64, 64))  # a grey batch; the model replicates channels
+    assert logits.shape == (2, 14)
+    # the normalisation is the backbone's: grey x replicated to RGB, ImageNet statistics
+    x = torch.rand(1, 1, 8, 8)
+    mean = torch.tensor(model.backbone.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.backbone.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    assert torch.allclose(model.normalize(x), (x.expand(-1, 3, -1, -1) - mean) / std)
+
+
+def test_one_channel_backbone():
+    model = create_classifier("resnet10t", 14, in_chans=1)
+    assert model.mean.shape == (1, 1, 1, 1)
+    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 14)
+
+
+def test_pretrained_from_local_file(tmp_path):
+    imagenet = timm.create_model("resnet10t", num_classes=1000)
+    torch.save(imagenet.state_dict(), tmp_path / "w.pth")
+    model = create_classifier("resnet10t", 14, pretrained=str(tmp_path / "w.pth"))
+    ours = model.backbone.state_dict()
+    for key, value in imagenet.state_dict().items():
+        if not key.startswith("fc."):  # the 1000-class head is replaced by a 14-class one
+            assert torch.equal(ours[key], value), key
+    assert ours["fc.weight"].shape == (14, 512)
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(CxrcamError, match="weights file not found"):
+        create_classifier("resnet10t", 14, pretrained=str(tmp_path / "none.pth"))
+
+
+def test_pretrained_offline_fails_clearly():
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+        pytest.skip("the model hub resolves here; this test checks the offline message")
+    except OSError:
+        pass
+    with pytest.raises(CxrcamError, match="cannot be reached.*local weights file"):
+        create_classifier("resnet18", 14, pretrained=True)
+
+
+def test_unknown_model_name():
+    with pytest.raises(CxrcamError, match="unknown timm model 'resnet_9000'"):
+        create_classifier("resnet_9000", 14)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    model = create_classifier("test_resnet", 14)
+    ckpt = {"model_name": "test_resnet", "in_chans": 3, "classes": [f"c{i}" for i in range(14)],
+            "model": model.state_dict()}
+    torch.save(ckpt, tmp_path / "ok.pt")
+    loaded, meta = load_classifier(tmp_path / "ok.pt")
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.equal(loaded(x), model.eval()(x)) and meta["classes"] == ckpt["classes"]
+
+    class Payload:  # anything beyond tensors and plain containers must be refused
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    buffer = io.BytesIO()
+    torch.save({"model_name": "x", "evil": Payload()}, buffer)
+    (tmp_path / "evil.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(CxrcamError, match="not a readable cxrcam checkpoint"):
+        load_classifier(tmp_path / "evil.pt")

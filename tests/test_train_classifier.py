@@ -1,0 +1,142 @@
+"""`cxrcam train-classifier` and `predict`: outputs, exact resume after a kill, torchrun/DDP."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrcam.config import load_config
+from cxrcam.data.cache import open_cache, prepare
+from cxrcam.data.synth import synthesize
+from cxrcam.errors import CxrcamError
+from cxrcam.models import load_classifier
+from cxrcam.train.classifier import predict, train_classifier
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NO_AUGMENT = ["augment.degrees=0", "augment.translate=0", "augment.scale=0", "augment.brightness=0",
+              "augment.contrast=0"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    synthesize("vinbig", root / "data", 110, seed=5, size=96, progress=False)
+    prepare("vinbig", root / "data", root / "cache", load_config(overrides=["prepare.size=48"]), progress=False)
+    return root / "cache"
+
+
+def tiny(*extra: str):
+    return ["model.name=test_resnet", "train.epochs=2", "train.batch_size=8", "train.workers=0",
+            "train.lr=3e-3", "train.warmup_epochs=0.5", *extra]
+
+
+def cxrcam(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def test_run_folder_and_predict(cache, tmp_path):
+    config = load_config(overrides=tiny("train.pos_weight=true", "train.soft_targets=true"))
+    metrics = train_classifier(config, cache, tmp_path / "run", progress=False)
+    table = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(table["epoch"]) == [1, 2]
+    assert {"train_loss", "val_loss", "val_mean_auroc", "auroc_Cardiomegaly", "lr", "data_wait"} <= set(table.columns)
+    assert table["train_loss"].iloc[1] < table["train_loss"].iloc[0]  # it learns something
+    assert metrics["epoch"] == 2
+    # best.pt is self-contained: localize/predict need nothing else
+    model, ckpt = load_classifier(tmp_path / "run" / "best.pt")
+    assert ckpt["model_name"] == "test_resnet" and ckpt["input_size"] == 48 and len(ckpt["classes"]) == 14
+    assert ckpt["mean"] == pytest.approx(model.mean.flatten().tolist()) and ckpt["config"]["train"]["epochs"] == 2
+    assert ckpt["metrics"]["val_mean_auroc"] == pytest.approx(table["val_mean_auroc"].max())
+    curves = cv2.imread(str(tmp_path / "run" / "curves.png"))
+    assert curves is not None and curves.shape[0] > 200 and curves.std() > 10
+    # predict from the command line equals the model applied to the cached images
+    out = cxrcam("predict", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(cache),
+                 "--out", str(tmp_path / "probs.csv"), "--workers", "0")
+    assert out.returncode == 0, out.stderr
+    probs = pd.read_csv(tmp_path / "probs.csv")
+    c = open_cache(cache)
+    assert list(probs.columns) == ["image_id", *c.schema.findings] and len(probs) == len(c.images)
+    first = torch.from_numpy(c.load(probs["image_id"].iloc[0])).float().div(255)[None, None]
+    expected = torch.sigmoid(model(first))[0].detach().numpy()
+    assert np.allclose(probs.iloc[0, 1:].to_numpy(float), expected, atol=1e-5)
+
+
+def test_killed_mid_epoch_resumes_exactly(cache, tmp_path):
+    """Kill a real run during epoch 2; --resume ends with the weights of an uninterrupted run."""
+    overrides = tiny("train.epochs=3", "train.batch_size=4", "train.workers=2")
+    train_classifier(load_config(overrides=overrides), cache, tmp_path / "straight", progress=False)
+    run = tmp_path / "killed"
+    cmd = ["train-classifier", "--data", str(cache), "--out", str(run), *overrides]
+    proc = subprocess.Popen([sys.executable, "-m", "cxrcam", *cmd], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "metrics.csv").exists():
+        time.sleep(0.02)
+    time.sleep(0.3)  # well inside epoch 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(pd.read_csv(run / "metrics.csv")) == 1, "the kill should land in epoch 2"
+    resumed = cxrcam(*cmd, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(run / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-6), key
+    straight = pd.read_csv(tmp_path / "straight" / "metrics.csv")
+    again = pd.read_csv(run / "metrics.csv")
+    cols = ["epoch", "train_loss", "val_loss", "val_mean_auroc"]
+    assert np.allclose(straight[cols].to_numpy(), again[cols].to_numpy(), atol=1e-6, equal_nan=True)
+
+
+def test_torchrun_two_processes_match_single(cache, tmp_path):
+    """2 gloo processes under torchrun: the same global batches, so the same weights."""
+    n_train = int((open_cache(cache).images["fold"] != 0).sum())
+    batch = next(b for b in (8, 10, 12, 14) if (-(-n_train // 2)) // (b // 2) == n_train // b)
+    overrides = tiny("model.name=test_efficientnet_gn", f"train.batch_size={batch}", "train.deterministic=true",
+                     *NO_AUGMENT)
+    train_classifier(load_config(overrides=overrides), cache, tmp_path / "single", progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "cxrcam", "train-classifier", "--data", str(cache),
+                          "--out", str(tmp_path / "ddp"), *overrides],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    single = torch.load(tmp_path / "single" / "last.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    for key in single["model"]:
+        assert torch.allclose(single["model"][key].float(), ddp["model"][key].float(), atol=1e-4), key
+    a, b = (pd.read_csv(tmp_path / r / "metrics.csv") for r in ("single", "ddp"))
+    assert len(b) == 2  # rank 0 alone wrote
+    assert np.allclose(a["train_loss"], b["train_loss"], atol=1e-4)
+    assert np.allclose(a["val_loss"], b["val_loss"], atol=1e-4)
+
+
+def test_user_errors(cache, tmp_path):
+    with pytest.raises(CxrcamError, match="val_fold=7"):
+        train_classifier(load_config(overrides=tiny("split.val_fold=7")), cache, tmp_path / "r", progress=False)
+    with pytest.raises(CxrcamError, match="nothing to resume"):
+        train_classifier(load_config(overrides=tiny()), cache, tmp_path / "r", resume=True, progress=False)
+    out = cxrcam("train-classifier", "--data", str(tmp_path / "nocache"), "--out", str(tmp_path / "r"))
+    assert out.returncode == 1 and "not a cxrcam cache" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_synthetic_data_is_learnable(tmp_path):
+    """The synthetic promise: a small model from scratch, CPU minutes, high AUROC."""
+    synthesize("vinbig", tmp_path / "data", 400, seed=2, size=128, progress=False)
+    prepare("vinbig", tmp_path / "data", tmp_path / "cache", load_config(overrides=["prepare.size=96"]),
+            progress=False)
+    config = load_config(CONFIGS / "tiny.yaml", ["train.epochs=8", "train.workers=0"])
+    metrics = train_classifier(config, tmp_path / "cache", tmp_path / "run", progress=False)
+    assert metrics["val_mean_auroc"] > 0.8
