@@ -9,11 +9,10 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxrcam.data.images import image_size, read_image
+from cxrcam.data.synth import dicom_dataset
 from cxrcam.errors import ImageReadError
 
 from conftest import shared
@@ -23,23 +22,11 @@ REAL = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 def make_dicom(path, pixels: np.ndarray, bits_stored: int, signed: bool = False, mono1: bool = False,
                window=None, rescale=None):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
-    ds.BitsAllocated = pixels.dtype.itemsize * 8
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, int(signed)
+    ds = dicom_dataset(pixels, bits_stored, signed=signed, mono1=mono1)
     if window:
         ds.WindowCenter, ds.WindowWidth = window
     if rescale:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
-    ds.PixelData = pixels.tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
 

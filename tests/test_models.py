@@ -12,7 +12,7 @@ from cxrcam.errors import CxrcamError
 from cxrcam.models import create_classifier, load_classifier
 
 
-@pytest.mark.parametrize("name", ["test_resnet", "resnet10t", "test_efficientnet"])
+@pytest.mark.parametrize("name", ["test_resnet", "resnet10t", "test_efficientnet", "resnet50", "densenet121"])
 def test_any_timm_name_gives_pooling_linear_head(name):
     model = create_classifier(name, 14).eval()
     head = model.backbone.get_classifier()

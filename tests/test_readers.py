@@ -4,14 +4,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxrcam.config import FusionConfig
 from cxrcam.data.images import read_image
 from cxrcam.data.readers import nih_from_tables, read_dataset, rsna_from_table, vinbig_from_table
+from cxrcam.data.synth import dicom_dataset
 from cxrcam.data.tables import soft_columns, target_columns
 from cxrcam.errors import CxrcamError
 from cxrcam.schemas import NIH, VINBIG
@@ -112,22 +110,6 @@ def test_rsna_full_table_facts():
     assert tables.images["y_0"].sum() == tables.boxes["image_id"].nunique()
 
 
-def _wrap_as_dicom(pixels: np.ndarray, path) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_rsna_layout_with_real_pixels(tmp_path):
     """The RSNA release is NIH pixels in <patientId>.dcm: wrap the real ones and read them."""
     mapping = pd.read_csv(shared("rsna", "rsna_to_nih.csv"))
@@ -136,7 +118,8 @@ def test_rsna_layout_with_real_pixels(tmp_path):
     (tmp_path / "stage_2_train_images").mkdir()
     for row in mapping.itertuples():
         pixels = read_image(shared("nih", "images", row.nih_image)).image
-        _wrap_as_dicom(pixels, tmp_path / "stage_2_train_images" / f"{row.patientId}.dcm")
+        dicom_dataset(pixels, 8).save_as(tmp_path / "stage_2_train_images" / f"{row.patientId}.dcm",
+                                         enforce_file_format=True)
     tables = read_dataset("rsna", tmp_path)
     assert len(tables.images) == labels["patientId"].nunique()
     assert len(tables.boxes) == 37 == int(labels["Target"].sum())

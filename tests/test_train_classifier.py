@@ -140,3 +140,25 @@ def test_synthetic_data_is_learnable(tmp_path):
     config = load_config(CONFIGS / "tiny.yaml", ["train.epochs=8", "train.workers=0"])
     metrics = train_classifier(config, tmp_path / "cache", tmp_path / "run", progress=False)
     assert metrics["val_mean_auroc"] > 0.8
+
+
+def test_learning_rate_schedules():
+    from cxrcam.config import TrainConfig
+    from cxrcam.train.classifier import _schedule
+
+    cosine = _schedule(TrainConfig(epochs=10, warmup_epochs=1, scheduler="cosine"), steps_per_epoch=10)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)  # linear warm-up
+    assert cosine(10) == pytest.approx(1.0) and cosine(55) == pytest.approx(0.5) and cosine(99) < 0.001
+    step = _schedule(TrainConfig(epochs=10, warmup_epochs=0, scheduler="step", step_size=3, gamma=0.1),
+                     steps_per_epoch=10)
+    assert [step(s) for s in (0, 29, 30, 59, 60)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+def test_sgd_step_run(cache, tmp_path):
+    config = load_config(overrides=tiny("train.epochs=1", "train.optimizer=sgd", "train.scheduler=step",
+                                        "train.lr=0.01", "model.in_chans=1"))
+    metrics = train_classifier(config, cache, tmp_path / "sgd", progress=False)
+    assert np.isfinite(metrics["train_loss"])
+    state = torch.load(tmp_path / "sgd" / "last.pt", weights_only=True)
+    assert "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
+    assert load_classifier(tmp_path / "sgd" / "best.pt")[0].in_chans == 1

@@ -313,19 +313,12 @@ def _jitter(box: Box, rng: np.random.Generator, w: int, h: int) -> Box:
     return float(round(x0)), float(round(y0)), float(round(max(x1, x0 + 2))), float(round(max(y1, y0 + 2)))
 
 
-def write_dicom(path: Path, density: np.ndarray, rng: np.random.Generator) -> None:
-    """16-bit DICOM with the variety real VinBigData files show: bit depth, polarity,
-    window and rescale tags. Displayed correctly, every variant looks the same."""
+def dicom_dataset(pixels: np.ndarray, bits_stored: int, signed: bool = False, mono1: bool = False):
+    """A minimal valid single-frame greyscale DICOM (uncompressed) holding ``pixels``."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    bits = int(rng.choice([12, 14, 16]))
-    top = 2 ** bits - 1
-    mono1 = rng.random() < 0.3
-    stored = np.round(density * top * 0.85 + top * 0.05).astype(np.uint16)
-    if mono1:
-        stored = (top - stored).astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -333,11 +326,26 @@ def write_dicom(path: Path, density: np.ndarray, rng: np.random.Generator) -> No
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", path.stem[:16]
-    ds.Rows, ds.Columns = density.shape
-    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, int(signed)
     ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = pixels.dtype.itemsize * 8, bits_stored, bits_stored - 1
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def write_dicom(path: Path, density: np.ndarray, rng: np.random.Generator) -> None:
+    """16-bit DICOM with the variety real VinBigData files show: bit depth, polarity,
+    window and rescale tags. Displayed correctly, every variant looks the same."""
+    bits = int(rng.choice([12, 14, 16]))
+    top = 2 ** bits - 1
+    mono1 = rng.random() < 0.3
+    stored = np.round(density * top * 0.85 + top * 0.05).astype(np.uint16)
+    if mono1:
+        stored = (top - stored).astype(np.uint16)
+    ds = dicom_dataset(stored, bits, mono1=mono1)
+    ds.PatientID = path.stem[:16]
     if rng.random() < 0.3:  # a rescale in front of the window
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1000, "US"
     if rng.random() < 0.5:  # a window spanning the phantom's range
@@ -345,7 +353,6 @@ def write_dicom(path: Path, density: np.ndarray, rng: np.random.Generator) -> No
         offset = float(ds.get("RescaleIntercept", 0))
         ds.WindowCenter = round((lo + hi) / 2 + offset, 1)
         ds.WindowWidth = round((hi - lo) * 0.98, 1)
-    ds.PixelData = stored.tobytes()
     ds.save_as(path, enforce_file_format=True)
 
 
