@@ -122,6 +122,7 @@ def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: i
     write_csv(out, table)
     click.echo(f"wrote probabilities of {len(table)} images -> {out}")
 
+
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True)
 @click.option("--n-images", type=click.IntRange(min=10), default=200, show_default=True)

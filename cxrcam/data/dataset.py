@@ -1,7 +1,6 @@
 """PyTorch datasets over a ``prepare`` cache: grey images in [0, 1] plus targets."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -9,6 +8,7 @@ from torchvision.transforms import v2
 
 from cxrcam.config import AugmentConfig
 from cxrcam.data.cache import Cache
+from cxrcam.data.images import read_image
 from cxrcam.data.tables import soft_columns, target_columns
 
 
@@ -37,10 +37,7 @@ class CacheDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        img = cv2.imread(self.files[i], cv2.IMREAD_GRAYSCALE)
-        if img is None:
-            raise RuntimeError(f"cached image unreadable: {self.files[i]} (re-run prepare)")
-        x = torch.from_numpy(img).unsqueeze(0).float().div_(255)
+        x = torch.from_numpy(read_image(self.files[i]).image).unsqueeze(0).float().div_(255)
         if self.transform is not None:
             x = self.transform(x).clamp_(0, 1)
         return x, self.targets[i], i

@@ -46,13 +46,12 @@ def read_image(path: str | Path, size: int | tuple[int, int] | None = None) -> D
     """
     path = Path(path)
     target = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
-    resized = None  # (orig h, orig w) when the decoder already resized
     try:
         if path.suffix.lower() in DICOM_SUFFIXES:
-            img01, resized = _dicom_to_unit(path, target)
+            img01, (h, w) = _dicom_to_unit(path, target)
         else:
             img01 = _raster_to_unit(path)
-            resized = img01.shape
+            h, w = img01.shape
             img01 = _resize(img01, target)
     except ImageReadError:
         raise
@@ -60,7 +59,6 @@ def read_image(path: str | Path, size: int | tuple[int, int] | None = None) -> D
         raise ImageReadError(f"{path}: file not found") from None
     except Exception as exc:  # decoders raise many types; all mean "unreadable"
         raise ImageReadError(f"{path}: {type(exc).__name__}: {exc}") from None
-    h, w = img01.shape if resized is None else resized
     if img01.dtype == np.uint8:
         return Decoded(img01, h, w)
     out = np.empty(img01.shape, np.uint8)
@@ -113,7 +111,7 @@ def _linear_knees(lut: np.ndarray) -> tuple[int, int] | None:
     k0 = int(np.flatnonzero(lut != lut[0])[0]) - 1 if (lut != lut[0]).any() else 0
     k1 = int(np.flatnonzero(lut != lut[-1])[-1]) + 1 if (lut != lut[-1]).any() else len(lut) - 1
     if k1 <= k0 + 1:
-        return max(k0, 0), k1
+        return k0, k1
     seg = lut[k0:k1 + 1]
     line = np.linspace(seg[0], seg[-1], len(seg))
     if np.abs(seg - line).max() <= 1e-9 * max(abs(seg[-1] - seg[0]), 1e-300):

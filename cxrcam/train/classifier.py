@@ -226,8 +226,7 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
             torch.distributed.all_reduce(totals)
 
         # --- validate
-        with torch.no_grad():
-            probs, rows, val_loss = _validate(model, val_loader, loss_fn, info, autocast())
+        probs, rows, val_loss = _validate(model, val_loader, loss_fn, info, autocast())
         per_class = auroc_per_class(val_set.targets.numpy()[rows], probs)
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": float(totals[0] / totals[1]), "val_loss": val_loss,
@@ -258,7 +257,6 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
                        f"val loss {val_loss:.4f}  mean AUROC {metrics['val_mean_auroc']:.3f}  "
                        f"{metrics['images_per_s']:.1f} img/s  data wait {100 * metrics['data_wait']:.0f}%")
         if info.distributed:
-            best = dist.broadcast_object(best, info)
             torch.distributed.barrier()
     if writer is not None:
         writer.close()
