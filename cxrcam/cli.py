@@ -124,6 +124,53 @@ def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: i
 
 
 @main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Classifier best.pt/last.pt.")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="A `cxrcam prepare` cache, a dataset folder as released, or any folder of DICOM/PNG/JPEG.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--threshold", type=click.FloatRange(0, 1), help="Heat map threshold [config: boxes.threshold, 0.65].")
+@click.option("--method", help="CAM method: gradcam++, gradcam, xgradcam, eigencam, layercam, scorecam, ... "
+                               "[config: cam.method, gradcam++].")
+@click.option("--dataset", type=click.Choice(["vinbig", "nih", "rsna", "images"]),
+              help="Layout of a --data folder; default: recognised by its label table, else plain images.")
+@click.option("--classes", help="Comma-separated class names or ids to localise and draw (default: the predicted).")
+@click.option("--no-images", is_flag=True, help="Skip the per-image pictures (faster).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch [config: cam.batch_size, 16].")
+@config_options
+def localize(checkpoint: Path, data: Path, out: Path, threshold: float | None, method: str | None,
+             dataset: str | None, classes: str | None, no_images: bool, batch_size: int | None, config: Config) -> None:
+    """Turn a classifier's heat maps into boxes, pictures, bb_results.csv and submission.csv.
+
+    \b
+    Writes to --out: original_/gtimage_/mask_/pred_<id>.png per image, bb_results.csv (each truth
+    box with its best predicted box, IoU, IoBB, hit), submission.csv (VinBigData format, original
+    pixels, "14 p_normal 0 0 1 1" appended), probabilities.csv, failures.csv.
+    cxrcam localize --checkpoint runs/r50/best.pt --data cache/ --out loc/ --threshold 0.65
+    torchrun --nproc_per_node 4 -m cxrcam localize ...   (rank 0 merges one submission.csv)
+    """
+    from cxrcam.localize import localize as run
+
+    if threshold is not None:
+        config.boxes.threshold = threshold
+    if method is not None:
+        config.cam.method = method
+    if batch_size is not None:
+        config.cam.batch_size = batch_size
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    summary = run(checkpoint, data, out, config, dataset=dataset, classes=names, pictures=not no_images)
+    if summary is None:
+        return
+    click.echo(f"localized {summary.images} images ({summary.failed} failed) -> {summary.boxes} boxes "
+               f"in {summary.seconds:.1f}s")
+    if summary.truth_boxes:
+        click.echo(f"truth boxes: {summary.truth_boxes}, mean IoU of the best prediction {summary.mean_iou:.3f}, "
+                   f"hit (IoU > {config.eval.iou_thr}) {summary.hit_rate:.1%}")
+    if summary.failed:
+        click.echo(f"unreadable images listed in {out / 'failures.csv'}", err=True)
+    click.echo(f"  submission: {out / 'submission.csv'}\n  boxes:      {out / 'bb_results.csv'}")
+
+
+@main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True)
 @click.option("--n-images", type=click.IntRange(min=10), default=200, show_default=True)
 @click.option("--size", type=click.IntRange(min=64), default=256, show_default=True, help="Cached image side.")

@@ -83,6 +83,34 @@ class TrainConfig:
 
 
 @dataclass
+class CamConfig:
+    """Heat maps: which method, and how images stream through the model."""
+
+    method: str = "gradcam++"  # gradcam, gradcam++ (closed form when possible), or any pytorch-grad-cam method
+    target_layer: str = ""  # module name; empty = the tensor entering the global pooling
+    batch_size: int = 16
+    workers: int = 2
+
+
+@dataclass
+class BoxConfig:
+    """Heat map -> boxes (see cxrcam.boxes.from_cam)."""
+
+    threshold: float = 0.65  # keep map pixels >= threshold (maps are min-max scaled to [0, 1])
+    min_prob: float = 0.5  # a class is predicted (gets boxes and pictures) above this probability
+    min_area: float = 0.001  # smallest component, as a share of the image area
+    score: Literal["mean", "max", "none"] = "mean"  # box score = probability x this CAM statistic in the box
+    top_k: int = 5  # boxes kept per class and image, best score first; 0 keeps all
+    nms_iou: float = 0.5  # per-class NMS between a class's boxes; 1 disables
+    normal_score: Literal["max", "product"] = "max"  # p_normal = 1 - max p, or prod(1 - p)
+
+
+@dataclass
+class EvalConfig:
+    iou_thr: float = 0.4  # a hit needs IoU strictly above this (VinBigData: 0.4)
+
+
+@dataclass
 class Config:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -90,6 +118,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    boxes: BoxConfig = field(default_factory=BoxConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

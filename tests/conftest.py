@@ -34,3 +34,31 @@ def synth_nih(tmp_path_factory) -> Path:
     from cxrcam.data.synth import synthesize
 
     return synthesize("nih", tmp_path_factory.mktemp("nih"), 40, seed=7, size=160, progress=False)
+
+
+def _trained(root: Path, fmt: str, n_images: int, size: int, *overrides: str) -> tuple[Path, Path]:
+    """A synthetic dataset of ``fmt``, its cache at ``size`` px and a small classifier trained on it."""
+    from cxrcam.config import load_config
+    from cxrcam.data.cache import prepare
+    from cxrcam.data.synth import synthesize
+    from cxrcam.train.classifier import train_classifier
+
+    synthesize(fmt, root / "data", n_images, seed=11, size=int(size * 2.5), progress=False)
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+                         [f"prepare.size={size}", "train.workers=0", "cam.workers=0", *overrides])
+    prepare(fmt, root / "data", root / "cache", config, progress=False)
+    train_classifier(config, root / "cache", root / "run", progress=False)
+    return root / "cache", root / "run" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def vinbig_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(cache, best.pt): resnet10t trained briefly on 160 synthetic VinBigData images at 64 px."""
+    return _trained(tmp_path_factory.mktemp("vinbig_model"), "vinbig", 160, 64, "train.epochs=4", "train.batch_size=16")
+
+
+@pytest.fixture(scope="session")
+def nih_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(cache, best.pt): an NIH-schema classifier (test_resnet, 64 px), for the real NIH images."""
+    return _trained(tmp_path_factory.mktemp("nih_model"), "nih", 60, 64, "model.name=test_resnet", "train.epochs=2",
+                    "train.batch_size=16")

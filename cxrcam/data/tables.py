@@ -16,6 +16,8 @@ from cxrcam.schemas import Schema
 
 BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
 BOX_TABLE_COLUMNS = ["image_id", "class_id", *BOX_COLUMNS, "rad_id"]
+# predictions (localize, refine, a parsed submission.csv): boxes in original pixels
+DETECTION_COLUMNS = ["image_id", "class_id", "score", *BOX_COLUMNS]
 
 
 def target_columns(schema: Schema) -> list[str]:
@@ -39,9 +41,9 @@ class DatasetTables:
         return self.images[soft_columns(self.schema)].to_numpy("float32")
 
 
-def empty_boxes() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype="float64" if c in BOX_COLUMNS else "object")
-                         for c in BOX_TABLE_COLUMNS}).astype({"class_id": "int64"})
+def empty_boxes(columns: list[str] = BOX_TABLE_COLUMNS) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="object" if c in ("image_id", "rad_id") else "float64")
+                         for c in columns}).astype({"class_id": "int64"})
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], source: str) -> None:

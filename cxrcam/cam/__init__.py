@@ -1,0 +1,37 @@
+"""Class activation maps for every class of a batch.
+
+``compute_cams(model, images)`` is the one-call API; ``create_cam(model, method)`` builds a
+reusable object (the factory picks the closed-form fast path when the model allows it, and
+pytorch-grad-cam otherwise).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cxrcam.cam.base import BaseCAM, CamOutput, probe, scale_cams
+from cxrcam.cam.fast import FAST_METHODS, FastCAM
+from cxrcam.cam.library import LIBRARY_METHODS, LibraryCAM
+
+METHODS = tuple(LIBRARY_METHODS)
+
+
+def create_cam(model: nn.Module, method: str = "gradcam++", target_layer: str | None = None,
+               fast: bool = True) -> BaseCAM:
+    """A CAM engine for ``model``: closed form for gradcam/gradcam++ on pooling + linear heads
+    (unless ``fast`` is False or another ``target_layer`` is asked for), pytorch-grad-cam otherwise."""
+    method = method.lower()
+    if fast and not target_layer and method in FAST_METHODS and probe(model).linear_head:
+        return FastCAM(model, method)
+    return LibraryCAM(model, method, target_layer or None)
+
+
+def compute_cams(model: nn.Module, images: torch.Tensor, method: str = "gradcam++",
+                 classes: list[int] | None = None) -> torch.Tensor:
+    """Heat maps ``B x C x H x W`` in [0, 1] (min-max per map, input resolution, model's device)
+    for ``classes`` (default: all) of every image in ``images`` (B x 1 x H x W grey in [0, 1])."""
+    return create_cam(model, method)(images, classes).cams
+
+
+__all__ = ["compute_cams", "create_cam", "BaseCAM", "CamOutput", "FastCAM", "LibraryCAM", "METHODS",
+           "FAST_METHODS", "probe", "scale_cams"]

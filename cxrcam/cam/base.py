@@ -1,0 +1,137 @@
+"""The small base class every CAM method shares: target layer, batching, scaling.
+
+A CAM object is built once for a model and then called on batches::
+
+    cam = create_cam(model, "gradcam++")
+    out = cam(images)            # out.cams: B x C x H x W in [0, 1], out.logits: B x C
+
+Maps are scaled exactly as pytorch-grad-cam scales them (ReLU, per-map min-max, bilinear
+resize to the input, min-max again), so any method here is interchangeable with the
+library's output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxrcam.errors import CxrcamError
+
+_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
+
+
+@dataclass
+class CamOutput:
+    cams: torch.Tensor  # B x C x H x W, float32, each map min-max scaled to [0, 1]
+    logits: torch.Tensor  # B x (all classes) raw classifier outputs
+
+
+@dataclass
+class Probe:
+    """What one forward pass reveals about a model's head (see :func:`probe`)."""
+
+    pool: nn.Module | None  # the global pooling feeding the head
+    target_name: str | None  # outermost module whose output is the pooling's input
+    head: nn.Linear | None  # the last linear layer run
+    linear_head: bool  # logits == head(mean over positions of the pooling's input)
+
+
+def _is_pool(module: nn.Module) -> bool:
+    return isinstance(module, _POOLS) or type(module).__name__ == "SelectAdaptivePool2d"
+
+
+@torch.no_grad()
+def probe(model: nn.Module, size: int = 64) -> Probe:
+    """Run one small forward pass with hooks to find the tensor entering the global pooling
+    (the target layer: found by what the model does, not by a name that changes between timm
+    versions) and whether the head is pooling + linear (the closed-form condition)."""
+    captured: dict = {}
+    outputs: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if _is_pool(module):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args: captured.update(pool=m, pool_in=args[0])))
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(lambda m, args, out: captured.update(head=m)))
+        handles.append(module.register_forward_hook(
+            lambda m, args, out, name=name: outputs.append((name, out))))
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        logits = model(torch.rand(2, 1, size, size, device=param.device, dtype=param.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    pool_in = captured.get("pool_in")
+    names = [n for n, out in outputs if pool_in is not None and out is pool_in]
+    head = captured.get("head")
+    linear = (pool_in is not None and head is not None and pool_in.ndim == 4
+              and head.in_features == pool_in.shape[1] and logits.ndim == 2
+              and torch.allclose(head(pool_in.mean((2, 3))), logits, rtol=1e-4, atol=1e-5))
+    return Probe(captured.get("pool"), names[-1] if names else None, head, bool(linear))
+
+
+def scale_cams(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """pytorch-grad-cam's scaling of raw maps (N x C x h x w) to N x C x H x W in [0, 1]:
+    ReLU, min-max per map, bilinear resize (cv2.resize's formula), ReLU, min-max again."""
+    def minmax(x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        lo = flat.amin(-1)[..., None, None]
+        x = x - lo
+        return x / (_EPS + x.flatten(2).amax(-1)[..., None, None])
+
+    maps = minmax(maps.float().clamp_min(0))
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return minmax(maps.clamp_min(0))
+
+
+class BaseCAM:
+    """Heat maps for many classes of a batch. Subclasses implement :meth:`raw_maps`."""
+
+    method: str
+
+    def __init__(self, model: nn.Module, method: str, target_layer: str | None = None):
+        self.model = model.eval()
+        self.method = method
+        self.info = probe(model)
+        self.target_name = target_layer or self.info.target_name
+        if self.target_name is None:
+            raise CxrcamError("cannot find the layer entering the global pooling of this model; "
+                              "set cam.target_layer to a module name")
+        try:
+            self.target_layer = model.get_submodule(self.target_name)
+        except AttributeError:
+            raise CxrcamError(f"cam.target_layer: the model has no module {self.target_name!r}") from None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps B x len(classes) x h x w before scaling, logits B x all classes)."""
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor, classes: list[int] | None = None) -> CamOutput:
+        images = images.to(self.device)
+        maps, logits = self.raw_maps(images, self.classes(classes, images))
+        return CamOutput(scale_cams(maps, tuple(images.shape[-2:])), logits)
+
+    def classes(self, classes: list[int] | None, images: torch.Tensor) -> list[int]:
+        if classes is not None:
+            return list(classes)
+        return list(range(self.num_classes))
+
+    @property
+    def num_classes(self) -> int:
+        if self.info.head is None:
+            raise CxrcamError("pass the classes explicitly: this model has no linear head to count them")
+        return self.info.head.out_features

@@ -1,0 +1,45 @@
+"""Any pytorch-grad-cam method, batched: one call per class over the whole batch.
+
+The general path for methods without a closed form (xgradcam, eigencam, layercam,
+scorecam, ...) and for models whose head is not pooling + linear.
+"""
+from __future__ import annotations
+
+import pytorch_grad_cam as pgc
+import torch
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from cxrcam.cam.base import BaseCAM
+from cxrcam.errors import CxrcamError
+
+LIBRARY_METHODS = {
+    name: getattr(pgc, cls) for name, cls in {
+        "gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM", "xgradcam": "XGradCAM",
+        "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM", "layercam": "LayerCAM", "scorecam": "ScoreCAM",
+        "ablationcam": "AblationCAM", "fullgrad": "FullGrad", "gradcamelementwise": "GradCAMElementWise",
+        "kpcacam": "KPCA_CAM", "shapleycam": "ShapleyCAM", "finercam": "FinerCAM",
+    }.items() if hasattr(pgc, cls)
+}
+
+
+class LibraryCAM(BaseCAM):
+    def __init__(self, model: nn.Module, method: str = "gradcam++", target_layer: str | None = None):
+        if method not in LIBRARY_METHODS:
+            raise CxrcamError(f"unknown CAM method {method!r}; choose one of {', '.join(LIBRARY_METHODS)}")
+        super().__init__(model, method, target_layer)
+        self.engine = LIBRARY_METHODS[method](model=model, target_layers=[self.target_layer])
+
+    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = []
+        for c in classes:
+            cam = self.engine(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images))
+            maps.append(torch.from_numpy(cam))
+        if classes:
+            logits = self.engine.outputs.detach()
+        else:
+            with torch.no_grad():
+                logits = self.model(images)
+        shape = (len(images), 0, *images.shape[-2:])
+        out = torch.stack(maps, 1) if maps else torch.zeros(shape)
+        return out.to(images.device), logits.float()

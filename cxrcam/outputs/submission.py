@@ -1,0 +1,107 @@
+"""VinBigData ``submission.csv``: ``image_id,PredictionString`` with groups of
+``class_id confidence x_min y_min x_max y_max`` in original pixels.
+
+Written by localize and refine, read by evaluate. Every input image gets exactly one row;
+"No finding" is the group ``<no_finding_id> p_normal 0 0 1 1``; an image that could not be
+read keeps an empty string, so it is visible, never dropped.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, empty_boxes
+from cxrcam.errors import CxrcamError
+from cxrcam.io import write_csv
+
+NORMAL_BOX = (0.0, 0.0, 1.0, 1.0)
+
+
+def normal_scores(probs: np.ndarray, rule: str = "max") -> np.ndarray:
+    """p_normal per image from finding probabilities (N x C): ``max`` = 1 - max_c p_c (the
+    largest P(no finding) the marginals allow; ranks an image by its most likely finding),
+    ``product`` = prod_c (1 - p_c) (findings assumed independent)."""
+    probs = np.asarray(probs, np.float64)
+    return 1 - probs.max(1) if rule == "max" else np.prod(1 - probs, axis=1)
+
+
+def prediction_string(group: pd.DataFrame) -> str:
+    """One image's detections (DETECTION_COLUMNS) as a PredictionString, best score first."""
+    group = group.sort_values("score", ascending=False, kind="stable")
+    return " ".join(f"{int(r.class_id)} {r.score:.6g} {r.x_min:.8g} {r.y_min:.8g} {r.x_max:.8g} {r.y_max:.8g}"
+                    for r in group.itertuples())
+
+
+def submission_table(image_ids: list[str], detections: pd.DataFrame, normal: pd.Series | None = None,
+                     no_finding_id: int | None = 14) -> pd.DataFrame:
+    """``image_id,PredictionString`` with every id in ``image_ids`` once, in that order.
+    ``normal`` (image_id -> p_normal) appends the "No finding" group to those images."""
+    dets = detections[DETECTION_COLUMNS]
+    if normal is not None and no_finding_id is not None:
+        extra = pd.DataFrame({"image_id": normal.index, "class_id": no_finding_id, "score": normal.to_numpy()})
+        extra[BOX_COLUMNS] = NORMAL_BOX
+        dets = pd.concat([dets, extra], ignore_index=True) if len(dets) else extra
+    strings = dets.groupby("image_id", sort=False).apply(prediction_string, include_groups=False) if len(dets) else {}
+    return pd.DataFrame({"image_id": image_ids, "PredictionString": [strings.get(i, "") for i in image_ids]})
+
+
+def write_submission(path: str | Path, image_ids: list[str], detections: pd.DataFrame,
+                     normal: pd.Series | None = None, no_finding_id: int | None = 14) -> pd.DataFrame:
+    table = submission_table(image_ids, detections, normal, no_finding_id)
+    write_csv(path, table)
+    return table
+
+
+def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str] | None = None,
+                    lenient: bool = False) -> pd.DataFrame:
+    """Parse a submission into DETECTION_COLUMNS. A malformed row (odd token count,
+    non-number, x_max < x_min, class outside 0..num_classes-1, image not in ``image_ids``)
+    is an error naming the row, or is skipped with a warning when ``lenient``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CxrcamError(f"submission not found: {path}")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not {"image_id", "PredictionString"} <= set(table.columns):
+        id_col = next((c for c in ("patientId", "image_id") if c in table.columns), None)
+        if id_col is None or "PredictionString" not in table.columns:
+            raise CxrcamError(f"{path}: expected columns image_id,PredictionString "
+                              f"(found: {', '.join(table.columns)})")
+        table = table.rename(columns={id_col: "image_id"})
+    records = []
+    for row, (image_id, text) in enumerate(zip(table["image_id"], table["PredictionString"]), start=2):
+        try:
+            records.extend(_parse(image_id, text, num_classes, image_ids))
+        except ValueError as exc:
+            message = f"{path} row {row} ({image_id}): {exc}"
+            if not lenient:
+                raise CxrcamError(message + " (use --lenient to skip such rows)") from None
+            warnings.warn(message + "; row skipped", stacklevel=2)
+    if not records:
+        return empty_boxes(DETECTION_COLUMNS)
+    return pd.DataFrame(records, columns=DETECTION_COLUMNS)
+
+
+def _parse(image_id: str, text: str, num_classes: int, image_ids: set[str] | None) -> list[tuple]:
+    if image_ids is not None and image_id not in image_ids:
+        raise ValueError("image id not in the ground truth")
+    tokens = text.split()
+    if len(tokens) % 6:
+        raise ValueError(f"{len(tokens)} tokens, not groups of 6 (class confidence x_min y_min x_max y_max)")
+    out = []
+    for k in range(0, len(tokens), 6):
+        try:
+            cls = float(tokens[k])
+            score, x0, y0, x1, y1 = map(float, tokens[k + 1:k + 6])
+        except ValueError:
+            raise ValueError(f"non-number in group {k // 6 + 1}: {' '.join(tokens[k:k + 6])!r}") from None
+        if not cls.is_integer() or not 0 <= cls < num_classes:
+            raise ValueError(f"unknown class {tokens[k]!r} in group {k // 6 + 1}")
+        if not all(np.isfinite([score, x0, y0, x1, y1])):
+            raise ValueError(f"non-finite value in group {k // 6 + 1}")
+        if x1 < x0 or y1 < y0:
+            raise ValueError(f"x_max < x_min or y_max < y_min in group {k // 6 + 1}")
+        out.append((image_id, int(cls), score, x0, y0, x1, y1))
+    return out

@@ -1,0 +1,106 @@
+"""The CAM engine: the closed-form fast path against pytorch-grad-cam itself, the automatic
+target layer, and the batched general path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, XGradCAM
+from pytorch_grad_cam.utils.image import scale_cam_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from cxrcam.cam import FastCAM, LibraryCAM, compute_cams, create_cam, probe, scale_cams
+from cxrcam.models import create_classifier
+from cxrcam.models.factory import Classifier
+
+LIBRARY = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM}
+
+
+def library_maps(model, layer, images, classes, method):
+    """pytorch-grad-cam as its README uses it: one call per target class (B images at once)."""
+    engine = LIBRARY[method](model=model, target_layers=[layer])
+    return np.stack([engine(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images))
+                     for c in classes], axis=1)
+
+
+@pytest.fixture(scope="module", params=["resnet50", "densenet121"])
+def net(request):
+    torch.manual_seed(0)
+    model = create_classifier(request.param, 14).eval()
+    layer = model.backbone.layer4 if request.param == "resnet50" else model.backbone.features.norm5
+    return request.param, model, layer
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_fast_path_matches_pytorch_grad_cam(net, method):
+    name, model, layer = net
+    torch.manual_seed(1)
+    images = torch.rand(3, 1, 128, 128)
+    classes = [0, 3, 7, 13]
+    cam = create_cam(model, method)
+    assert isinstance(cam, FastCAM)
+    ours = cam(images, classes)
+    theirs = library_maps(model, layer, images, classes, method)
+    assert ours.cams.shape == (3, 4, 128, 128) and ours.cams.dtype == torch.float32
+    assert np.abs(ours.cams.numpy() - theirs).max() < 1e-4
+    assert theirs.max() > 0.99  # non-degenerate maps were compared
+    with torch.no_grad():
+        assert torch.allclose(ours.logits, model(images), atol=1e-5)
+
+
+def test_target_layer_is_the_tensor_entering_the_pooling(net):
+    name, model, layer = net
+    info = probe(model)
+    assert info.linear_head
+    # ResNet: layer4's output; DenseNet-121: norm5's output (its ReLU inside) = features' output
+    assert info.target_name == {"resnet50": "backbone.layer4", "densenet121": "backbone.features"}[name]
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, a, out: seen.update(named=out)),
+             model.get_submodule(info.target_name).register_forward_hook(lambda m, a, out: seen.update(found=out))]
+    with torch.no_grad():
+        model(torch.rand(1, 1, 96, 96))
+    for h in hooks:
+        h.remove()
+    assert seen["found"] is seen["named"]
+
+
+def test_other_heads_use_the_library_and_match_it():
+    """Max pooling breaks the closed form: the factory must fall back to pytorch-grad-cam."""
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet10t", num_classes=5, global_pool="max")
+    model = Classifier(backbone, (0.5,) * 3, (0.25,) * 3).eval()
+    assert not probe(model).linear_head
+    cam = create_cam(model, "gradcam++")
+    assert isinstance(cam, LibraryCAM) and cam.target_name == "backbone.layer4"
+    images = torch.rand(2, 1, 96, 96)
+    ours = compute_cams(model, images, "gradcam++", classes=[1, 4])
+    theirs = library_maps(model, backbone.layer4, images, [1, 4], "gradcam++")
+    assert np.abs(ours.numpy() - theirs).max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["xgradcam", "eigencam", "layercam", "scorecam"])
+def test_general_methods_batched(method):
+    torch.manual_seed(0)
+    model = create_classifier("test_resnet", 4).eval()
+    images = torch.rand(3, 1, 64, 64)
+    cams = compute_cams(model, images, method, classes=[0, 2])
+    assert cams.shape == (3, 2, 64, 64)
+    assert float(cams.min()) >= 0 and float(cams.max()) <= 1
+    single = compute_cams(model, images[1:2], method, classes=[0, 2])  # a batch = its images one by one
+    assert torch.allclose(cams[1:2], single, atol=1e-4)
+
+
+def test_scale_cams_is_the_library_scaling():
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(2, 7, 9)).astype(np.float32)
+    theirs = scale_cam_image(scale_cam_image(np.maximum(raw, 0), (40, 30)))  # per layer, then aggregated
+    ours = scale_cams(torch.from_numpy(raw)[:, None], (30, 40))[:, 0].numpy()
+    assert np.abs(ours - theirs).max() < 1e-5
+    assert float(scale_cams(torch.zeros(1, 1, 4, 4), (8, 8)).abs().max()) == 0  # constant map: no NaN
+
+
+def test_fast_path_any_device_and_all_classes_default():
+    model = create_classifier("test_resnet", 6).eval()
+    cams = compute_cams(model, torch.rand(2, 1, 64, 64))
+    assert cams.shape == (2, 6, 64, 64) and cams.device == next(model.parameters()).device

@@ -1,0 +1,222 @@
+"""`cxrcam localize`: boxes in original pixels, pictures where the boxes are, bb_results,
+submission.csv, real NIH images and DICOMs without `prepare`, unreadable files, torchrun."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import shared
+from cxrcam.boxes import pairwise_iou, scale_boxes
+from cxrcam.config import load_config
+from cxrcam.data.cache import open_cache
+from cxrcam.data.tables import BOX_COLUMNS
+from cxrcam.errors import CxrcamError
+from cxrcam.localize import localize
+from cxrcam.outputs.pictures import picture_paths
+from cxrcam.outputs.submission import read_submission
+from cxrcam.train.classifier import predict
+
+GT = ["gt_x_min", "gt_y_min", "gt_x_max", "gt_y_max"]
+PRED = ["pred_x_min", "pred_y_min", "pred_x_max", "pred_y_max"]
+
+
+def config(*overrides: str):
+    return load_config(overrides=["cam.workers=0", "cam.batch_size=8", *overrides])
+
+
+def yellow(bgr: np.ndarray) -> np.ndarray:
+    return (bgr[..., 0] < 60) & (bgr[..., 1] > 230) & (bgr[..., 2] > 230)
+
+
+def edge_share(bgr: np.ndarray, box) -> float:
+    """Share of a drawn rectangle's outline pixels that are yellow (truth colour)."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    x1, y1 = min(x1, bgr.shape[1]) - 1, min(y1, bgr.shape[0]) - 1
+    mask = yellow(bgr)
+    edge = np.concatenate([mask[y0, x0:x1 + 1], mask[y1, x0:x1 + 1], mask[y0:y1 + 1, x0], mask[y0:y1 + 1, x1]])
+    return float(edge.mean())
+
+
+def cxrcam(*args):
+    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cache_run(vinbig_model, tmp_path_factory):
+    cache, ckpt = vinbig_model
+    out = tmp_path_factory.mktemp("loc")
+    summary = localize(ckpt, cache, out, config("boxes.min_prob=0.05"), progress=False)
+    return cache, ckpt, out, summary
+
+
+def test_submission_boxes_are_original_pixels(cache_run):
+    cache_dir, ckpt, out, summary = cache_run
+    cache = open_cache(cache_dir)
+    sub = pd.read_csv(out / "submission.csv", keep_default_na=False)
+    assert sorted(sub["image_id"]) == sorted(cache.images["image_id"])  # every image once
+    dets = read_submission(out / "submission.csv", image_ids=set(cache.images["image_id"]))
+    findings = dets[dets["class_id"] != 14].merge(cache.images[["image_id", "width", "height", "scale_x", "scale_y"]])
+    assert len(findings) == summary.boxes > 0
+    assert (findings["x_max"] <= findings["width"] + 1e-6).all() and (findings["y_max"] <= findings["height"] + 1e-6).all()
+    # components are whole pixels of the 64-px input: mapped back by 1/scale, forward again gives integers
+    frame = scale_boxes(findings[BOX_COLUMNS].to_numpy(), findings["scale_x"].to_numpy(), findings["scale_y"].to_numpy())
+    assert np.abs(frame - np.round(frame)).max() < 1e-3
+    # 14 p_normal 0 0 1 1 with p_normal = 1 - max p, from probabilities.csv
+    probs = pd.read_csv(out / "probabilities.csv", dtype={"image_id": str}).set_index("image_id")
+    normal = dets[dets["class_id"] == 14].set_index("image_id")
+    assert (normal[BOX_COLUMNS].to_numpy() == [0, 0, 1, 1]).all()
+    assert np.allclose(normal["score"], 1 - probs.loc[normal.index].max(axis=1), atol=1e-5)
+    # box scores never exceed the class probability (score = p x mean map value <= p)
+    p = probs.to_numpy()[probs.index.get_indexer(findings["image_id"]), findings["class_id"].to_numpy()]
+    assert (findings["score"].to_numpy() <= p + 1e-5).all()
+
+
+def test_probabilities_are_the_classifiers(cache_run):
+    cache_dir, ckpt, out, _ = cache_run
+    ours = pd.read_csv(out / "probabilities.csv", dtype={"image_id": str}).set_index("image_id")
+    reference = predict(ckpt, cache_dir, workers=0, progress=False).set_index("image_id")
+    assert np.allclose(ours.loc[reference.index].to_numpy(), reference.to_numpy(), atol=1e-5)
+
+
+def test_bb_results_has_every_truth_box(cache_run):
+    cache_dir, _, out, summary = cache_run
+    cache = open_cache(cache_dir)
+    results = pd.read_csv(out / "bb_results.csv", dtype={"image_id": str})
+    truth = results[results["gt_x_min"].notna()]
+    assert len(truth) == len(cache.boxes) == summary.truth_boxes
+    key = ["image_id", "class_id", *BOX_COLUMNS]
+    assert sorted(map(tuple, truth.rename(columns=dict(zip(GT, BOX_COLUMNS)))[key].round(6).to_numpy().tolist())) == \
+        sorted(map(tuple, cache.boxes[key].round(6).to_numpy().tolist()))
+    matched = truth[truth["pred_x_min"].notna()]
+    assert len(matched) > 0
+    for row in matched.itertuples():  # iou and hit are recomputable from the row
+        iou = pairwise_iou(np.array([[row.gt_x_min, row.gt_y_min, row.gt_x_max, row.gt_y_max]]),
+                           np.array([[row.pred_x_min, row.pred_y_min, row.pred_x_max, row.pred_y_max]]))[0, 0]
+        assert row.iou == pytest.approx(iou) and row.hit == (iou > 0.4)
+    # the pointing game has a peak for each truth box, inside the image
+    assert truth["peak_x"].notna().all() and truth["peak_in_box"].notna().all()
+    # predictions without truth are rows too
+    assert results["gt_x_min"].isna().any()
+    assert summary.mean_iou == pytest.approx(truth["iou"].mean())
+
+
+def test_pictures_are_drawn_where_the_boxes_are(cache_run):
+    cache_dir, _, out, _ = cache_run
+    cache = open_cache(cache_dir)
+    pngs = list(out.glob("*.png"))
+    assert len(pngs) == 4 * len(cache.images)  # four pictures per image
+    checked = 0
+    for image_id, boxes in cache.boxes.groupby("image_id"):
+        paths = picture_paths(out, image_id)
+        original = cv2.imread(str(paths["original"]), cv2.IMREAD_GRAYSCALE)
+        assert np.array_equal(original, cache.load(image_id))
+        gt = cv2.imread(str(paths["gtimage"]))
+        for box in boxes[["cx_min", "cy_min", "cx_max", "cy_max"]].to_numpy():
+            assert edge_share(gt, box) > 0.9
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            if len(boxes) == 1:  # outline only (several truth boxes may cross each other)
+                assert not yellow(gt[y0 + 2:y1 - 2, x0 + 2:x1 - 2]).any()
+            checked += 1
+        assert not yellow(cv2.imread(str(paths["original"]))).any()
+        mask = cv2.imread(str(paths["mask"]), cv2.IMREAD_GRAYSCALE)
+        assert np.all((mask == 0) | (mask == original)) and (mask == 0).any()
+        assert np.abs(cv2.imread(str(paths["pred"])).astype(int) - gt.astype(int)).sum() > 0
+    assert checked == len(cache.boxes)
+
+
+def test_real_nih_images_and_their_boxes(nih_model, tmp_path):
+    root = shared("nih")
+    _, ckpt = nih_model
+    summary = localize(ckpt, root, tmp_path, config(), progress=False)  # recognised by Data_Entry_2017.csv
+    assert summary.images == 47 and summary.failed == 0  # both RGBA files included
+    official = pd.read_csv(root / "BBox_List_2017.csv")
+    results = pd.read_csv(tmp_path / "bb_results.csv")
+    truth = results[results["gt_x_min"].notna()]
+    assert len(truth) == 12 == len(official)
+    xywh = official.iloc[:, 2:6].to_numpy(float)
+    expected = {(i, round(x, 3), round(y, 3), round(x + w, 3), round(y + h, 3))
+                for i, (x, y, w, h) in zip(official.iloc[:, 0], xywh)}
+    assert {(r.image_id, round(r.gt_x_min, 3), round(r.gt_y_min, 3), round(r.gt_x_max, 3), round(r.gt_y_max, 3))
+            for r in truth.itertuples()} == expected  # the 1024-pixel frame, Infiltrate read as Infiltration
+    assert "Infiltration" in set(truth["class_name"])
+    for r in truth.itertuples():
+        gt = cv2.imread(str(picture_paths(tmp_path, r.image_id)["gtimage"]))
+        assert gt.shape[:2] == (64, 64)
+        frame = np.array([r.gt_x_min, r.gt_y_min, r.gt_x_max, r.gt_y_max]) * 64 / 1024
+        assert edge_share(gt, frame) > 0.9
+    sub = pd.read_csv(tmp_path / "submission.csv", keep_default_na=False)
+    assert len(sub) == 47 and sub["PredictionString"].str.contains(" 0 0 1 1").all()
+
+
+def test_real_dicom_folder_without_prepare(vinbig_model, tmp_path):
+    _, ckpt = vinbig_model
+    result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(shared("dicom")), "--out", str(tmp_path),
+                    "--method", "layercam", "--classes", "Cardiomegaly,10", "boxes.min_prob=0", "cam.workers=0")
+    assert result.returncode == 0, result.stderr
+    assert "localized 2 images (0 failed)" in result.stdout
+    dets = read_submission(tmp_path / "submission.csv")
+    assert set(dets["image_id"]) == {"Fake_MONOHR1", "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"}
+    findings = dets[dets["class_id"] != 14]
+    assert set(findings["class_id"]) <= {3, 10} and len(findings) > 0  # --classes restricts what is localised
+    assert (findings[BOX_COLUMNS].to_numpy() <= 1024).all()  # the DICOM's own 1024-pixel frame
+    assert len(list(tmp_path.glob("pred_*.png"))) == 2
+
+
+def test_unreadable_images_are_listed_not_dropped(vinbig_model, tmp_path):
+    _, ckpt = vinbig_model
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in sorted(p.name for p in shared("nih", "images").iterdir())[:3]:
+        shutil.copy(shared("nih", "images", name), folder / name)
+    (folder / "corrupt.dcm").write_bytes(b"DICM but not really" * 10)
+    (folder / "truncated.png").write_bytes((folder / name).read_bytes()[:200])
+    result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(folder), "--out", str(tmp_path / "out"),
+                    "--no-images", "cam.workers=0")
+    assert result.returncode == 0, result.stderr
+    assert "localized 5 images (2 failed)" in result.stdout and "failures.csv" in result.stderr
+    failures = pd.read_csv(tmp_path / "out" / "failures.csv")
+    assert set(failures["image_id"]) == {"corrupt", "truncated"} and failures["reason"].str.len().gt(0).all()
+    sub = pd.read_csv(tmp_path / "out" / "submission.csv", keep_default_na=False).set_index("image_id")
+    assert len(sub) == 5 and sub.at["corrupt", "PredictionString"] == "" and sub.at["truncated", "PredictionString"] == ""
+    assert not list((tmp_path / "out").glob("*.png"))  # --no-images
+
+
+def test_user_mistakes_are_one_line(vinbig_model, nih_model, tmp_path):
+    cache, ckpt = vinbig_model
+    missing = cxrcam("localize", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(cache), "--out", str(tmp_path))
+    assert missing.returncode == 1 and missing.stderr.strip() == f"Error: checkpoint not found: {tmp_path / 'nope.pt'}"
+    with pytest.raises(CxrcamError, match="predicts nih classes"):
+        localize(nih_model[1], cache, tmp_path, config(), progress=False)
+    with pytest.raises(CxrcamError, match="unknown vinbig class 'Hernia'"):
+        localize(ckpt, cache, tmp_path, config(), classes=["Hernia"], progress=False)
+    with pytest.raises(CxrcamError, match="unknown CAM method"):
+        localize(ckpt, cache, tmp_path, config("cam.method=nope"), progress=False)
+
+
+def test_torchrun_shards_and_merges_one_submission(vinbig_model, tmp_path):
+    cache, ckpt = vinbig_model
+    common = ["--checkpoint", str(ckpt), "--data", str(cache), "--no-images", "--batch-size", "1",
+              "boxes.min_prob=0.05", "cam.workers=0"]
+    single = cxrcam("localize", "--out", str(tmp_path / "one"), *common)
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cxrcam",
+                          "localize", "--out", str(tmp_path / "two"), *common],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    one, two = (read_submission(tmp_path / d / "submission.csv") for d in ("one", "two"))
+    key = ["image_id", "class_id", "x_min", "y_min", "x_max", "y_max"]
+    one, two = (t.sort_values(key).reset_index(drop=True) for t in (one, two))
+    assert len(one) == len(two) > 0 and one["image_id"].nunique() == two["image_id"].nunique()
+    pd.testing.assert_frame_equal(one, two, check_exact=False, atol=1e-5)
+    for name in ["probabilities.csv", "bb_results.csv"]:
+        a, b = (pd.read_csv(tmp_path / d / name).sort_values(["image_id"], kind="stable").reset_index(drop=True)
+                for d in ("one", "two"))
+        assert len(a) == len(b) > 0
+        pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
+    assert not (tmp_path / "two" / ".parts").exists()
