@@ -1,0 +1,85 @@
+"""Benchmark: heat maps for all 14 classes vs a plain forward pass of the same batch.
+
+Three timings per model, side by side in one run (same batch, same device):
+  forward  plain inference forward pass (the physical floor: the maps need its activations)
+  fast     cxrcam's closed-form Grad-CAM++: all 14 maps at input resolution, min-max scaled
+  library  pytorch-grad-cam GradCAMPlusPlus, one call (forward + backward) per class
+Goal: fast <= 1.15 x forward; library is about 15 x or more.
+
+    python scripts/bench_cam.py [--models resnet50 densenet121] [--size 256] [--batch 8] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+from pytorch_grad_cam import GradCAMPlusPlus  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+from cxrcam.cam import create_cam  # noqa: E402
+from cxrcam.models import create_classifier  # noqa: E402
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "densenet121"])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=14)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
+    print(f"device {name}, torch {torch.__version__}, batch {args.batch} x 1 x {args.size}^2, {args.classes} classes")
+    print(f"{'model':<14}{'forward s':>11}{'fast s':>9}{'library s':>11}{'fast/fwd':>10}{'library/fwd':>13}{'max |diff|':>12}")
+    torch.manual_seed(0)
+    images = torch.rand(args.batch, 1, args.size, args.size, device=device)
+    classes = list(range(args.classes))
+    for model_name in args.models:
+        model = create_classifier(model_name, args.classes).to(device).eval()
+        cam = create_cam(model, "gradcam++")
+        layer = model.get_submodule(cam.target_name)
+        library = GradCAMPlusPlus(model=model, target_layers=[layer])
+
+        def forward():
+            with torch.no_grad():
+                model(images)
+
+        def fast():
+            return cam(images, classes).cams
+
+        def slow():
+            return [library(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images)) for c in classes]
+
+        t_fwd = timed(forward, args.repeats, device)
+        t_fast = timed(fast, args.repeats, device)
+        t_lib = timed(slow, max(1, args.repeats // 3), device)
+        diff = (fast().cpu() - torch.from_numpy(__import__("numpy").stack(slow(), 1))).abs().max().item()
+        print(f"{model_name:<14}{t_fwd:>11.3f}{t_fast:>9.3f}{t_lib:>11.2f}{t_fast / t_fwd:>10.2f}"
+              f"{t_lib / t_fwd:>13.1f}{diff:>12.1e}")
+
+
+if __name__ == "__main__":
+    main()
