@@ -171,6 +171,47 @@ def localize(checkpoint: Path, data: Path, out: Path, threshold: float | None, m
 
 
 @main.command()
+@click.option("--pred", type=click.Path(path_type=Path), required=True,
+              help="submission.csv, or a localize/refine output folder (adds probabilities.csv, bb_results.csv).")
+@click.option("--gt", type=click.Path(path_type=Path), required=True,
+              help="Truth: a cache, a dataset folder, VinBigData train.csv, NIH BBox_List_2017.csv or RSNA labels.")
+@click.option("--format", "fmt", type=click.Choice(["vinbig", "rsna", "coco"]), default="vinbig", show_default=True,
+              help="vinbig: VOC 2010 mAP@0.4 with No finding; coco: adds COCO AP (pycocotools); rsna: the RSNA score.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write metrics here.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for metrics.json/.md, ap_per_class.png, pr_curves.png [default: the --json folder].")
+@click.option("--probs", type=click.Path(path_type=Path), help="probabilities.csv for per-class AUROC.")
+@click.option("--lenient", is_flag=True, help="Skip malformed submission rows with a warning instead of stopping.")
+@click.option("--no-control", is_flag=True, help="Skip the random heat map control of the localisation table.")
+@config_options
+def evaluate(pred: Path, gt: Path, fmt: str, json_path: Path | None, out: Path | None, probs: Path | None,
+             lenient: bool, no_control: bool, config: Config) -> None:
+    """Score predictions with the competition metrics (VOC mAP@0.4, COCO, RSNA, ChestX-ray8, AUROC).
+
+    \b
+    cxrcam evaluate --pred loc/ --gt cache/vinbig512 --json loc/metrics.json
+    cxrcam evaluate --pred submission.csv --gt train.csv --format coco --json m.json fusion.method=reader
+    """
+    import warnings
+
+    from cxrcam.evaluation.evaluate import evaluate as run
+    from cxrcam.evaluation.evaluate import markdown
+    from cxrcam.io import write_json
+
+    folder = out or (json_path.parent if json_path else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run(pred, gt, fmt, config, probs=probs, lenient=lenient, out=folder, control=not no_control)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    if json_path is not None:
+        write_json(json_path, metrics)
+    click.echo(markdown(metrics))
+    if folder is not None:
+        click.echo(f"metrics, table and plots -> {folder}")
+
+
+@main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True)
 @click.option("--n-images", type=click.IntRange(min=10), default=200, show_default=True)
 @click.option("--size", type=click.IntRange(min=64), default=256, show_default=True, help="Cached image side.")

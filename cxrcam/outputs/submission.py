@@ -1,5 +1,6 @@
 """VinBigData ``submission.csv``: ``image_id,PredictionString`` with groups of
-``class_id confidence x_min y_min x_max y_max`` in original pixels.
+``class_id confidence x_min y_min x_max y_max`` in original pixels (RSNA's
+``patientId,PredictionString`` with ``confidence x y width height`` groups is read too).
 
 Written by localize and refine, read by evaluate. Every input image gets exactly one row;
 "No finding" is the group ``<no_finding_id> p_normal 0 0 1 1``; an image that could not be
@@ -56,10 +57,11 @@ def write_submission(path: str | Path, image_ids: list[str], detections: pd.Data
 
 
 def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str] | None = None,
-                    lenient: bool = False) -> pd.DataFrame:
-    """Parse a submission into DETECTION_COLUMNS. A malformed row (odd token count,
-    non-number, x_max < x_min, class outside 0..num_classes-1, image not in ``image_ids``)
-    is an error naming the row, or is skipped with a warning when ``lenient``."""
+                    lenient: bool = False, fmt: str = "vinbig") -> pd.DataFrame:
+    """Parse a submission (``fmt`` vinbig or rsna) into DETECTION_COLUMNS, boxes as xyxy.
+    A malformed row (odd token count, non-number, x_max < x_min, class outside
+    0..num_classes-1, image not in ``image_ids``) is an error naming the row, or is skipped
+    with a warning when ``lenient``."""
     path = Path(path)
     if not path.is_file():
         raise CxrcamError(f"submission not found: {path}")
@@ -73,7 +75,7 @@ def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str]
     records = []
     for row, (image_id, text) in enumerate(zip(table["image_id"], table["PredictionString"]), start=2):
         try:
-            records.extend(_parse(image_id, text, num_classes, image_ids))
+            records.extend(_parse(image_id, text, num_classes, image_ids, fmt == "rsna"))
         except ValueError as exc:
             message = f"{path} row {row} ({image_id}): {exc}"
             if not lenient:
@@ -84,24 +86,31 @@ def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str]
     return pd.DataFrame(records, columns=DETECTION_COLUMNS)
 
 
-def _parse(image_id: str, text: str, num_classes: int, image_ids: set[str] | None) -> list[tuple]:
+def _parse(image_id: str, text: str, num_classes: int, image_ids: set[str] | None, xywh: bool) -> list[tuple]:
     if image_ids is not None and image_id not in image_ids:
         raise ValueError("image id not in the ground truth")
     tokens = text.split()
-    if len(tokens) % 6:
-        raise ValueError(f"{len(tokens)} tokens, not groups of 6 (class confidence x_min y_min x_max y_max)")
+    n = 5 if xywh else 6
+    if len(tokens) % n:
+        layout = "confidence x y width height" if xywh else "class confidence x_min y_min x_max y_max"
+        raise ValueError(f"{len(tokens)} tokens, not groups of {n} ({layout})")
     out = []
-    for k in range(0, len(tokens), 6):
+    for k in range(0, len(tokens), n):
+        group = tokens[k:k + n] if not xywh else ["0", *tokens[k:k + n]]
         try:
-            cls = float(tokens[k])
-            score, x0, y0, x1, y1 = map(float, tokens[k + 1:k + 6])
+            cls = float(group[0])
+            score, x0, y0, x1, y1 = map(float, group[1:])
         except ValueError:
-            raise ValueError(f"non-number in group {k // 6 + 1}: {' '.join(tokens[k:k + 6])!r}") from None
+            raise ValueError(f"non-number in group {k // n + 1}: {' '.join(tokens[k:k + n])!r}") from None
+        if xywh:
+            if x1 < 0 or y1 < 0:
+                raise ValueError(f"negative width or height in group {k // n + 1}")
+            x1, y1 = x0 + x1, y0 + y1
         if not cls.is_integer() or not 0 <= cls < num_classes:
-            raise ValueError(f"unknown class {tokens[k]!r} in group {k // 6 + 1}")
+            raise ValueError(f"unknown class {group[0]!r} in group {k // n + 1}")
         if not all(np.isfinite([score, x0, y0, x1, y1])):
-            raise ValueError(f"non-finite value in group {k // 6 + 1}")
+            raise ValueError(f"non-finite value in group {k // n + 1}")
         if x1 < x0 or y1 < y0:
-            raise ValueError(f"x_max < x_min or y_max < y_min in group {k // 6 + 1}")
+            raise ValueError(f"x_max < x_min or y_max < y_min in group {k // n + 1}")
         out.append((image_id, int(cls), score, x0, y0, x1, y1))
     return out

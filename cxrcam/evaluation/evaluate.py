@@ -1,0 +1,259 @@
+"""``cxrcam evaluate``: score a submission against ground truth the way the benchmarks do.
+
+Ground truth (``read_ground_truth``): a ``prepare`` cache, a dataset folder as released, a
+VinBigData ``train.csv`` (readers fused as the config says), an NIH ``BBox_List_2017.csv``,
+or an RSNA ``stage_2_train_labels.csv``. Predictions: a ``submission.csv``, or a localize /
+refine output folder (its ``submission.csv``, plus ``probabilities.csv`` for AUROC and
+``bb_results.csv`` for the pointing game).
+
+NIH boxes cover only some images and classes, so NIH detection metrics run on the images
+that have boxes; VinBigData and RSNA truth is complete, so every image counts and images
+without findings are VinBigData's "No finding" truth.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrcam.config import Config
+from cxrcam.data.tables import BOX_COLUMNS, target_columns
+from cxrcam.errors import CxrcamError
+from cxrcam.evaluation.classification import auroc_per_class, mean_auroc
+from cxrcam.evaluation.coco import coco_ap
+from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
+from cxrcam.evaluation.rsna import rsna_score
+from cxrcam.evaluation.weak import accuracy_table, random_control
+from cxrcam.io import atomic_write_bytes, atomic_write_text, write_csv, write_json
+from cxrcam.outputs.submission import read_submission
+from cxrcam.schemas import NIH, RSNA, Schema
+
+NIH_SIDE = 1024  # every released NIH image is 1024 x 1024
+
+
+@dataclass
+class GroundTruth:
+    schema: Schema
+    image_ids: list[str]  # the images the metrics run over
+    boxes: pd.DataFrame  # finding boxes, original pixels
+    labels: pd.DataFrame | None  # image_id + y_<id> (image-level labels), when known
+    sizes: dict[str, tuple[float, float]]  # image_id -> (height, width), when known
+    complete: bool  # every finding is boxed: an image without boxes is normal
+
+
+def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTruth:
+    from cxrcam.data.cache import open_cache
+    from cxrcam.data.readers import nih_from_tables, read_dataset, rsna_from_table, vinbig_from_table
+    from cxrcam.localize import DATASET_MARKERS
+
+    path = Path(path)
+    if not path.exists():
+        raise CxrcamError(f"ground truth not found: {path}")
+    if path.is_dir() and (path / "cache.json").is_file():
+        cache = open_cache(path)
+        schema, images, boxes = cache.schema, cache.images, cache.boxes
+    elif path.is_dir():
+        kind = next((k for k, pattern in DATASET_MARKERS.items() if any(path.glob(pattern))), None)
+        if kind is None:
+            raise CxrcamError(f"{path}: no train.csv, Data_Entry_2017*.csv or stage_2_train_labels.csv")
+        tables = read_dataset(kind, path, config.fusion)
+        schema, images, boxes = tables.schema, tables.images, tables.boxes
+    else:
+        table = pd.read_csv(path)
+        columns = set(table.columns)
+        if {"image_id", "class_id", "rad_id", "x_min"} <= columns:
+            tables = vinbig_from_table(table, fusion=config.fusion, source=str(path))
+        elif {"patientId", "Target"} <= columns:
+            tables = rsna_from_table(table)
+        elif "Finding Label" in columns or any(str(c).startswith("Bbox") for c in columns):
+            entry = pd.DataFrame({"Image Index": table.iloc[:, 0].astype(str).unique()})
+            entry["Finding Labels"] = [
+                "|".join(sorted(set(table.loc[table.iloc[:, 0] == i].iloc[:, 1].astype(str)))) for i in entry["Image Index"]]
+            entry["Patient ID"] = entry["Image Index"]
+            tables = nih_from_tables(entry, table)
+        else:
+            raise CxrcamError(f"{path}: not a VinBigData train.csv, NIH BBox_List_2017.csv or RSNA labels table "
+                              f"(columns: {', '.join(map(str, table.columns))})")
+        schema, images, boxes = tables.schema, tables.images, tables.boxes
+    complete = schema is not NIH
+    ids = list(images["image_id"].astype(str)) if complete else sorted(set(boxes["image_id"]))
+    sizes = {}
+    if {"height", "width"} <= set(images.columns):
+        known = images.dropna(subset=["height", "width"])
+        sizes = dict(zip(known["image_id"], zip(known["height"].astype(float), known["width"].astype(float))))
+    if schema is NIH:
+        sizes = {i: sizes.get(i, (NIH_SIDE, NIH_SIDE)) for i in ids}
+    labels = images[["image_id", *target_columns(schema)]] if set(target_columns(schema)) <= set(images.columns) else None
+    if schema is NIH and path.is_file():
+        labels = None  # a box list alone says nothing about the images' other findings
+    boxes = boxes[boxes["image_id"].isin(set(ids))][["image_id", "class_id", *BOX_COLUMNS]].reset_index(drop=True)
+    return GroundTruth(schema, ids, boxes, labels, sizes, complete)
+
+
+def _prediction_files(pred: Path) -> tuple[Path, Path | None, Path | None]:
+    if pred.is_dir():
+        found = [pred / n for n in ("submission.csv", "probabilities.csv", "bb_results.csv")]
+        if not found[0].is_file():
+            raise CxrcamError(f"{pred}: no submission.csv")
+        return found[0], *(p if p.is_file() else None for p in found[1:])
+    return pred, None, None
+
+
+def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config = Config(),
+             probs: str | Path | None = None, lenient: bool = False, out: str | Path | None = None,
+             control: bool = True) -> dict:
+    """All metrics that the inputs allow, as a dict; with ``out``, also metrics.json, metrics.md
+    and the plots there."""
+    submission, found_probs, bb_results = _prediction_files(Path(pred))
+    probs = Path(probs) if probs else found_probs
+    truth = read_ground_truth(gt, config)
+    schema = truth.schema
+    if fmt == "rsna" and schema is not RSNA:
+        raise CxrcamError(f"--format rsna needs RSNA ground truth; {gt} is {schema.name}")
+    n_classes = schema.num_findings + (schema.no_finding_id is not None)
+    dets = read_submission(submission, n_classes, set(truth.image_ids) if truth.complete else None, lenient,
+                           "rsna" if fmt == "rsna" else "vinbig")
+    ignored = int((~dets["image_id"].isin(set(truth.image_ids))).sum())
+    dets = dets[dets["image_id"].isin(set(truth.image_ids))]
+    iou_thr = config.eval.iou_thr
+    metrics: dict = {"format": fmt, "ground_truth": str(gt), "submission": str(submission), "dataset": schema.name,
+                     "images": len(truth.image_ids), "truth_boxes": len(truth.boxes), "predictions": len(dets),
+                     "predictions_ignored": ignored, "iou_thr": iou_thr,
+                     "images_without_prediction": len(set(truth.image_ids) - set(dets["image_id"]))}
+
+    voc_truth = truth.boxes
+    if truth.complete and schema.no_finding_id is not None:
+        voc_truth = with_no_finding(truth.boxes, truth.image_ids, schema.no_finding_id)
+    score, per_class = voc_map(voc_truth, dets, iou_thr)
+    metrics["map"] = score
+    metrics["ap"] = {schema.class_name(r.class_id): r.ap for r in per_class}
+    metrics["n_truth"] = {schema.class_name(r.class_id): r.n_truth for r in per_class}
+    if fmt == "coco":
+        findings = list(range(schema.num_findings))
+        metrics["coco_ap"] = coco_ap(truth.boxes, dets, truth.image_ids, findings)
+        metrics["coco_ap40"] = coco_ap(truth.boxes, dets, truth.image_ids, findings, iou_thrs=[0.4])
+    if fmt == "rsna":
+        metrics["rsna_score"], metrics["rsna_images_scored"] = rsna_score(truth.boxes, dets, truth.image_ids)
+
+    weak = None
+    if len(truth.boxes):
+        points = None
+        if bb_results is not None:
+            peaks = pd.read_csv(bb_results, dtype={"image_id": str}).dropna(subset=["gt_x_min"])
+            merged = truth.boxes.merge(peaks.rename(columns={f"gt_{c}": c for c in BOX_COLUMNS}),
+                                       on=["image_id", "class_id", *BOX_COLUMNS], how="left")
+            points = merged["peak_in_box"].map({True: 1.0, False: 0.0, "True": 1.0, "False": 0.0})
+        weak = accuracy_table(truth.boxes, dets, schema, points).assign(source="model")
+        if control and truth.sizes:
+            ctrl = random_control(truth.boxes, truth.sizes, schema, config.boxes).assign(source="random map")
+            weak = pd.concat([weak, ctrl], ignore_index=True)
+        metrics["localization"] = weak.to_dict(orient="records")
+
+    if probs is not None and truth.labels is not None:
+        table = pd.read_csv(probs, dtype={"image_id": str})
+        missing = [c for c in schema.findings if c not in table.columns]
+        if missing:
+            raise CxrcamError(f"{probs}: missing class column(s) {', '.join(missing)}")
+        joined = truth.labels.merge(table, on="image_id")
+        per = auroc_per_class(joined[target_columns(schema)].to_numpy(), joined[list(schema.findings)].to_numpy())
+        metrics["auroc"] = {c: float(v) for c, v in zip(schema.findings, per)}
+        metrics["mean_auroc"] = mean_auroc(per)
+
+    metrics = _clean(metrics)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "metrics.json", metrics)
+        atomic_write_text(out / "metrics.md", markdown(metrics))
+        if weak is not None:
+            write_csv(out / "localization.csv", weak)
+        _plots(per_class, schema, out)
+    return metrics
+
+
+def _clean(value):
+    """NaN -> None, numpy scalars -> Python: valid JSON."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(metrics: dict) -> str:
+    """The per-class table (AP, truth boxes, AUROC) and the headline numbers."""
+    lines = [f"**{metrics['dataset']}**: {metrics['images']} images, {metrics['truth_boxes']} truth boxes, "
+             f"{metrics['predictions']} predictions", ""]
+    head = [f"mAP@{metrics['iou_thr']} (VOC 2010) = {_fmt(metrics['map'])}"]
+    for key, label in [("coco_ap", "COCO AP@[.5:.95]"), ("coco_ap40", "COCO AP@.4"), ("rsna_score", "RSNA score"),
+                       ("mean_auroc", "mean AUROC")]:
+        if key in metrics:
+            head.append(f"{label} = {_fmt(metrics[key])}")
+    lines += ["; ".join(head), "", "| class | truth boxes | AP | AUROC |", "|---|---|---|---|"]
+    auroc = metrics.get("auroc", {})
+    for name, ap in metrics["ap"].items():
+        lines.append(f"| {name} | {metrics['n_truth'][name]} | {_fmt(ap)} | {_fmt(auroc.get(name))} |")
+    if "localization" in metrics:
+        cols = ["iobb@0.1", "iobb@0.5", "iou@0.1", "iou@0.5", "pointing"]
+        lines += ["", "Weak localisation (ChestX-ray8 accuracy: share of truth boxes hit)", "",
+                  "| source | class | boxes | " + " | ".join(f"T({c.split('@')[0].upper().replace('IOBB', 'IoBB').replace('IOU', 'IoU')})={c.split('@')[1]}" if "@" in c else c for c in cols) + " |",
+                  "|---|---|---|" + "---|" * len(cols)]
+        for row in metrics["localization"]:
+            lines.append(f"| {row['source']} | {row['class']} | {row['n_boxes']} | "
+                         + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(per_class: list[ClassAP], schema: Schema, out: Path) -> None:
+    """ap_per_class.png (bar chart) and pr_curves.png (precision-recall per class)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in per_class if r.n_truth > 0]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(scored) + 1.2))
+    ax.barh([schema.class_name(r.class_id) for r in scored], [r.ap for r in scored],
+            color=[np.array(schema.colour(r.class_id)) / 255 for r in scored])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("AP")
+    ax.set_title(f"AP per class (mAP {np.mean([r.ap for r in scored]) if scored else float('nan'):.3f})")
+    _save(fig, out / "ap_per_class.png", io, plt)
+
+    cols = 4
+    rows = max(1, math.ceil(len(scored) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(scored):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, scored):
+        precision = np.maximum.accumulate(r.precision[::-1])[::-1] if len(r.precision) else r.precision
+        ax.step(r.recall, precision, where="post", color=np.array(schema.colour(r.class_id)) / 255)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), title=f"{schema.class_name(r.class_id)} AP {r.ap:.2f}",
+               xlabel="recall", ylabel="precision")
+    fig.tight_layout()
+    _save(fig, out / "pr_curves.png", io, plt)
+
+
+def _save(fig, path: Path, io, plt) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+__all__ = ["evaluate", "read_ground_truth", "GroundTruth", "markdown"]

@@ -1,0 +1,279 @@
+"""`cxrcam evaluate`: VOC 2010 mAP by hand-worked cases and against pycocotools, COCO numbers,
+the RSNA definition, ChestX-ray8 accuracies, ground-truth formats, CLI outputs and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import shared
+from cxrcam.config import load_config
+from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS
+from cxrcam.evaluation.coco import coco_ap
+from cxrcam.evaluation.detection import voc_ap, voc_map, with_no_finding
+from cxrcam.evaluation.evaluate import evaluate
+from cxrcam.evaluation.rsna import image_score, rsna_score
+from cxrcam.evaluation.weak import accuracy_table, random_control
+from cxrcam.outputs.submission import submission_table
+from cxrcam.schemas import VINBIG
+
+
+def boxes(rows, score=False):
+    cols = DETECTION_COLUMNS if score else ["image_id", "class_id", *BOX_COLUMNS]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def shifted(dx):
+    """A 10 x 10 prediction shifted right by dx against the truth [0, 0, 10, 10]."""
+    return boxes([("a", 0, 1.0, dx, 0, 10 + dx, 10)], score=True)
+
+
+TRUTH = boxes([("a", 0, 0, 0, 10, 10)])
+
+
+def test_perfect_predictions_score_one():
+    truth = boxes([("a", 0, 0, 0, 10, 10), ("a", 3, 5, 5, 50, 60), ("b", 3, 1, 1, 2, 2)])
+    dets = truth.assign(score=[0.3, 0.9, 0.5])[DETECTION_COLUMNS]
+    score, per_class = voc_map(truth, dets)
+    assert score == 1.0 and [r.ap for r in per_class] == [1.0, 1.0]
+
+
+def test_iou_must_be_strictly_above_the_threshold():
+    # IoU of a shift dx: (10 - dx) / (10 + dx). dx = 30/7 gives IoU 0.4 exactly.
+    assert voc_map(TRUTH, shifted(4.2))[0] == 1.0  # IoU 0.4085
+    assert voc_map(TRUTH, shifted(4.35))[0] == 0.0  # IoU 0.3937
+    assert voc_map(TRUTH, shifted(30 / 7))[0] == 0.0  # exactly 0.4: not a match
+    assert voc_map(TRUTH, shifted(30 / 7), iou_thr=0.39)[0] == 1.0
+
+
+def test_duplicates_are_false_positives():
+    truth = boxes([("a", 0, 0, 0, 10, 10), ("b", 0, 0, 0, 10, 10)])
+    dets = boxes([("a", 0, 0.9, 0, 0, 10, 10), ("a", 0, 0.8, 0, 0, 10, 10), ("b", 0, 0.7, 0, 0, 10, 10)], score=True)
+    # TP, FP (duplicate), TP: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> AP = 1/2 + 1/2 * 2/3
+    assert voc_map(truth, dets)[0] == pytest.approx(0.5 + 1 / 3)
+    # a duplicate ranked below every true positive costs nothing under the envelope
+    dets.loc[1, "score"] = 0.1
+    assert voc_map(truth, dets)[0] == pytest.approx(1.0)
+
+
+def test_empty_predictions_and_images_without_truth():
+    assert voc_map(TRUTH, boxes([], score=True))[0] == 0.0
+    # a confident prediction on an image without truth is a false positive ranked first
+    dets = boxes([("z", 0, 0.9, 0, 0, 10, 10), ("a", 0, 0.5, 0, 0, 10, 10)], score=True)
+    assert voc_map(TRUTH, dets)[0] == pytest.approx(0.5)
+    # a class predicted but absent from the truth is not part of the mean
+    extra = pd.concat([shifted(0), boxes([("a", 5, 0.9, 0, 0, 1, 1)], score=True)])
+    score, per_class = voc_map(TRUTH, extra)
+    assert score == 1.0 and np.isnan([r.ap for r in per_class if r.class_id == 5][0])
+
+
+def test_no_finding_through_its_unit_box():
+    truth = with_no_finding(boxes([("a", 3, 0, 0, 10, 10)]), ["a", "b", "c"], 14)
+    assert sorted(truth.loc[truth["class_id"] == 14, "image_id"]) == ["b", "c"]
+    table = submission_table(["a", "b", "c"], boxes([("a", 3, 0.9, 0, 0, 10, 10)], score=True),
+                             pd.Series({"a": 0.2, "b": 0.9, "c": 0.6}))
+    dets = []
+    for r in table.itertuples():
+        t = r.PredictionString.split()
+        dets += [(r.image_id, int(t[k]), float(t[k + 1]), *map(float, t[k + 2:k + 6])) for k in range(0, len(t), 6)]
+    score, per_class = voc_map(truth, boxes(dets, score=True))
+    assert score == 1.0 and {r.class_id for r in per_class} == {3, 14}
+
+
+def test_voc_ap_by_the_definition():
+    # one truth box found at rank 2 of 2: precision 1/2 at recall 1
+    assert voc_ap(np.array([0.0, 1.0]), np.array([0.0, 0.5])) == 0.5
+    # the envelope: precision at recall r is the best precision at any recall >= r
+    assert voc_ap(np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])) == pytest.approx(0.5 + 1 / 3)
+
+
+def random_scene(seed, n_images=40, n_classes=3):
+    rng = np.random.default_rng(seed)
+    truth, dets = [], []
+    for i in range(n_images):
+        for c in range(n_classes):
+            for _ in range(rng.integers(0, 3)):
+                x, y = rng.uniform(0, 400, 2)
+                w, h = rng.uniform(20, 120, 2)
+                truth.append((f"i{i}", c, x, y, x + w, y + h))
+                for _ in range(rng.integers(0, 3)):  # noisy copies: some hit, some miss, duplicates
+                    j = rng.normal(0, 0.25, 4) * [w, h, w, h]
+                    dets.append((f"i{i}", c, rng.uniform(), x + j[0], y + j[1], x + w + abs(j[2]), y + h + abs(j[3])))
+            for _ in range(rng.integers(0, 2)):  # false positives anywhere
+                x, y = rng.uniform(0, 400, 2)
+                dets.append((f"i{i}", c, rng.uniform(), x, y, x + 50, y + 50))
+    return boxes(truth), boxes(dets, score=True), [f"i{i}" for i in range(n_images)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_voc_map_agrees_with_pycocotools(seed):
+    """pycocotools interpolates precision at 101 recall points and matches at IoU >= t: on a
+    scene with hundreds of boxes and no IoU exactly at 0.4 the two APs agree closely."""
+    truth, dets, ids = random_scene(seed)
+    ours, per_class = voc_map(truth, dets, 0.4)
+    for r in per_class:
+        theirs = coco_ap(truth, dets, ids, [r.class_id], iou_thrs=[0.4], max_dets=1000)
+        assert r.ap == pytest.approx(theirs, abs=0.015)
+    assert 0.2 < ours < 0.95  # a scene that tests something
+
+
+def test_coco_numbers_are_pycocotools_on_xywh(tmp_path):
+    """Our COCO path against a hand-written pycocotools call with boxes in [x, y, w, h]."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    truth, dets, ids = random_scene(3, n_images=20)
+    ours = coco_ap(truth, dets, ids, [0, 1, 2])
+    image_index = {i: k for k, i in enumerate(ids)}
+    gt_json = {"images": [{"id": k} for k in range(len(ids))], "categories": [{"id": c} for c in range(3)],
+               "annotations": [{"id": n + 1, "image_id": image_index[r.image_id], "category_id": r.class_id,
+                                "bbox": [r.x_min, r.y_min, r.x_max - r.x_min, r.y_max - r.y_min],
+                                "area": (r.x_max - r.x_min) * (r.y_max - r.y_min), "iscrowd": 0}
+                               for n, r in enumerate(truth.itertuples())]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt_json))
+    gt = COCO(str(tmp_path / "gt.json"))
+    dt = gt.loadRes([{"image_id": image_index[r.image_id], "category_id": r.class_id, "score": r.score,
+                      "bbox": [r.x_min, r.y_min, r.x_max - r.x_min, r.y_max - r.y_min]} for r in dets.itertuples()])
+    ev = COCOeval(gt, dt, "bbox")
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert ours == pytest.approx(ev.stats[0], abs=1e-9)
+
+
+def test_a_true_iou_of_039_is_a_miss():
+    """The community notebook's corners-as-xywh mistake scores this pair as IoU 0.61."""
+    truth = boxes([("a", 0, 100, 100, 200, 200)])
+    dx = 100 * (1 - 0.39) / (1 + 0.39)  # true IoU 0.39
+    det = boxes([("a", 0, 1.0, 100 + dx, 100, 200 + dx, 200)], score=True)
+    assert voc_map(truth, det)[0] == 0.0
+    assert coco_ap(truth, det, ["a"], [0], iou_thrs=[0.4]) == 0.0
+
+
+def test_rsna_score_by_its_definition():
+    truth = np.array([[0, 0, 10, 10], [50, 50, 60, 60]], float)
+    # one prediction at IoU 0.62 with the first box, one matching nothing
+    dx = 10 * (1 - 0.62) / 1.62
+    pred = np.array([[dx, 0, 10 + dx, 10], [100, 100, 110, 110]])
+    # thresholds 0.40 .. 0.60 (5 of 8): TP 1, FP 1, FN 1 -> 1/3; 0.65 .. 0.75: TP 0 -> 0
+    assert image_score(truth, pred, np.array([0.9, 0.8])) == pytest.approx(5 / 3 / 8)
+    assert image_score(np.zeros((0, 4)), pred, np.ones(2)) == 0.0
+    assert image_score(np.zeros((0, 4)), np.zeros((0, 4)), np.zeros(0)) is None
+    assert image_score(truth, truth, np.ones(2)) == 1.0
+    truth_df = boxes([("p1", 0, *truth[0]), ("p1", 0, *truth[1])])
+    dets = boxes([("p1", 0, 0.9, *truth[0]), ("p1", 0, 0.8, *truth[1]), ("p2", 0, 0.5, 0, 0, 5, 5)], score=True)
+    assert rsna_score(truth_df, dets, ["p1", "p2", "p3"]) == (0.5, 2)  # p3: no truth, no prediction: skipped
+
+
+def test_chestxray8_accuracies():
+    truth = boxes([("a", 0, 0, 0, 10, 10), ("b", 0, 0, 0, 10, 10)])
+    dets = boxes([("a", 0, 0.9, 0, 0, 5, 5)], score=True)  # inside the truth: IoBB 1, IoU 0.25
+    table = accuracy_table(truth, dets, VINBIG, pd.Series([1.0, 0.0])).set_index("class")
+    row = table.loc["Aortic enlargement"]
+    assert row["iobb@0.9"] == 0.5 and row["iou@0.2"] == 0.5 and row["iou@0.3"] == 0.0 and row["pointing"] == 0.5
+    assert table.loc["all", "n_boxes"] == 2
+    sizes = {"a": (100.0, 100.0), "b": (100.0, 100.0)}
+    first = random_control(truth, sizes, VINBIG, repeats=3, seed=1)
+    assert first.equals(random_control(truth, sizes, VINBIG, repeats=3, seed=1))  # seeded
+    values = first.drop(columns=["class", "n_boxes"]).to_numpy()
+    assert ((values >= 0) & (values <= 1)).all()
+
+
+def cxrcam(*args):
+    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_a_localize_folder(vinbig_model, tmp_path):
+    from cxrcam.evaluation.classification import auroc_per_class
+    from cxrcam.localize import localize
+
+    cache, ckpt = vinbig_model
+    localize(ckpt, cache, tmp_path / "loc", load_config(overrides=["cam.workers=0", "boxes.min_prob=0.05"]),
+             pictures=False, progress=False)
+    result = cxrcam("evaluate", "--pred", str(tmp_path / "loc"), "--gt", str(cache), "--json", str(tmp_path / "ev" / "m.json"),
+                    "--format", "coco")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "ev" / "m.json").read_text())
+    assert metrics["images"] == 160 and metrics["predictions"] > 0 and "No finding" in metrics["ap"]
+    assert 0 <= metrics["map"] <= 1 and 0 <= metrics["coco_ap"] <= metrics["coco_ap40"] + 1e-9
+    # AUROC from probabilities.csv equals scikit-learn on the cache labels
+    manifest = pd.read_csv(cache / "manifest.csv", dtype={"image_id": str})
+    probs = pd.read_csv(tmp_path / "loc" / "probabilities.csv", dtype={"image_id": str}).set_index("image_id")
+    expected = auroc_per_class(manifest[[f"y_{i}" for i in range(14)]].to_numpy(),
+                               probs.loc[manifest["image_id"]].to_numpy())
+    assert [metrics["auroc"][c] for c in VINBIG.findings] == pytest.approx(list(expected), nan_ok=True)
+    # pointing game from bb_results.csv, and the random-map control, are in the table
+    sources = {r["source"] for r in metrics["localization"]}
+    assert sources == {"model", "random map"}
+    assert next(r for r in metrics["localization"] if r["class"] == "all")["pointing"] is not None
+    assert "| No finding |" in result.stdout and (tmp_path / "ev" / "metrics.md").read_text() in result.stdout
+    for name in ["ap_per_class.png", "pr_curves.png"]:
+        image = cv2.imread(str(tmp_path / "ev" / name))
+        assert image is not None and image.shape[0] > 100 and image.std() > 5
+
+
+def test_ground_truth_formats_on_real_tables(vinbig_table, tmp_path):
+    # VinBigData train.csv (three readers per image): WBF-fused truth predicted exactly -> mAP 1
+    ids = vinbig_table["image_id"].drop_duplicates().iloc[:300]
+    table = vinbig_table[vinbig_table["image_id"].isin(ids)]
+    table.to_csv(tmp_path / "train.csv", index=False)
+    from cxrcam.data.readers import vinbig_from_table
+
+    fused = vinbig_from_table(table).boxes
+    normal = pd.Series(1.0, index=sorted(set(ids) - set(fused["image_id"])))
+    submission_table(list(ids), fused.assign(score=1.0), normal).to_csv(tmp_path / "sub.csv", index=False)
+    assert evaluate(tmp_path / "sub.csv", tmp_path / "train.csv", control=False)["map"] == pytest.approx(1.0)
+    # the same predictions against every reader's own boxes are no longer perfect
+    readers = evaluate(tmp_path / "sub.csv", tmp_path / "train.csv", config=load_config(overrides=["fusion.method=reader"]),
+                       control=False)
+    assert readers["map"] < 0.95 and readers["truth_boxes"] > len(fused)
+
+    # NIH BBox_List_2017.csv: its 12 boxes predicted exactly; images without boxes are ignored
+    nih = shared("nih", "BBox_List_2017.csv")
+    raw = pd.read_csv(nih)
+    xywh = raw.iloc[:, 2:6].to_numpy(float)
+    from cxrcam.schemas import NIH
+
+    dets = pd.DataFrame({"image_id": raw.iloc[:, 0], "class_id": [NIH.class_id(n) for n in raw.iloc[:, 1]],
+                         "score": 1.0, "x_min": xywh[:, 0], "y_min": xywh[:, 1],
+                         "x_max": xywh[:, 0] + xywh[:, 2], "y_max": xywh[:, 1] + xywh[:, 3]})
+    submission_table([*raw.iloc[:, 0].unique(), "00000001_000.png"], dets,
+                     pd.Series({"00000001_000.png": 0.5})).to_csv(tmp_path / "nih.csv", index=False)
+    m = evaluate(tmp_path / "nih.csv", nih, out=tmp_path / "nih_out")
+    assert m["map"] == 1.0 and m["truth_boxes"] == 12 and m["predictions_ignored"] == 1
+    row = next(r for r in m["localization"] if r["class"] == "all" and r["source"] == "model")
+    assert row["iou@0.9"] == 1.0 and row["n_boxes"] == 12
+    control = next(r for r in m["localization"] if r["class"] == "all" and r["source"] == "random map")
+    assert control["iou@0.5"] < 0.5  # random maps do not find the boxes
+
+    # RSNA labels with an RSNA-format submission (confidence x y w h)
+    labels = pd.read_csv(shared("rsna", "stage_2_train_labels.csv"))
+    pos = labels[labels["Target"] == 1]
+    strings = pos.groupby("patientId").apply(
+        lambda g: " ".join(f"0.9 {r.x} {r.y} {r.width} {r.height}" for r in g.itertuples()), include_groups=False)
+    pd.DataFrame({"patientId": labels["patientId"].unique(),
+                  "PredictionString": [strings.get(p, "") for p in labels["patientId"].unique()]}
+                 ).to_csv(tmp_path / "rsna.csv", index=False)
+    m = evaluate(tmp_path / "rsna.csv", shared("rsna", "stage_2_train_labels.csv"), fmt="rsna", control=False)
+    assert m["rsna_score"] == 1.0 and m["map"] == 1.0
+
+
+def test_bad_submissions(vinbig_model, tmp_path):
+    cache, _ = vinbig_model
+    ids = pd.read_csv(cache / "manifest.csv", dtype={"image_id": str})["image_id"]
+    rows = ["14 0.5 0 0 1 1"] * len(ids)
+    rows[3] = "3 0.5 10 10 5 20"  # x_max < x_min
+    pd.DataFrame({"image_id": ids, "PredictionString": rows}).to_csv(tmp_path / "bad.csv", index=False)
+    strict = cxrcam("evaluate", "--pred", str(tmp_path / "bad.csv"), "--gt", str(cache), "--no-control")
+    assert strict.returncode == 1 and strict.stderr.count("\n") == 1
+    assert f"row 5 ({ids[3]}): x_max < x_min" in strict.stderr
+    lenient = cxrcam("evaluate", "--pred", str(tmp_path / "bad.csv"), "--gt", str(cache), "--lenient", "--no-control")
+    assert lenient.returncode == 0 and "warning:" in lenient.stderr and "row skipped" in lenient.stderr
+    pd.DataFrame({"image_id": ["nope"], "PredictionString": [""]}).to_csv(tmp_path / "unknown.csv", index=False)
+    unknown = cxrcam("evaluate", "--pred", str(tmp_path / "unknown.csv"), "--gt", str(cache))
+    assert unknown.returncode == 1 and "image id not in the ground truth" in unknown.stderr
+    missing = cxrcam("evaluate", "--pred", str(tmp_path / "none.csv"), "--gt", str(cache))
+    assert missing.returncode == 1 and "submission not found" in missing.stderr
