@@ -123,6 +123,27 @@ def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: i
     click.echo(f"wrote probabilities of {len(table)} images -> {out}")
 
 
+@main.command("train-detector")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="A `cxrcam prepare` cache.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run folder: best.pt, last.pt, metrics.csv.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@config_options
+def train_detector(data: Path, out: Path, resume: bool, config: Config) -> None:
+    """Train a torchvision Faster R-CNN (ResNet-50 FPN or timm + FPN) on a cache's boxes.
+
+    \b
+    cxrcam train-detector --data cache/vinbig512 --out runs/frcnn detector.init=runs/r50/best.pt
+    cxrcam train-detector --data cache/nih512 --out runs/frcnn_nih detector.pseudo_from=runs/d121/best.pt \\
+        detector.backbone=densenet121
+    """
+    from cxrcam.train.detector import train_detector as run
+
+    metrics = run(config, data, out, resume=resume)
+    if metrics:
+        click.echo(f"done: epoch {metrics['epoch']}, validation mAP@{config.eval.iou_thr} {metrics['val_map']:.3f} -> {out}")
+
+
 @main.command()
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Classifier best.pt/last.pt.")
 @click.option("--data", type=click.Path(path_type=Path), required=True,

@@ -106,6 +106,30 @@ class BoxConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """torchvision Faster R-CNN (train-detector), SGD with step decay as in the VinBigData baselines."""
+
+    backbone: str = "resnet50"  # resnet50: torchvision ResNet-50 FPN; any other timm name: timm features + FPN
+    init: str = ""  # a classifier checkpoint whose backbone weights start the detector
+    trainable_layers: int = 3  # backbone stages trained when starting from a classifier (0-5)
+    pseudo_from: str = ""  # a classifier checkpoint: train on its CAM boxes where the cache has none (NIH)
+    epochs: int = 12
+    batch_size: int = 8  # global: divided among processes under torchrun
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    step_size: int = 8  # decay the learning rate by gamma every step_size epochs
+    gamma: float = 0.1
+    warmup_iters: int = 100
+    amp: Literal["none", "bf16", "fp16"] = "bf16"  # CUDA only
+    workers: int = 2
+    seed: int = 0
+    rois_per_image: int = 512  # RoIs sampled per training image (torchvision's default; fewer is faster on CPU)
+    score_thresh: float = 0.01  # detections kept by the RoI heads
+    detections_per_img: int = 100
+
+
+@dataclass
 class EvalConfig:
     iou_thr: float = 0.4  # a hit needs IoU strictly above this (VinBigData: 0.4)
 
@@ -120,6 +144,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     boxes: BoxConfig = field(default_factory=BoxConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -1,0 +1,108 @@
+"""``create_detector(backbone, ...)``: torchvision Faster R-CNN over a ResNet-50 FPN or any timm
+backbone with a feature pyramid, optionally starting from a trained classifier's backbone.
+
+The detector takes the same grey [0, 1] images as the classifier (replicated to 3 channels);
+its transform normalises with the classifier's statistics and keeps the input size (no
+resizing: ``min_size = max_size = size``), so boxes stay in the input frame.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from cxrcam.errors import CxrcamError
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class TimmFPN(nn.Module):
+    """A timm backbone's last four stages + torchvision's FPN: the backbone FasterRCNN expects."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.body = timm.create_model(name, features_only=True, out_indices=(1, 2, 3, 4), pretrained=False)
+        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), 256, extra_blocks=LastLevelMaxPool())
+        self.out_channels = 256
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def _classifier_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple, tuple, str]:
+    """(timm state dict without the head, mean, std, timm name) of a classifier checkpoint."""
+    from cxrcam.models import load_classifier
+
+    _, ckpt = load_classifier(path)
+    prefix = "backbone."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    return state, tuple(ckpt["mean"]), tuple(ckpt["std"]), ckpt["model_name"]
+
+
+def create_detector(backbone: str, num_classes: int, size: int, init: str | Path | None = None,
+                    trainable_layers: int = 3, score_thresh: float = 0.01, detections_per_img: int = 100,
+                    rois_per_image: int = 512) -> FasterRCNN:
+    """Faster R-CNN for ``num_classes`` findings (+ background) on ``size`` x ``size`` inputs.
+
+    ``init``: a classifier checkpoint of the same backbone; its weights start the detector
+    (timm's ResNet-50 and torchvision's share the layout), with frozen batch norm and the
+    first ``5 - trainable_layers`` stages frozen. Without it the backbone starts at random."""
+    mean, std = IMAGENET
+    state = None
+    if init:
+        state, mean, std, name = _classifier_backbone(init)
+        if name != backbone:
+            raise CxrcamError(f"detector.init: {init} is a {name} classifier; detector.backbone is {backbone}")
+    if backbone == "resnet50":
+        body = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                   norm_layer=FrozenBatchNorm2d if state else nn.BatchNorm2d,
+                                   trainable_layers=trainable_layers if state else 5)
+        target = body.body
+    else:
+        if not timm.is_model(backbone):
+            raise CxrcamError(f"unknown timm model {backbone!r} for detector.backbone")
+        body = TimmFPN(backbone)
+        target = body.body
+    if state is not None:
+        missing, _ = target.load_state_dict({k: v for k, v in state.items() if not k.startswith(("fc.", "head"))},
+                                            strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing:
+            raise CxrcamError(f"detector.init: {len(missing)} backbone weights missing in {init} (e.g. {missing[0]})")
+    if len(mean) != 3:
+        mean, std = (mean[0],) * 3, (std[0],) * 3
+    return FasterRCNN(body, num_classes=num_classes + 1, min_size=size, max_size=size, image_mean=list(mean),
+                      image_std=list(std), box_score_thresh=score_thresh, box_detections_per_img=detections_per_img,
+                      box_batch_size_per_image=rois_per_image)
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[FasterRCNN, dict[str, Any]]:
+    """Rebuild a detector from its checkpoint (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CxrcamError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise CxrcamError(f"{path}: not a readable cxrcam checkpoint ({exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "detector":
+        raise CxrcamError(f"{path}: not a cxrcam detector checkpoint")
+    cfg = ckpt["config"]["detector"]
+    model = create_detector(ckpt["backbone"], len(ckpt["classes"]), ckpt["input_size"],
+                            score_thresh=cfg["score_thresh"], detections_per_img=cfg["detections_per_img"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def to_detector_input(x: torch.Tensor) -> list[torch.Tensor]:
+    """A grey batch B x 1 x H x W in [0, 1] -> the list of 3-channel images torchvision takes."""
+    return [img.expand(3, -1, -1) for img in x]

@@ -1,0 +1,52 @@
+"""CAM pseudo-boxes: training truth for a detector where the cache has image labels only (NIH).
+
+For every image and every class it is labelled with, the classifier's Grad-CAM++ map gives
+the best-scoring box (``cam_to_boxes`` with the config's threshold, top 1), in original
+pixels and in the cache frame like ``boxes.csv``.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from cxrcam.boxes import cam_to_boxes, scale_boxes
+from cxrcam.cam import create_cam, scale_cams
+from cxrcam.config import Config
+from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
+from cxrcam.data.dataset import CacheDataset
+from cxrcam.data.tables import BOX_COLUMNS, target_columns
+from cxrcam.models import load_classifier
+
+
+@torch.no_grad()
+def pseudo_boxes(classifier: str | Path, cache: Cache, config: Config, device: torch.device) -> pd.DataFrame:
+    model, ckpt = load_classifier(classifier, device)
+    cam = create_cam(model, config.cam.method)
+    labels = cache.images[target_columns(cache.schema)].to_numpy() >= 0.5
+    box_cfg = replace(config.boxes, top_k=1)
+    rows = []
+    loader = DataLoader(CacheDataset(cache), batch_size=config.cam.batch_size, num_workers=config.cam.workers)
+    for x, _, idx in loader:
+        x = x.to(device)
+        size = tuple(x.shape[-2:])
+        for b, i in enumerate(idx.numpy()):
+            classes = np.flatnonzero(labels[i]).tolist()
+            if not classes:
+                continue
+            maps, _ = cam.raw_maps(x[b:b + 1], classes)
+            scaled = scale_cams(maps, size)[0].cpu().numpy()
+            for k, c in enumerate(classes):
+                boxes, scores = cam_to_boxes(scaled[k], 1.0, box_cfg)
+                if len(boxes):
+                    rows.append((cache.images.at[i, "image_id"], c, *boxes[0]))
+    frame = pd.DataFrame(rows, columns=["image_id", "class_id", *CACHE_BOX_COLUMNS])
+    scales = frame.merge(cache.images[["image_id", "scale_x", "scale_y"]], on="image_id", how="left")
+    frame[BOX_COLUMNS] = scale_boxes(frame[CACHE_BOX_COLUMNS].to_numpy(), 1 / scales["scale_x"].to_numpy(),
+                                     1 / scales["scale_y"].to_numpy())
+    frame["rad_id"] = "cam"
+    return frame
