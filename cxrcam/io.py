@@ -36,3 +36,21 @@ def write_csv(path: str | Path, df: pd.DataFrame) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def load_checkpoint(path: str | Path, device: Any = "cpu") -> dict[str, Any]:
+    """A cxrcam checkpoint as a dict, loaded with ``weights_only=True`` (no code runs)."""
+    import torch
+
+    from cxrcam.errors import CxrcamError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CxrcamError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise CxrcamError(f"{path}: not a readable cxrcam checkpoint ({exc})") from None
+    if not isinstance(ckpt, dict):
+        raise CxrcamError(f"{path}: not a cxrcam checkpoint")
+    return ckpt

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from cxrcam.data.cache import open_cache, prepare
 from cxrcam.data.synth import synthesize
 from cxrcam.errors import CxrcamError
 from cxrcam.models import load_classifier
-from cxrcam.train.classifier import predict, train_classifier
+from cxrcam.train.classifier import train_classifier
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NO_AUGMENT = ["augment.degrees=0", "augment.translate=0", "augment.scale=0", "augment.brightness=0",

@@ -21,6 +21,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cxrcam.errors import CxrcamError
+from cxrcam.io import load_checkpoint
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -87,14 +88,8 @@ def create_detector(backbone: str, num_classes: int, size: int, init: str | Path
 
 def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[FasterRCNN, dict[str, Any]]:
     """Rebuild a detector from its checkpoint (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CxrcamError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise CxrcamError(f"{path}: not a readable cxrcam checkpoint ({exc})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "detector":
+    ckpt = load_checkpoint(path, device)
+    if ckpt.get("kind") != "detector":
         raise CxrcamError(f"{path}: not a cxrcam detector checkpoint")
     cfg = ckpt["config"]["detector"]
     model = create_detector(ckpt["backbone"], len(ckpt["classes"]), ckpt["input_size"],

@@ -12,7 +12,6 @@ without findings are VinBigData's "No finding" truth.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cxrcam.errors import CxrcamError
+from cxrcam.io import load_checkpoint
 
 HUB_HOST = "huggingface.co"
 
@@ -111,14 +112,8 @@ def create_classifier(name: str, num_classes: int, pretrained: bool | str = Fals
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
     """Rebuild a classifier from a self-contained checkpoint (loaded with ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CxrcamError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise CxrcamError(f"{path}: not a readable cxrcam checkpoint ({exc})") from None
-    if not isinstance(ckpt, dict) or "model_name" not in ckpt:
+    ckpt = load_checkpoint(path, device)
+    if "model_name" not in ckpt:
         raise CxrcamError(f"{path}: not a cxrcam classifier checkpoint")
     model = create_classifier(ckpt["model_name"], len(ckpt["classes"]), pretrained=False,
                               in_chans=ckpt["in_chans"])
