@@ -44,7 +44,7 @@ def config_options(func):
 def main() -> None:
     """Find and localise 14 thoracic findings on chest radiographs with weak supervision.
 
-    Typical flow: synth or bring data -> prepare -> train-classifier -> localize.
+    Typical flow: synth or bring data -> prepare -> train-classifier -> localize -> evaluate.
     """
 
 
