@@ -4,6 +4,7 @@ A run killed mid-write leaves either the old file or the new one, never half of 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -36,6 +37,25 @@ def write_csv(path: str | Path, df: pd.DataFrame) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def save_checkpoint(path: str | Path, obj: dict[str, Any]) -> None:
+    """``torch.save`` through an atomic write: a kill never leaves half a checkpoint."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> None:
+    """A matplotlib figure as PNG (written atomically), then closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, **savefig_kwargs)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path, device: Any = "cpu") -> dict[str, Any]:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from cxrcam.boxes import cam_peak, cam_to_boxes, scale_boxes
 from cxrcam.cam import FastCAM, create_cam, scale_cams
 from cxrcam.config import Config, config_to_dict
+from cxrcam.data.dataset import image_tensor
 from cxrcam.data.images import IMAGE_SUFFIXES, read_image
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, empty_boxes
 from cxrcam.errors import CxrcamError
@@ -93,7 +94,7 @@ class _Images(Dataset):
     def __getitem__(self, i: int):
         try:
             d = read_image(self.paths[i], self.size)
-            return torch.from_numpy(d.image).unsqueeze(0).float().div_(255), i, d.orig_height, d.orig_width, ""
+            return image_tensor(d.image), i, d.orig_height, d.orig_width, ""
         except Exception as exc:  # ImageReadError or anything a decoder throws
             return torch.zeros(1, self.size, self.size), i, 0, 0, str(exc) or type(exc).__name__
 
@@ -163,25 +164,23 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
         if not good:
             continue
         x, idx = x[good].to(info.device), idx[good].numpy()
+        ids = [shard.at[int(i), "image_id"] for i in idx]
         if isinstance(cam, FastCAM):  # every class's map comes with the forward pass
             maps, logits = cam.raw_maps(x, all_classes)
             cols = all_classes
-        else:  # one backward per class: only the classes some image of the batch needs
+        else:
             with torch.no_grad():
                 logits = model(x).float()
-            cols = sorted({c for b in range(len(x)) for c in _needed(
-                torch.sigmoid(logits[b]).cpu().numpy(), shard.at[int(idx[b]), "image_id"], truth_by_image,
-                shown_classes, bcfg.min_prob, pictures)})
-            maps, _ = cam.raw_maps(x, cols)
         probs = torch.sigmoid(logits).cpu().numpy()
-        for b, i in enumerate(idx):
-            image_id = shard.at[int(i), "image_id"]
+        plans = [_plan(p, image_id, truth_by_image, shown_classes, bcfg.min_prob, pictures)
+                 for p, image_id in zip(probs, ids)]
+        if not isinstance(cam, FastCAM):  # one backward per class: only the classes some image needs
+            cols = sorted({c for _, _, need in plans for c in need})
+            maps, _ = cam.raw_maps(x, cols)
+        for b, (i, image_id, p, (predicted, shown, need)) in enumerate(zip(idx, ids, probs, plans)):
             h, w = known_hw[i] if np.isfinite(known_hw[i]).all() else (float(heights[good[b]]), float(widths[good[b]]))
             sx, sy = size / w, size / h  # input pixels per original pixel
-            p = probs[b]
             probs_rows.append((image_id, *p))
-            predicted = _predicted(p, shown_classes, bcfg.min_prob)
-            need = _needed(p, image_id, truth_by_image, shown_classes, bcfg.min_prob, pictures)
             if not need:
                 continue
             scaled = scale_cams(maps[b, [cols.index(c) for c in need]][None], (size, size))[0].cpu().numpy()
@@ -198,7 +197,6 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
                 px, py = cam_peak(scaled[need.index(c)])
                 peaks.append((image_id, int(c), px / sx, py / sy))
             if painter is not None:
-                shown = shown_classes or predicted or [int(np.argmax(p))]
                 picture = np.round(x[b, 0].cpu().numpy() * 255).astype(np.uint8)
                 preds = (np.concatenate(frame_boxes) if frame_boxes else np.zeros((0, 4)), np.array(frame_cls),
                          np.concatenate(frame_scores) if frame_scores else np.zeros(0))
@@ -228,21 +226,15 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     return summary
 
 
-def _predicted(p: np.ndarray, shown_classes: list[int] | None, min_prob: float) -> list[int]:
-    """Classes that get boxes: above the probability floor (among ``--classes`` if given)."""
-    return [c for c in (shown_classes or range(len(p))) if p[c] > min_prob]
-
-
-def _needed(p: np.ndarray, image_id: str, truth_by_image: dict, shown_classes: list[int] | None,
-            min_prob: float, pictures: bool) -> list[int]:
-    """Classes whose scaled maps one image needs: predicted (boxes), truth (pointing game), shown."""
-    predicted = _predicted(p, shown_classes, min_prob)
-    need = set(predicted)
-    if image_id in truth_by_image:
-        need |= set(truth_by_image[image_id][1].tolist())
-    if pictures:
-        need |= set(shown_classes or predicted or [int(np.argmax(p))])
-    return sorted(int(c) for c in need)
+def _plan(p: np.ndarray, image_id: str, truth_by_image: dict, shown_classes: list[int] | None,
+          min_prob: float, pictures: bool) -> tuple[list[int], list[int], list[int]]:
+    """For one image: (predicted classes: above the floor, among ``--classes`` if given, they get
+    boxes; shown classes: drawn in the pictures; every class whose scaled map is needed, which
+    adds the truth classes for the pointing game)."""
+    predicted = [c for c in (shown_classes or range(len(p))) if p[c] > min_prob]
+    shown = (shown_classes or predicted or [int(np.argmax(p))]) if pictures else []
+    truth = truth_by_image[image_id][1].tolist() if image_id in truth_by_image else []
+    return predicted, shown, sorted({int(c) for c in (*predicted, *shown, *truth)})
 
 
 def _merge_ranks(parts: dict[str, pd.DataFrame], out: Path, info: dist.DistInfo) -> dict[str, pd.DataFrame] | None:

@@ -14,17 +14,18 @@ from cxrcam.data.cache import open_cache
 from cxrcam.detection import create_detector, load_detector, to_detector_input
 from cxrcam.detection.pseudo import pseudo_boxes
 from cxrcam.errors import CxrcamError
+from cxrcam.io import save_checkpoint
 from cxrcam.models import create_classifier
-from cxrcam.train.classifier import _save
 
 
 def test_resnet50_detector_starts_from_the_classifier(tmp_path):
     """timm's and torchvision's ResNet-50 share the layout: every backbone weight carries over."""
     torch.manual_seed(0)
     clf = create_classifier("resnet50", 14)
-    _save(tmp_path / "clf.pt", {"model_name": "resnet50", "in_chans": 3, "classes": [str(i) for i in range(14)],
-                                "schema": "vinbig", "input_size": 64, "mean": clf.mean.flatten().tolist(),
-                                "std": clf.std.flatten().tolist(), "config": {}, "model": clf.state_dict()})
+    save_checkpoint(tmp_path / "clf.pt", {
+        "model_name": "resnet50", "in_chans": 3, "classes": [str(i) for i in range(14)], "schema": "vinbig",
+        "input_size": 64, "mean": clf.mean.flatten().tolist(), "std": clf.std.flatten().tolist(), "config": {},
+        "model": clf.state_dict()})
     det = create_detector("resnet50", 14, 64, init=tmp_path / "clf.pt")
     body = det.backbone.body
     for name, value in clf.backbone.state_dict().items():

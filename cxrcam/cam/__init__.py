@@ -21,9 +21,10 @@ def create_cam(model: nn.Module, method: str = "gradcam++", target_layer: str | 
     """A CAM engine for ``model``: closed form for gradcam/gradcam++ on pooling + linear heads
     (unless ``fast`` is False or another ``target_layer`` is asked for), pytorch-grad-cam otherwise."""
     method = method.lower()
-    if fast and not target_layer and method in FAST_METHODS and probe(model).linear_head:
-        return FastCAM(model, method)
-    return LibraryCAM(model, method, target_layer or None)
+    info = probe(model)  # one probe forward pass, shared with the engine
+    if fast and not target_layer and method in FAST_METHODS and info.linear_head:
+        return FastCAM(model, method, info)
+    return LibraryCAM(model, method, target_layer or None, info)
 
 
 def compute_cams(model: nn.Module, images: torch.Tensor, method: str = "gradcam++",

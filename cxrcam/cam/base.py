@@ -99,10 +99,10 @@ class BaseCAM:
 
     method: str
 
-    def __init__(self, model: nn.Module, method: str, target_layer: str | None = None):
+    def __init__(self, model: nn.Module, method: str, target_layer: str | None = None, info: Probe | None = None):
         self.model = model.eval()
         self.method = method
-        self.info = probe(model)
+        self.info = info or probe(model)
         self.target_name = target_layer or self.info.target_name
         if self.target_name is None:
             raise CxrcamError("cannot find the layer entering the global pooling of this model; "
@@ -122,13 +122,8 @@ class BaseCAM:
 
     def __call__(self, images: torch.Tensor, classes: list[int] | None = None) -> CamOutput:
         images = images.to(self.device)
-        maps, logits = self.raw_maps(images, self.classes(classes, images))
+        maps, logits = self.raw_maps(images, list(range(self.num_classes)) if classes is None else list(classes))
         return CamOutput(scale_cams(maps, tuple(images.shape[-2:])), logits)
-
-    def classes(self, classes: list[int] | None, images: torch.Tensor) -> list[int]:
-        if classes is not None:
-            return list(classes)
-        return list(range(self.num_classes))
 
     @property
     def num_classes(self) -> int:

@@ -16,15 +16,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cxrcam.cam.base import BaseCAM
+from cxrcam.cam.base import BaseCAM, Probe
 
 FAST_METHODS = ("gradcam", "gradcam++")
 _EPS_PP = 1e-6  # pytorch-grad-cam's grad_cam_plusplus.py
 
 
 class FastCAM(BaseCAM):
-    def __init__(self, model: nn.Module, method: str = "gradcam++"):
-        super().__init__(model, method)
+    def __init__(self, model: nn.Module, method: str = "gradcam++", info: Probe | None = None):
+        super().__init__(model, method, info=info)
         if method not in FAST_METHODS or not self.info.linear_head:
             raise ValueError(f"closed form needs {FAST_METHODS} and a pooling + linear head")
         self._acts: torch.Tensor | None = None

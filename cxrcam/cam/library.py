@@ -10,7 +10,7 @@ import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from cxrcam.cam.base import BaseCAM
+from cxrcam.cam.base import BaseCAM, Probe
 from cxrcam.errors import CxrcamError
 
 LIBRARY_METHODS = {
@@ -24,10 +24,11 @@ LIBRARY_METHODS = {
 
 
 class LibraryCAM(BaseCAM):
-    def __init__(self, model: nn.Module, method: str = "gradcam++", target_layer: str | None = None):
+    def __init__(self, model: nn.Module, method: str = "gradcam++", target_layer: str | None = None,
+                 info: Probe | None = None):
         if method not in LIBRARY_METHODS:
             raise CxrcamError(f"unknown CAM method {method!r}; choose one of {', '.join(LIBRARY_METHODS)}")
-        super().__init__(model, method, target_layer)
+        super().__init__(model, method, target_layer, info)
         self.engine = LIBRARY_METHODS[method](model=model, target_layers=[self.target_layer])
 
     def raw_maps(self, images: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,11 @@ def train_transforms(cfg: AugmentConfig) -> v2.Compose:
     return v2.Compose(steps)
 
 
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """A decoded H x W uint8 image -> the 1 x H x W float tensor in [0, 1] every model takes."""
+    return torch.from_numpy(image).unsqueeze(0).float().div_(255)
+
+
 class CacheDataset(Dataset):
     """Rows of a cache manifest -> (1 x S x S float tensor in [0, 1], targets, row index)."""
 
@@ -37,7 +42,7 @@ class CacheDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        x = torch.from_numpy(read_image(self.files[i]).image).unsqueeze(0).float().div_(255)
+        x = image_tensor(read_image(self.files[i]).image)
         if self.transform is not None:
             x = self.transform(x).clamp_(0, 1)
         return x, self.targets[i], i

@@ -40,3 +40,13 @@ def assign_folds(images: pd.DataFrame, schema: Schema, n_folds: int = 5, seed: i
             folds[pool[held]] = k
     out["fold"] = folds
     return out
+
+
+def train_val_rows(folds: np.ndarray, val_fold: int, where: object = "the cache") -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, validation) for holding out ``val_fold``; official test rows (-1) in neither."""
+    val = np.flatnonzero(folds == val_fold)
+    train = np.flatnonzero((folds != val_fold) & (folds != -1))
+    if len(val) == 0 or len(train) == 0:
+        raise CxrcamError(f"split.val_fold={val_fold} leaves {len(train)} training and {len(val)} validation "
+                          f"images in {where}; folds present: {sorted(set(folds.tolist()))}")
+    return train, val

@@ -32,16 +32,18 @@ def pseudo_boxes(classifier: str | Path, cache: Cache, config: Config, device: t
     rows = []
     loader = DataLoader(CacheDataset(cache), batch_size=config.cam.batch_size, num_workers=config.cam.workers)
     for x, _, idx in loader:
-        x = x.to(device)
-        size = tuple(x.shape[-2:])
-        for b, i in enumerate(idx.numpy()):
+        idx = idx.numpy()
+        cols = np.flatnonzero(labels[idx].any(0)).tolist()  # one CAM call per batch for its labelled classes
+        if not cols:
+            continue
+        maps, _ = cam.raw_maps(x.to(device), cols)
+        for b, i in enumerate(idx):
             classes = np.flatnonzero(labels[i]).tolist()
             if not classes:
                 continue
-            maps, _ = cam.raw_maps(x[b:b + 1], classes)
-            scaled = scale_cams(maps, size)[0].cpu().numpy()
+            scaled = scale_cams(maps[b, [cols.index(c) for c in classes]][None], tuple(x.shape[-2:]))[0].cpu().numpy()
             for k, c in enumerate(classes):
-                boxes, scores = cam_to_boxes(scaled[k], 1.0, box_cfg)
+                boxes, _ = cam_to_boxes(scaled[k], 1.0, box_cfg)
                 if len(boxes):
                     rows.append((cache.images.at[i, "image_id"], c, *boxes[0]))
     frame = pd.DataFrame(rows, columns=["image_id", "class_id", *CACHE_BOX_COLUMNS])

@@ -27,7 +27,7 @@ from cxrcam.evaluation.coco import coco_ap
 from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
 from cxrcam.evaluation.rsna import rsna_score
 from cxrcam.evaluation.weak import accuracy_table, random_control
-from cxrcam.io import atomic_write_bytes, atomic_write_text, write_csv, write_json
+from cxrcam.io import atomic_write_text, save_figure, write_csv, write_json
 from cxrcam.outputs.submission import read_submission
 from cxrcam.schemas import NIH, RSNA, Schema
 
@@ -69,9 +69,9 @@ def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTrut
         elif {"patientId", "Target"} <= columns:
             tables = rsna_from_table(table)
         elif "Finding Label" in columns or any(str(c).startswith("Bbox") for c in columns):
-            entry = pd.DataFrame({"Image Index": table.iloc[:, 0].astype(str).unique()})
-            entry["Finding Labels"] = [
-                "|".join(sorted(set(table.loc[table.iloc[:, 0] == i].iloc[:, 1].astype(str)))) for i in entry["Image Index"]]
+            labels = table.iloc[:, 1].astype(str).groupby(table.iloc[:, 0].astype(str), sort=False)
+            entry = labels.agg(lambda names: "|".join(sorted(set(names)))).rename("Finding Labels").reset_index()
+            entry.columns = ["Image Index", "Finding Labels"]
             entry["Patient ID"] = entry["Image Index"]
             tables = nih_from_tables(entry, table)
         else:
@@ -205,10 +205,10 @@ def markdown(metrics: dict) -> str:
     for name, ap in metrics["ap"].items():
         lines.append(f"| {name} | {metrics['n_truth'][name]} | {_fmt(ap)} | {_fmt(auroc.get(name))} |")
     if "localization" in metrics:
-        cols = ["iobb@0.1", "iobb@0.5", "iou@0.1", "iou@0.5", "pointing"]
+        cols = {"iobb@0.1": "T(IoBB)=0.1", "iobb@0.5": "T(IoBB)=0.5", "iou@0.1": "T(IoU)=0.1", "iou@0.5": "T(IoU)=0.5",
+                "pointing": "pointing"}
         lines += ["", "Weak localisation (ChestX-ray8 accuracy: share of truth boxes hit)", "",
-                  "| source | class | boxes | " + " | ".join(f"T({c.split('@')[0].upper().replace('IOBB', 'IoBB').replace('IOU', 'IoU')})={c.split('@')[1]}" if "@" in c else c for c in cols) + " |",
-                  "|---|---|---|" + "---|" * len(cols)]
+                  "| source | class | boxes | " + " | ".join(cols.values()) + " |", "|---|---|---|" + "---|" * len(cols)]
         for row in metrics["localization"]:
             lines.append(f"| {row['source']} | {row['class']} | {row['n_boxes']} | "
                          + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
@@ -217,8 +217,6 @@ def markdown(metrics: dict) -> str:
 
 def _plots(per_class: list[ClassAP], schema: Schema, out: Path) -> None:
     """ap_per_class.png (bar chart) and pr_curves.png (precision-recall per class)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +230,7 @@ def _plots(per_class: list[ClassAP], schema: Schema, out: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("AP")
     ax.set_title(f"AP per class (mAP {np.mean([r.ap for r in scored]) if scored else float('nan'):.3f})")
-    _save(fig, out / "ap_per_class.png", io, plt)
+    save_figure(fig, out / "ap_per_class.png", bbox_inches="tight")
 
     cols = 4
     rows = max(1, math.ceil(len(scored) / cols))
@@ -245,14 +243,7 @@ def _plots(per_class: list[ClassAP], schema: Schema, out: Path) -> None:
         ax.set(xlim=(0, 1), ylim=(0, 1.02), title=f"{schema.class_name(r.class_id)} AP {r.ap:.2f}",
                xlabel="recall", ylabel="precision")
     fig.tight_layout()
-    _save(fig, out / "pr_curves.png", io, plt)
-
-
-def _save(fig, path: Path, io, plt) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, out / "pr_curves.png", bbox_inches="tight")
 
 
 __all__ = ["evaluate", "read_ground_truth", "GroundTruth", "markdown"]

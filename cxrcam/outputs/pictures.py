@@ -77,8 +77,11 @@ def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Sc
     tbox, tcls = truth
     _draw(gt, tbox, [TRUTH_BGR] * len(tbox), [schema.class_name(int(c)) for c in tcls], thick)
 
-    heat = np.zeros(image.shape, np.float32) if cams is None or len(cams) == 0 else np.max(cams, axis=0)
-    mask = np.where(heat >= threshold, image, 0).astype(np.uint8) if cams is not None and len(cams) else np.zeros_like(image)
+    if cams is None or len(cams) == 0:
+        heat, mask = np.zeros(image.shape, np.float32), np.zeros_like(image)
+    else:
+        heat = np.max(cams, axis=0)
+        mask = np.where(heat >= threshold, image, 0).astype(np.uint8)
     pred = show_cam_on_image(grey.astype(np.float32) / 255, heat, use_rgb=False)
     _draw(pred, pbox, pred_colours, pred_labels, thick)
 

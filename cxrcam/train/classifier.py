@@ -8,7 +8,6 @@ DistributedDataParallel; rank 0 alone writes.
 """
 from __future__ import annotations
 
-import io
 import math
 import time
 from pathlib import Path
@@ -23,23 +22,14 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from cxrcam.config import Config, config_to_dict
-from cxrcam.data.cache import Cache, open_cache
+from cxrcam.data.cache import open_cache
 from cxrcam.data.dataset import CacheDataset, train_transforms
+from cxrcam.data.splits import train_val_rows
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.classification import auroc_per_class, mean_auroc
-from cxrcam.io import atomic_write_bytes, write_csv
+from cxrcam.io import save_checkpoint, save_figure, write_csv
 from cxrcam.models import create_classifier, load_classifier
 from cxrcam.train import dist
-
-
-def _split_rows(cache: Cache, val_fold: int) -> tuple[np.ndarray, np.ndarray]:
-    fold = cache.images["fold"].to_numpy()
-    val = np.flatnonzero(fold == val_fold)
-    train = np.flatnonzero((fold != val_fold) & (fold != -1))
-    if len(val) == 0 or len(train) == 0:
-        raise CxrcamError(f"split.val_fold={val_fold} leaves {len(train)} training and {len(val)} validation "
-                          f"images in {cache.root}; folds present: {sorted(set(fold.tolist()))}")
-    return train, val
 
 
 def _schedule(cfg, steps_per_epoch: int):
@@ -65,12 +55,6 @@ def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, nesterov=True)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _save(path: Path, obj: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 @torch.no_grad()
@@ -108,10 +92,7 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax2.plot(epochs, [h["val_mean_auroc"] for h in history], "o-", color="tab:green")
     ax2.set(xlabel="epoch", ylabel="mean AUROC", title="Validation AUROC", ylim=(0.4, 1.0))
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def train_classifier(config: Config, data: str | Path, out: str | Path, resume: bool = False,
@@ -128,7 +109,7 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
     # --- data
     cache = open_cache(data)
     classes = list(cache.schema.findings)
-    train_rows, val_rows = _split_rows(cache, config.split.val_fold)
+    train_rows, val_rows = train_val_rows(cache.images["fold"].to_numpy(), config.split.val_fold, cache.root)
     train_set = CacheDataset(cache, train_rows, train_transforms(config.augment), soft=tcfg.soft_targets)
     val_set = CacheDataset(cache, val_rows)
     per_rank_batch = max(1, tcfg.batch_size // info.world_size)
@@ -155,12 +136,7 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
     drop_last = len(sampler) > per_rank_batch
     steps_per_epoch = max(1, len(sampler) // per_rank_batch if drop_last else math.ceil(len(sampler) / per_rank_batch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(tcfg, steps_per_epoch))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.amp)
-    use_amp = cuda and amp_dtype is not None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    def autocast():
-        return torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp)
+    autocast, scaler = dist.mixed_precision(tcfg.amp, info.device)
 
     # --- resume
     start_epoch, best, history = 0, -math.inf, []
@@ -242,8 +218,8 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
             best = score if improved else best
             state = {**meta, "model": raw_model.state_dict(), "metrics": metrics, "epoch": epoch}
             if improved:
-                _save(out / "best.pt", state)
-            _save(out / "last.pt", {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                save_checkpoint(out / "best.pt", state)
+            save_checkpoint(out / "last.pt", {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                     "scaler": scaler.state_dict(), "best": best, "history": history,
                                     "rng": torch.get_rng_state()})
             write_csv(out / "metrics.csv", pd.DataFrame(history))

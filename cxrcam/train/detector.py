@@ -22,15 +22,16 @@ from tqdm import tqdm
 from cxrcam.boxes import scale_boxes
 from cxrcam.config import Config, config_to_dict
 from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache, open_cache
+from cxrcam.data.dataset import image_tensor
 from cxrcam.data.images import read_image
+from cxrcam.data.splits import train_val_rows
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS
 from cxrcam.detection.model import create_detector, to_detector_input
 from cxrcam.detection.pseudo import pseudo_boxes
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import voc_map
-from cxrcam.io import write_csv
+from cxrcam.io import save_checkpoint, write_csv
 from cxrcam.train import dist
-from cxrcam.train.classifier import _save, _split_rows
 
 
 class DetectionDataset(Dataset):
@@ -52,8 +53,7 @@ class DetectionDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        x = torch.from_numpy(read_image(self.root / self.images.at[i, "file"]).image).unsqueeze(0).float().div_(255)
-        return x, self.targets[i], i
+        return image_tensor(read_image(self.root / self.images.at[i, "file"]).image), self.targets[i], i
 
 
 def _collate(batch):
@@ -88,7 +88,7 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
         truth, source = pseudo_boxes(dcfg.pseudo_from, cache, config, info.device), "cam pseudo-boxes"
     elif truth.empty:
         raise CxrcamError(f"{data} has no boxes: set detector.pseudo_from to a classifier checkpoint")
-    train_rows, val_rows = _split_rows(cache, config.split.val_fold)
+    train_rows, val_rows = train_val_rows(cache.images["fold"].to_numpy(), config.split.val_fold, cache.root)
     train_set = DetectionDataset(cache, train_rows, truth)
     val_set = DetectionDataset(cache, val_rows, truth)
     per_rank_batch = max(1, dcfg.batch_size // info.world_size)
@@ -111,9 +111,7 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
         return warm * dcfg.gamma ** ((step // steps_per_epoch) // max(1, dcfg.step_size))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dcfg.amp)
-    use_amp = cuda and amp_dtype is not None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    autocast, scaler = dist.mixed_precision(dcfg.amp, info.device)
 
     start_epoch, best, history = 0, -math.inf, []
     if resume:
@@ -145,7 +143,7 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
         for x, targets, _ in bar:
             images = to_detector_input(torch.stack(x).to(info.device))
             targets = [{k: v.to(info.device) for k, v in t.items()} for t in targets]
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
+            with autocast():
                 losses = model(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
@@ -173,8 +171,8 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
             best = val_map if improved else best
             state = {**meta, "model": raw_model.state_dict(), "metrics": metrics, "epoch": epoch}
             if improved or epoch == 0:
-                _save(out / "best.pt", state)
-            _save(out / "last.pt", {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                save_checkpoint(out / "best.pt", state)
+            save_checkpoint(out / "last.pt", {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                     "scaler": scaler.state_dict(), "best": best, "history": history})
             write_csv(out / "metrics.csv", pd.DataFrame(history))
             tqdm.write(f"detector epoch {epoch + 1}/{dcfg.epochs}: loss {sum(totals.values()) / max(1, len(loader)):.3f}"

@@ -1,4 +1,4 @@
-"""Distributed helpers: the same command runs alone or under ``torchrun``.
+"""Distributed and device helpers: the same command runs alone or under ``torchrun``.
 
 Under torchrun (``WORLD_SIZE`` > 1) the process group starts with NCCL on GPUs and gloo on
 CPUs; each rank trains on its shard with DistributedDataParallel and only rank 0 writes.
@@ -40,6 +40,15 @@ def setup() -> DistInfo:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistInfo(rank, world, local, device)
+
+
+def mixed_precision(amp: str, device: torch.device):
+    """(autocast factory, GradScaler) for ``amp`` none/bf16/fp16: active on CUDA only (CPU runs
+    fp32); the scaler only scales for fp16."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    enabled = device.type == "cuda" and dtype is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16)
+    return (lambda: torch.autocast("cuda", dtype=dtype, enabled=enabled)), scaler
 
 
 def cleanup() -> None:
