@@ -144,31 +144,30 @@ def train_detector(data: Path, out: Path, resume: bool, config: Config) -> None:
         click.echo(f"done: epoch {metrics['epoch']}, validation mAP@{config.eval.iou_thr} {metrics['val_map']:.3f} -> {out}")
 
 
-@main.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Classifier best.pt/last.pt.")
-@click.option("--data", type=click.Path(path_type=Path), required=True,
-              help="A `cxrcam prepare` cache, a dataset folder as released, or any folder of DICOM/PNG/JPEG.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Heat map threshold [config: boxes.threshold, 0.65].")
-@click.option("--method", help="CAM method: gradcam++, gradcam, xgradcam, eigencam, layercam, scorecam, ... "
-                               "[config: cam.method, gradcam++].")
-@click.option("--dataset", type=click.Choice(["vinbig", "nih", "rsna", "images"]),
-              help="Layout of a --data folder; default: recognised by its label table, else plain images.")
-@click.option("--classes", help="Comma-separated class names or ids to localise and draw (default: the predicted).")
-@click.option("--no-images", is_flag=True, help="Skip the per-image pictures (faster).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch [config: cam.batch_size, 16].")
-@config_options
-def localize(checkpoint: Path, data: Path, out: Path, threshold: float | None, method: str | None,
-             dataset: str | None, classes: str | None, no_images: bool, batch_size: int | None, config: Config) -> None:
-    """Turn a classifier's heat maps into boxes, pictures, bb_results.csv and submission.csv.
+def localize_options(func):
+    """The input, output and heat map options localize and refine share."""
+    options = [
+        click.option("--data", type=click.Path(path_type=Path), required=True,
+                     help="A `cxrcam prepare` cache, a dataset folder as released, or any folder of DICOM/PNG/JPEG."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."),
+        click.option("--threshold", type=click.FloatRange(0, 1),
+                     help="Heat map threshold [config: boxes.threshold, 0.65]."),
+        click.option("--method", help="CAM method: gradcam++, gradcam, xgradcam, eigencam, layercam, scorecam, ... "
+                                      "[config: cam.method, gradcam++]."),
+        click.option("--dataset", type=click.Choice(["vinbig", "nih", "rsna", "images"]),
+                     help="Layout of a --data folder; default: recognised by its label table, else plain images."),
+        click.option("--classes", help="Comma-separated class names or ids to localise and draw (default: the predicted)."),
+        click.option("--no-images", is_flag=True, help="Skip the per-image pictures (faster)."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch [config: cam.batch_size, 16]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return config_options(func)
 
-    \b
-    Writes to --out: original_/gtimage_/mask_/pred_<id>.png per image, bb_results.csv (each truth
-    box with its best predicted box, IoU, IoBB, hit), submission.csv (VinBigData format, original
-    pixels, "14 p_normal 0 0 1 1" appended), probabilities.csv, failures.csv.
-    cxrcam localize --checkpoint runs/r50/best.pt --data cache/ --out loc/ --threshold 0.65
-    torchrun --nproc_per_node 4 -m cxrcam localize ...   (rank 0 merges one submission.csv)
-    """
+
+def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, threshold: float | None,
+              method: str | None, dataset: str | None, classes: str | None, no_images: bool, batch_size: int | None,
+              config: Config) -> None:
     from cxrcam.localize import localize as run
 
     if threshold is not None:
@@ -178,17 +177,54 @@ def localize(checkpoint: Path, data: Path, out: Path, threshold: float | None, m
     if batch_size is not None:
         config.cam.batch_size = batch_size
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    summary = run(checkpoint, data, out, config, dataset=dataset, classes=names, pictures=not no_images)
+    summary = run(checkpoint, data, out, config, dataset=dataset, classes=names, pictures=not no_images,
+                  detector=detector)
     if summary is None:
         return
-    click.echo(f"localized {summary.images} images ({summary.failed} failed) -> {summary.boxes} boxes "
-               f"in {summary.seconds:.1f}s")
+    click.echo(f"{'refined' if detector else 'localized'} {summary.images} images ({summary.failed} failed) "
+               f"-> {summary.boxes} boxes in {summary.seconds:.1f}s")
     if summary.truth_boxes:
         click.echo(f"truth boxes: {summary.truth_boxes}, mean IoU of the best prediction {summary.mean_iou:.3f}, "
                    f"hit (IoU > {config.eval.iou_thr}) {summary.hit_rate:.1%}")
     if summary.failed:
         click.echo(f"unreadable images listed in {out / 'failures.csv'}", err=True)
     click.echo(f"  submission: {out / 'submission.csv'}\n  boxes:      {out / 'bb_results.csv'}")
+    if detector:
+        click.echo(f"  CAM boxes:  {out / 'cam_submission.csv'}")
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Classifier best.pt/last.pt.")
+@localize_options
+def localize(checkpoint: Path, **kwargs) -> None:
+    """Turn a classifier's heat maps into boxes, pictures, bb_results.csv and submission.csv.
+
+    \b
+    Writes to --out: original_/gtimage_/mask_/pred_<id>.png per image, bb_results.csv (each truth
+    box with its best predicted box, IoU, IoBB, hit), submission.csv (VinBigData format, original
+    pixels, "14 p_normal 0 0 1 1" appended), probabilities.csv, failures.csv.
+    cxrcam localize --checkpoint runs/r50/best.pt --data cache/ --out loc/ --threshold 0.65
+    torchrun --nproc_per_node 4 -m cxrcam localize ...   (rank 0 merges one submission.csv)
+    """
+    _localize(checkpoint, None, **kwargs)
+
+
+@main.command()
+@click.option("--classifier", type=click.Path(path_type=Path), required=True, help="Classifier best.pt/last.pt.")
+@click.option("--detector", type=click.Path(path_type=Path), required=True, help="`train-detector` best.pt/last.pt.")
+@localize_options
+def refine(classifier: Path, detector: Path, **kwargs) -> None:
+    """Refine the CAM boxes with a Faster R-CNN: localize's outputs, with detections in submission.csv.
+
+    \b
+    The CAM boxes join the RPN's proposals in the detector's RoI heads, which classify and regress
+    them; scores are multiplied by the classifier's probabilities (refine.gate), merged per class
+    (refine.fusion nms|wbf) and the refine.top_k best kept. Writes what localize writes, with
+    submission.csv and bb_results.csv from the refined boxes and cam_submission.csv from the CAM
+    boxes; pred_ pictures show both. refine.cam_proposals=false refine.gate=none is the plain detector.
+    cxrcam refine --classifier runs/clf/best.pt --detector runs/det/best.pt --data cache/ --out refined/
+    """
+    _localize(classifier, detector, **kwargs)
 
 
 @main.command()
@@ -233,23 +269,52 @@ def evaluate(pred: Path, gt: Path, fmt: str, json_path: Path | None, out: Path |
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True)
-@click.option("--n-images", type=click.IntRange(min=10), default=200, show_default=True)
-@click.option("--size", type=click.IntRange(min=64), default=256, show_default=True, help="Cached image side.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def demo(out: Path, n_images: int, size: int, seed: int) -> None:
-    """Run the pipeline end to end on built-in synthetic data (offline, CPU)."""
-    from cxrcam.data.cache import open_cache
-    from cxrcam.data.cache import prepare as run_prepare
-    from cxrcam.data.synth import synthesize
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to report on: a demo/bench folder, or any folder holding caches, runs, localize/evaluate outputs.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="HTML file to write.")
+@click.option("--embed", is_flag=True, help="Embed the gallery pictures too (one file to send; larger).")
+@click.option("--max-pictures", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Gallery images per localize/refine folder (images with truth boxes first).")
+def report(run_dir: Path, out: Path, embed: bool, max_pictures: int) -> None:
+    """One HTML page of a run: dataset overview, training curves, per-class metrics, PR curves and a
+    gallery of gtimage_/pred_ pictures filtered by class and hit/miss.
 
-    click.echo(f"[1/2] synth: {n_images} VinBigData-layout chest phantoms -> {out / 'data'}")
-    synthesize("vinbig", out / "data", n_images, seed=seed, size=int(size * 1.5))
-    click.echo(f"[2/2] prepare: decode and cache at {size} px -> {out / 'cache'}")
-    config = load_config(overrides=[f"prepare.size={size}"])
-    result = run_prepare("vinbig", out / "data", out / "cache", config)
-    cache = open_cache(out / "cache")
-    abnormal = int((cache.images.filter(like="y_").sum(axis=1) > 0).sum())
-    click.echo(f"\ncache: {len(cache.images)} images ({abnormal} with findings), {len(cache.boxes)} fused boxes, "
-               f"{result.failed} failures, {result.seconds:.1f}s")
-    click.echo(f"  manifest: {out / 'cache' / 'manifest.csv'}\n  boxes:    {out / 'cache' / 'boxes.csv'}")
+    \b
+    cxrcam report --run demo --out demo/report.html
+    """
+    from cxrcam.outputs.report import write_report
+
+    path = write_report(run_dir, out, embed, max_pictures)
+    click.echo(f"report -> {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True)
+@click.option("--n-images", type=click.IntRange(min=20), default=200, show_default=True,
+              help="Synthetic training images; the held-out test set has half as many.")
+@click.option("--size", type=click.IntRange(min=64), default=96, show_default=True, help="Cached image side.")
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True, help="Classifier epochs.")
+@click.option("--detector-epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--model", default="resnet10t", show_default=True, help="timm name of the classifier and detector backbone.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.argument("overrides", nargs=-1)
+def demo(out: Path, n_images: int, size: int, epochs: int, detector_epochs: int, model: str, seed: int,
+         overrides: tuple[str, ...]) -> None:
+    """Run the whole pipeline on built-in synthetic data (offline; a few minutes on a CPU).
+
+    \b
+    Every stage is the real command, printed before it runs: synth (train + held-out test set),
+    prepare, train-classifier, localize --threshold 0.65, train-detector (from the classifier),
+    refine, evaluate. Ends with one table (classifier AUROC, CAM-only and refined mAP@0.4,
+    localisation accuracy) and where the pictures and submission.csv are. Larger on a GPU:
+    cxrcam demo --out demo512 --size 512 --n-images 2000 --epochs 20 --detector-epochs 12 --model resnet50
+    """
+    from cxrcam.pipeline import PipelineSettings, run_pipeline, summary_table
+
+    summary = run_pipeline(PipelineSettings(out, n_images, size, epochs, detector_epochs, seed, model,
+                                            overrides=list(overrides)))
+    click.echo(f"\ndemo finished in {summary['seconds'] / 60:.1f} min; test set held out from training\n")
+    click.echo(summary_table(summary))
+    click.echo("")
+    for name, path in summary["paths"].items():
+        click.echo(f"  {name + ':':<18} {path}")

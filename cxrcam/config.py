@@ -130,6 +130,17 @@ class DetectorConfig:
 
 
 @dataclass
+class RefineConfig:
+    """refine: the detector's RoI heads re-score CAM boxes next to the RPN's proposals."""
+
+    cam_proposals: bool = True  # add the CAM boxes to the RPN proposals (false: the plain detector)
+    gate: Literal["product", "none"] = "product"  # product: detector score x classifier probability
+    fusion: Literal["nms", "wbf"] = "nms"  # how overlapping boxes of one class merge
+    iou: float = 0.5  # NMS / WBF IoU
+    top_k: int = 5  # boxes kept per class and image (0 = all)
+
+
+@dataclass
 class EvalConfig:
     iou_thr: float = 0.4  # a hit needs IoU strictly above this (VinBigData: 0.4)
 
@@ -145,6 +156,7 @@ class Config:
     cam: CamConfig = field(default_factory=CamConfig)
     boxes: BoxConfig = field(default_factory=BoxConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

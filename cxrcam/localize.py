@@ -7,6 +7,10 @@ classes into boxes in original pixels, draw the pictures in a background thread,
 the tables at the end. Under torchrun each rank takes every world_size-th image and rank 0
 merges the parts. An unreadable image is listed in ``failures.csv`` and keeps an empty
 prediction in ``submission.csv``.
+
+``cxrcam refine`` is this same loop with one more step per batch: the CAM boxes go to a
+Faster R-CNN's RoI heads as extra proposals (:mod:`cxrcam.detection.refine`), and its
+detections replace them in ``submission.csv`` (the CAM boxes go to ``cam_submission.csv``).
 """
 from __future__ import annotations
 
@@ -128,9 +132,12 @@ def _parse_classes(classes: list[str] | None, schema: Schema) -> list[int] | Non
 
 def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: Config = Config(),
              dataset: str | None = None, classes: list[str] | None = None, pictures: bool = True,
-             progress: bool = True) -> LocalizeSummary | None:
+             progress: bool = True, detector: str | Path | None = None) -> LocalizeSummary | None:
     """Localise every image of ``data`` with the classifier ``checkpoint``; outputs in ``out``.
-    Returns the summary on rank 0 (None on other ranks)."""
+
+    ``detector``: a ``train-detector`` checkpoint that refines the CAM boxes (``cxrcam refine``,
+    see :mod:`cxrcam.detection.refine`); ``submission.csv`` then holds the refined detections and
+    ``cam_submission.csv`` the CAM boxes. Returns the summary on rank 0 (None on other ranks)."""
     start = time.perf_counter()
     out = Path(out)
     info = dist.setup()
@@ -142,6 +149,13 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     shown_classes = _parse_classes(classes, schema)
     bcfg = config.boxes
     cam = create_cam(model, config.cam.method, config.cam.target_layer or None)
+    refiner = None
+    if detector is not None:
+        from cxrcam.detection.refine import Refiner
+
+        refiner = Refiner(detector, config.refine, info.device)
+        if refiner.ckpt["schema"] != schema.name:
+            raise CxrcamError(f"{detector} detects {refiner.ckpt['schema']} classes; {checkpoint} predicts {schema.name}")
     all_classes = list(range(schema.num_findings))
     truth_by_image = {k: (g[BOX_COLUMNS].to_numpy(np.float64), g["class_id"].to_numpy())
                       for k, g in source.truth.groupby("image_id")}
@@ -152,10 +166,10 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     known_hw = shard[["height", "width"]].to_numpy(np.float64)
     loader = DataLoader(_Images(list(shard["path"]), size), batch_size=config.cam.batch_size,
                         num_workers=config.cam.workers, persistent_workers=False)
-    detections, probs_rows, peaks, failures = [], [], [], []
+    detections, cam_detections, probs_rows, peaks, failures = [], [], [], [], []
     painter = ThreadPoolExecutor(2) if pictures else None
     pending: deque = deque()
-    bar = tqdm(total=len(shard), desc=f"localize {config.cam.method}", unit="img", disable=not (progress and info.is_main))
+    bar = tqdm(total=len(shard), desc=("refine " if refiner else "localize ") + config.cam.method, unit="img", disable=not (progress and info.is_main))
     for x, idx, heights, widths, errors in loader:
         good = [k for k, e in enumerate(errors) if not e]
         failures += [(shard.at[int(idx[k]), "image_id"], shard.at[int(idx[k]), "path"], errors[k])
@@ -177,32 +191,36 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
         if not isinstance(cam, FastCAM):  # one backward per class: only the classes some image needs
             cols = sorted({c for _, _, need in plans for c in need})
             maps, _ = cam.raw_maps(x, cols)
+        cam_preds, views = [], []  # per image: CAM boxes (input pixels); (scale, maps, shown) for the pictures
         for b, (i, image_id, p, (predicted, shown, need)) in enumerate(zip(idx, ids, probs, plans)):
             h, w = known_hw[i] if np.isfinite(known_hw[i]).all() else (float(heights[good[b]]), float(widths[good[b]]))
             sx, sy = size / w, size / h  # input pixels per original pixel
             probs_rows.append((image_id, *p))
-            if not need:
-                continue
-            scaled = scale_cams(maps[b, [cols.index(c) for c in need]][None], (size, size))[0].cpu().numpy()
-            frame_boxes, frame_cls, frame_scores = [], [], []
+            scaled = scale_cams(maps[b, [cols.index(c) for c in need]][None], (size, size))[0].cpu().numpy() \
+                if need else np.zeros((0, size, size), np.float32)
+            boxes, classes, scores = [np.zeros((0, 4))], [np.zeros(0, np.int64)], [np.zeros(0)]
             for c in predicted:
-                boxes, scores = cam_to_boxes(scaled[need.index(c)], float(p[c]), bcfg)
-                frame_boxes.append(boxes)
-                frame_scores.append(scores)
-                frame_cls += [c] * len(boxes)
-                for box, s in zip(scale_boxes(boxes, 1 / sx, 1 / sy), scores):
-                    detections.append((image_id, c, float(s), *box))
-            truth_boxes, truth_cls = truth_by_image.get(image_id, (np.zeros((0, 4)), np.zeros(0, int)))
-            for c in sorted(set(truth_cls.tolist())):
+                bx, sc = cam_to_boxes(scaled[need.index(c)], float(p[c]), bcfg)
+                boxes.append(bx)
+                scores.append(sc)
+                classes.append(np.full(len(bx), c))
+            cam_preds.append((np.concatenate(boxes), np.concatenate(classes).astype(np.int64), np.concatenate(scores)))
+            for c in sorted(set(truth_by_image.get(image_id, (None, np.zeros(0, int)))[1].tolist())):
                 px, py = cam_peak(scaled[need.index(c)])
                 peaks.append((image_id, int(c), px / sx, py / sy))
+            views.append((sx, sy, scaled, need, shown))
+        final = refiner(x, [boxes for boxes, _, _ in cam_preds], probs) if refiner else cam_preds
+        for b, (image_id, cam_pred, pred, (sx, sy, scaled, need, shown)) in enumerate(zip(ids, cam_preds, final, views)):
+            detections += _rows(image_id, pred, sx, sy)
+            if refiner:
+                cam_detections += _rows(image_id, cam_pred, sx, sy)
             if painter is not None:
+                truth_boxes, truth_cls = truth_by_image.get(image_id, (np.zeros((0, 4)), np.zeros(0, int)))
                 picture = np.round(x[b, 0].cpu().numpy() * 255).astype(np.uint8)
-                preds = (np.concatenate(frame_boxes) if frame_boxes else np.zeros((0, 4)), np.array(frame_cls),
-                         np.concatenate(frame_scores) if frame_scores else np.zeros(0))
                 pending.append(painter.submit(
                     write_pictures, out, image_id, picture, schema, (scale_boxes(truth_boxes, sx, sy), truth_cls),
-                    preds, scaled[[need.index(c) for c in shown]], bcfg.threshold))
+                    pred, scaled[[need.index(c) for c in shown]], bcfg.threshold,
+                    cam_pred[:2] if refiner else None))
                 while len(pending) > 64:  # bounded: memory stays constant
                     pending.popleft().result()
     bar.close()
@@ -212,6 +230,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
         painter.shutdown()
 
     parts = {"detections": pd.DataFrame(detections, columns=DETECTION_COLUMNS),
+             "cam_detections": pd.DataFrame(cam_detections, columns=DETECTION_COLUMNS),
              "probabilities": pd.DataFrame(probs_rows, columns=["image_id", *schema.findings]),
              "peaks": pd.DataFrame(peaks, columns=["image_id", "class_id", "peak_x", "peak_y"]),
              "failures": pd.DataFrame(failures, columns=["image_id", "path", "reason"])}
@@ -219,11 +238,18 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     if parts is None:
         dist.cleanup()
         return None
-    summary = _write_outputs(parts, source, schema, config, out, start)
-    write_json(out / "localize.json", {"checkpoint": str(checkpoint), "data": str(data), "classes": classes,
+    summary = _write_outputs(parts, source, schema, config, out, start, refined=refiner is not None)
+    write_json(out / "localize.json", {"checkpoint": str(checkpoint), "detector": detector and str(detector),
+                                       "data": str(data), "classes": classes,
                                        "pictures": pictures, "config": config_to_dict(config)})
     dist.cleanup()
     return summary
+
+
+def _rows(image_id: str, pred: tuple[np.ndarray, np.ndarray, np.ndarray], sx: float, sy: float) -> list[tuple]:
+    """DETECTION_COLUMNS rows of one image's (boxes in input pixels, classes, scores), in original pixels."""
+    boxes, classes, scores = pred
+    return [(image_id, int(c), float(s), *box) for box, c, s in zip(scale_boxes(boxes, 1 / sx, 1 / sy), classes, scores)]
 
 
 def _plan(p: np.ndarray, image_id: str, truth_by_image: dict, shown_classes: list[int] | None,
@@ -256,7 +282,7 @@ def _merge_ranks(parts: dict[str, pd.DataFrame], out: Path, info: dist.DistInfo)
 
 
 def _write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schema, config: Config, out: Path,
-                   start: float) -> LocalizeSummary:
+                   start: float, refined: bool) -> LocalizeSummary:
     order = {image_id: k for k, image_id in enumerate(source.images["image_id"])}
     probs = parts["probabilities"].sort_values("image_id", key=lambda s: s.map(order), kind="stable")
     detections = parts["detections"].sort_values(["image_id", "class_id", "score"], ascending=[True, True, False])
@@ -266,6 +292,8 @@ def _write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schem
                        index=probs["image_id"].to_numpy())
     image_ids = list(source.images["image_id"]) + [i for i, _, _ in source.failures if i not in order]
     write_submission(out / "submission.csv", image_ids, detections, normal, schema.no_finding_id)
+    if refined:
+        write_submission(out / "cam_submission.csv", image_ids, parts["cam_detections"], normal, schema.no_finding_id)
     write_csv(out / "probabilities.csv", probs.reset_index(drop=True))
     write_csv(out / "failures.csv", failures)
     results = match_boxes(source.truth, detections, schema, config.eval.iou_thr, parts["peaks"])

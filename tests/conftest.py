@@ -62,3 +62,20 @@ def nih_model(tmp_path_factory) -> tuple[Path, Path]:
     """(cache, best.pt): an NIH-schema classifier (test_resnet, 64 px), for the real NIH images."""
     return _trained(tmp_path_factory.mktemp("nih_model"), "nih", 60, 64, "model.name=test_resnet", "train.epochs=2",
                     "train.batch_size=16")
+
+
+DETECTOR = ["detector.backbone=resnet10t", "detector.epochs=2", "detector.batch_size=8", "detector.workers=0",
+            "detector.warmup_iters=5", "detector.rois_per_image=64"]
+
+
+@pytest.fixture(scope="session")
+def vinbig_detector(vinbig_model, tmp_path_factory) -> Path:
+    """A run folder of `cxrcam train-detector` (resnet10t, 2 epochs) on vinbig_model's cache."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("vinbig_detector") / "det"
+    result = subprocess.run([sys.executable, "-m", "cxrcam", "train-detector", "--data", str(vinbig_model[0]),
+                             "--out", str(out), *DETECTOR], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -2,13 +2,18 @@
 boxes and on CAM pseudo-boxes."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from conftest import DETECTOR
 from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache
 from cxrcam.detection import create_detector, load_detector, to_detector_input
@@ -46,23 +51,77 @@ def test_timm_backbone_detects_in_the_input_frame():
     assert (out[0]["boxes"] <= 96).all() and (out[0]["labels"] >= 1).all() and (out[0]["labels"] <= 3).all()
 
 
-def detector_config(*extra):
-    return ["detector.backbone=resnet10t", "detector.epochs=2", "detector.batch_size=8", "detector.workers=0",
-            "detector.warmup_iters=5", "detector.rois_per_image=64", *extra]
+def cxrcam(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_train_on_truth_boxes(vinbig_model, tmp_path):
-    cache, _ = vinbig_model
-    result = subprocess.run([sys.executable, "-m", "cxrcam", "train-detector", "--data", str(cache), "--out",
-                             str(tmp_path / "det"), *detector_config()], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr
-    metrics = pd.read_csv(tmp_path / "det" / "metrics.csv")
+def test_train_on_truth_boxes(vinbig_model, vinbig_detector):
+    metrics = pd.read_csv(vinbig_detector / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2] and metrics["val_map"].between(0, 1).all()
     assert metrics["loss_classifier"].iloc[1] < metrics["loss_classifier"].iloc[0]  # it learns
-    model, ckpt = load_detector(tmp_path / "det" / "last.pt")
+    model, ckpt = load_detector(vinbig_detector / "last.pt")
     assert ckpt["truth"] == "truth" and ckpt["input_size"] == 64 and len(ckpt["classes"]) == 14
     with pytest.raises(CxrcamError, match="not a cxrcam detector checkpoint"):
         load_detector(vinbig_model[1])
+
+
+def test_killed_mid_epoch_resumes_exactly(vinbig_model, vinbig_detector, tmp_path):
+    """Kill a real run during epoch 2; --resume ends with the weights of the uninterrupted
+    2-epoch run (the RPN/RoI samplers' random state is in last.pt)."""
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "cxrcam", "train-detector", "--data", str(vinbig_model[0]), "--out", str(run),
+           *DETECTOR]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (run / "metrics.csv").exists():
+        time.sleep(0.02)
+    time.sleep(1.0)  # inside epoch 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(pd.read_csv(run / "metrics.csv")) == 1, "the kill should land in epoch 2"
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(vinbig_detector / "last.pt", weights_only=True)
+    b = torch.load(run / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-5), key
+    straight, again = (pd.read_csv(r / "metrics.csv") for r in (vinbig_detector, run))
+    assert np.allclose(straight["loss_classifier"], again["loss_classifier"], atol=1e-5)
+    wrong = cxrcam("train-detector", "--data", str(vinbig_model[0]), "--out", str(run), *DETECTOR,
+                   "detector.backbone=test_resnet", "--resume")
+    assert wrong.returncode != 0 and "the config asks for test_resnet" in wrong.stderr
+
+
+def test_torchrun_trains_with_two_processes(vinbig_model, tmp_path):
+    """2 gloo processes: each takes half of every global batch, rank 0 alone validates and writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29541", "-m", "cxrcam", "train-detector", "--data", str(vinbig_model[0]),
+                          "--out", str(tmp_path / "ddp"), *DETECTOR, "detector.epochs=1"],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = pd.read_csv(tmp_path / "ddp" / "metrics.csv")
+    assert list(metrics["epoch"]) == [1] and np.isfinite(metrics["loss_box_reg"]).all()
+    assert 0 <= metrics["val_map"].iloc[0] <= 1
+    model, _ = load_detector(tmp_path / "ddp" / "best.pt")  # strict load: the unwrapped model was saved
+    with torch.no_grad():
+        found = model(to_detector_input(torch.rand(1, 1, 64, 64)))
+    assert found[0]["boxes"].shape[-1] == 4
+
+
+def test_train_on_cam_pseudo_boxes(nih_model, tmp_path):
+    """NIH has no boxes: detector.pseudo_from trains on the classifier's CAM boxes."""
+    cache, ckpt = nih_model
+    no_pseudo = cxrcam("train-detector", "--data", str(cache), "--out", str(tmp_path / "none"), *DETECTOR)
+    assert no_pseudo.returncode != 0 and "set detector.pseudo_from" in no_pseudo.stderr
+    result = cxrcam("train-detector", "--data", str(cache), "--out", str(tmp_path / "det"), *DETECTOR,
+                    f"detector.pseudo_from={ckpt}", "cam.workers=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = pd.read_csv(tmp_path / "det" / "metrics.csv")
+    assert metrics["loss_classifier"].iloc[1] < metrics["loss_classifier"].iloc[0]
+    _, det = load_detector(tmp_path / "det" / "last.pt")
+    assert det["truth"] == "cam pseudo-boxes" and det["schema"] == "nih"
 
 
 def test_cam_pseudo_boxes_cover_every_labelled_class(nih_model):

@@ -5,7 +5,8 @@
   boxes in yellow on top (so the truth is never hidden);
 * ``mask_<name>.png``      the image where any shown class's map is >= the threshold, black elsewhere;
 * ``pred_<name>.png``      the heat map (pixel-wise max over the shown classes) over the image
-  (pytorch-grad-cam's ``show_cam_on_image``), with the predicted boxes.
+  (pytorch-grad-cam's ``show_cam_on_image``), with the predicted boxes; after ``refine``,
+  with the CAM boxes (thin, "CAM" labels) under the refined ones.
 
 ``<name>`` is the image id without an image file extension.
 """
@@ -60,11 +61,13 @@ def _png(path: Path, image: np.ndarray) -> None:
 
 def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Schema,
                    truth: tuple[np.ndarray, np.ndarray], preds: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   cams: np.ndarray | None, threshold: float) -> dict[str, Path]:
+                   cams: np.ndarray | None, threshold: float,
+                   cam_boxes: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Path]:
     """Write the four pictures of one image.
 
     image: H x W uint8; truth: (boxes N x 4, class ids); preds: (boxes, class ids, scores), all
-    boxes in the image's pixels; cams: K x H x W maps of the shown classes (None or K = 0: no map)."""
+    boxes in the image's pixels; cams: K x H x W maps of the shown classes (None or K = 0: no map);
+    cam_boxes: (boxes, class ids) the CAM proposed, when ``preds`` are refined detections."""
     paths = picture_paths(out, image_id)
     grey = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     thick = max(1, round(max(image.shape) / 400))
@@ -83,6 +86,10 @@ def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Sc
         heat = np.max(cams, axis=0)
         mask = np.where(heat >= threshold, image, 0).astype(np.uint8)
     pred = show_cam_on_image(grey.astype(np.float32) / 255, heat, use_rgb=False)
+    if cam_boxes is not None:
+        cbox, ccls = cam_boxes
+        _draw(pred, cbox, [_bgr(schema.colour(int(c))) for c in ccls],
+              [f"CAM {schema.class_name(int(c))}" for c in ccls], 1)
     _draw(pred, pbox, pred_colours, pred_labels, thick)
 
     for kind, picture in zip(KINDS, (image, gt, mask, pred)):

@@ -119,11 +119,14 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
         if not path.is_file():
             raise CxrcamError(f"nothing to resume: {path} not found")
         ckpt = torch.load(path, map_location=info.device, weights_only=True)
+        if ckpt["backbone"] != dcfg.backbone:
+            raise CxrcamError(f"{path} trained a {ckpt['backbone']} detector, the config asks for {dcfg.backbone}")
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"].cpu())  # the RPN and RoI samplers draw from it
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     meta = {"kind": "detector", "backbone": dcfg.backbone, "classes": classes, "schema": cache.schema.name,
@@ -173,7 +176,8 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
             if improved or epoch == 0:
                 save_checkpoint(out / "best.pt", state)
             save_checkpoint(out / "last.pt", {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "scaler": scaler.state_dict(), "best": best, "history": history})
+                                    "scaler": scaler.state_dict(), "best": best, "history": history,
+                                    "rng": torch.get_rng_state()})
             write_csv(out / "metrics.csv", pd.DataFrame(history))
             tqdm.write(f"detector epoch {epoch + 1}/{dcfg.epochs}: loss {sum(totals.values()) / max(1, len(loader)):.3f}"
                        f"  val mAP@{config.eval.iou_thr} {val_map:.3f}  {metrics['images_per_s']:.1f} img/s")

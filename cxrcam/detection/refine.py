@@ -1,0 +1,86 @@
+"""Refinement: the CAM boxes become extra Faster R-CNN proposals, and the classifier gates the result.
+
+torchvision's ``FasterRCNN.forward`` is transform -> backbone -> RPN -> RoI heads ->
+postprocess. ``Refiner`` runs those same steps and appends each image's CAM boxes to the
+RPN's proposals before the RoI heads, which classify and regress them like any other
+proposal. Each detection's score is then multiplied by the classifier's probability of its
+class (``refine.gate=product``): the classifier, trained on every image's labels, decides
+*whether* a finding is there, the detector *where*. Overlapping boxes of one class are merged
+by NMS (inside the RoI heads) or Weighted Boxes Fusion, and the ``top_k`` best per class stay.
+
+With ``cam_proposals=false`` and ``gate=none`` this is exactly the plain detector.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from ensemble_boxes import weighted_boxes_fusion
+
+from cxrcam.boxes import select_boxes
+from cxrcam.config import RefineConfig
+from cxrcam.detection.model import load_detector, to_detector_input
+
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes N x 4, class ids (0-based), scores
+
+
+class Refiner:
+    """A trained detector (``train-detector``) that re-scores CAM boxes, batch by batch."""
+
+    def __init__(self, checkpoint: str | Path, config: RefineConfig, device: torch.device):
+        self.model, self.ckpt = load_detector(checkpoint, device)
+        self.config = config
+        heads = self.model.roi_heads
+        if config.fusion == "wbf":  # WBF needs the overlapping boxes NMS would remove
+            heads.nms_thresh, heads.detections_per_img = 1.0, max(heads.detections_per_img, 300)
+        else:
+            heads.nms_thresh = config.iou
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, cam_boxes: list[np.ndarray], probs: np.ndarray) -> list[Detections]:
+        """x: B x 1 x S x S images in [0, 1]; cam_boxes: each image's CAM boxes (input pixels);
+        probs: B x C classifier probabilities. Detections come back in input pixels."""
+        model, cfg = self.model, self.config
+        images = to_detector_input(x)
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        if cfg.cam_proposals:
+            scale = batch.image_sizes[0][0] / x.shape[-2]  # the detector may run at another size
+            proposals = [torch.cat([p, torch.as_tensor(b * scale, dtype=p.dtype, device=p.device).reshape(-1, 4)])
+                         for p, b in zip(proposals, cam_boxes)]
+        found, _ = model.roi_heads(features, proposals, batch.image_sizes)
+        found = model.transform.postprocess(found, batch.image_sizes, original_sizes)
+        results = []
+        for d, p in zip(found, probs):
+            boxes = d["boxes"].float().cpu().numpy().astype(np.float64)
+            classes = d["labels"].cpu().numpy() - 1
+            scores = d["scores"].float().cpu().numpy().astype(np.float64)
+            if cfg.gate == "product":
+                scores = scores * p[classes]
+            results.append(merge(boxes, classes, scores, cfg, x.shape[-1]))
+        return results
+
+
+def merge(boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray, config: RefineConfig,
+          size: int) -> Detections:
+    """Per class: WBF (``fusion=wbf``; NMS already ran in the RoI heads otherwise), then top-k."""
+    out_b, out_c, out_s = [], [], []
+    for c in np.unique(classes):
+        b, s = boxes[classes == c], scores[classes == c]
+        if config.fusion == "wbf" and len(b) > 1:
+            b, s, _ = weighted_boxes_fusion([np.clip(b / size, 0, 1)], [s], [np.zeros(len(b))],
+                                            iou_thr=config.iou, skip_box_thr=0.0)
+            b = b * size
+        b, s = select_boxes(b, s, config.top_k)
+        out_b.append(b)
+        out_s.append(s)
+        out_c.append(np.full(len(b), c))
+    if not out_b:
+        return np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(out_b), np.concatenate(out_c).astype(np.int64), np.concatenate(out_s)
+
+
+__all__ = ["Refiner", "merge"]

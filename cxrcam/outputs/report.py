@@ -1,0 +1,297 @@
+"""``cxrcam report``: one HTML page of everything under a run folder, for a browser.
+
+It finds, anywhere under the folder: ``prepare`` caches (``cache.json``) -> a dataset overview
+(findings per class, box size per class as a share of the image, where each finding lies as a
+heat map over the mean chest); training runs (``metrics.csv`` next to ``last.pt``) -> curves;
+``evaluate`` outputs (``metrics.json``) -> per-class metrics and PR curves; ``localize`` /
+``refine`` folders (``localize.json``) -> a gallery of the ``gtimage_`` and ``pred_`` pictures,
+filtered in the page by class and by hit / miss (``bb_results.csv``). A ``#class=<id>&outcome=
+hit|miss`` address fragment sets the filters, so a filtered view can be shared.
+
+Plots are matplotlib PNGs embedded in the page; the gallery's pictures are linked relative to
+the page (``embed=True`` inlines them too, for a single file to mail).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrcam.errors import CxrcamError
+from cxrcam.io import atomic_write_text
+from cxrcam.outputs.pictures import picture_paths
+from cxrcam.schemas import Schema, get_schema
+
+
+def write_report(run: str | Path, out: str | Path, embed: bool = False, max_pictures: int = 300) -> Path:
+    """Write the report of everything under ``run`` to ``out`` (an .html file)."""
+    run, out = Path(run), Path(out)
+    if not run.is_dir():
+        raise CxrcamError(f"run folder not found: {run}")
+    caches = sorted(p.parent for p in run.rglob("cache.json"))
+    runs = sorted(p.parent for p in run.rglob("metrics.csv") if (p.parent / "last.pt").is_file())
+    evals = sorted(p for p in run.rglob("metrics.json") if "map" in _json(p) or "auroc" in _json(p))
+    predictions = sorted(p.parent for p in run.rglob("localize.json"))
+    if not (caches or runs or evals or predictions):
+        raise CxrcamError(f"nothing to report under {run}: no cache, training run, evaluate or localize output")
+    sections = [_section("Dataset overview", [_dataset(c, run) for c in caches[:3]]),
+                _section("Training", [_training(r, run) for r in runs]),
+                _section("Per-class metrics", [_evaluation(e, run) for e in evals]),
+                _section("Gallery", [_gallery(p, run, out.parent, embed, max_pictures) for p in predictions])]
+    page = PAGE.format(title=html.escape(f"cxrcam report: {run.resolve().name}"), body="\n".join(s for s in sections if s))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, page)
+    return out
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _section(title: str, parts: list[str]) -> str:
+    parts = [p for p in parts if p]
+    return f"<section><h2>{title}</h2>{''.join(parts)}</section>" if parts else ""
+
+
+def _figure(fig) -> str:
+    """A matplotlib figure as an embedded <img>."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img class="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _dataset(cache_dir: Path, run: Path) -> str:
+    """Findings per class, box size (share of the image) per class, and where each finding lies."""
+    import cv2
+
+    from cxrcam.data.cache import CACHE_BOX_COLUMNS, open_cache
+
+    cache = open_cache(cache_dir)
+    schema, size, plt = cache.schema, cache.size, _pyplot()
+    names = list(schema.findings)
+    labels = cache.images[[f"y_{i}" for i in range(len(names))]].to_numpy() >= 0.5
+    boxes = cache.boxes
+    n_boxes = np.bincount(boxes["class_id"], minlength=len(names)) if len(boxes) else np.zeros(len(names), int)
+    colours = [np.array(schema.colour(i)) / 255 for i in range(len(names))]
+
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(names) + 1))
+    y = np.arange(len(names))
+    ax.barh(y - 0.2, labels.sum(0), 0.4, color=colours, label="images")
+    ax.barh(y + 0.2, n_boxes, 0.4, color=colours, alpha=0.45, label="boxes")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.legend()
+    ax.set_title(f"findings per class ({len(cache.images)} images, {int((~labels.any(1)).sum())} without findings)")
+    parts = [_figure(fig)]
+
+    if len(boxes):
+        c = boxes[CACHE_BOX_COLUMNS].to_numpy() / size
+        share = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
+        present = [k for k in range(len(names)) if n_boxes[k]]
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(present) + 1))
+        ax.boxplot([share[boxes["class_id"].to_numpy() == k] for k in present], orientation="horizontal")
+        ax.set_yticks(np.arange(1, len(present) + 1), [names[k] for k in present])
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set(xlabel="box area / image area", title="box size per class")
+        parts.append(_figure(fig))
+
+        grid = 48
+        mean = np.zeros((grid, grid))
+        files = cache.images["file"].to_numpy()[:: max(1, len(cache.images) // 100)]
+        for f in files:
+            image = cv2.imread(str(cache.root / f), cv2.IMREAD_GRAYSCALE)
+            if image is not None:
+                mean += cv2.resize(image, (grid, grid), interpolation=cv2.INTER_AREA) / 255 / len(files)
+        cols = 5
+        rows = -(-len(present) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, k in zip(axes.flat, present):
+            heat = np.zeros((grid, grid))
+            for x0, y0, x1, y1 in np.clip(c[boxes["class_id"].to_numpy() == k] * grid, 0, grid):
+                heat[int(y0):max(int(y0) + 1, int(np.ceil(y1))), int(x0):max(int(x0) + 1, int(np.ceil(x1)))] += 1
+            ax.imshow(mean, cmap="gray", vmin=0, vmax=1)
+            ax.imshow(np.ma.masked_equal(heat, 0), cmap="jet", alpha=0.6)
+            ax.set_title(f"{names[k]} ({n_boxes[k]})", fontsize=8)
+        fig.suptitle("where each finding lies (box coverage over the mean image)")
+        parts.append(_figure(fig))
+    return f"<h3>{html.escape(str(cache_dir.relative_to(run)))}</h3>" + "".join(parts)
+
+
+def _training(run_dir: Path, run: Path) -> str:
+    """Loss curves and the validation metric of a classifier or detector run."""
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    if metrics.empty:
+        return ""
+    plt = _pyplot()
+    losses = [c for c in metrics.columns if "loss" in c]
+    score = next((c for c in ("val_mean_auroc", "val_map") if c in metrics.columns), None)
+    fig, axes = plt.subplots(1, 2 if score else 1, figsize=(10 if score else 5, 3.2), squeeze=False)
+    for c in losses:
+        axes[0, 0].plot(metrics["epoch"], metrics[c], marker="o", ms=3, label=c)
+    axes[0, 0].set(xlabel="epoch", title="loss")
+    axes[0, 0].legend(fontsize=7)
+    if score:
+        axes[0, 1].plot(metrics["epoch"], metrics[score], marker="o", ms=3, color="C3")
+        axes[0, 1].set(xlabel="epoch", title=score.replace("val_", "validation "))
+    kind = "detector" if "val_map" in metrics.columns else "classifier"
+    return f"<h3>{html.escape(str(run_dir.relative_to(run)))} ({kind})</h3>" + _figure(fig)
+
+
+def _evaluation(path: Path, run: Path) -> str:
+    """The metrics table of one ``evaluate`` output, with its PR curve and AP plots."""
+    m = _json(path)
+    ap, auroc, n_truth = m.get("ap", {}), m.get("auroc", {}), m.get("n_truth", {})
+    head = []
+    if m.get("map") is not None:
+        head.append(f"mAP@{m.get('iou_thr', 0.4)} <b>{m['map']:.3f}</b>")
+    if m.get("mean_auroc") is not None:
+        head.append(f"mean AUROC <b>{m['mean_auroc']:.3f}</b>")
+
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{n_truth.get(c, '-')}</td><td>{cell(ap.get(c))}</td>"
+                   f"<td>{cell(auroc.get(c))}</td></tr>" for c in dict.fromkeys([*ap, *auroc]))
+    plots = "".join(f'<img class="plot" src="data:image/png;base64,{base64.b64encode((path.parent / f).read_bytes()).decode()}">'
+                    for f in ("ap_per_class.png", "pr_curves.png") if (path.parent / f).is_file())
+    return (f"<h3>{html.escape(str(path.parent.relative_to(run)))}</h3><p>{' &middot; '.join(head)}</p>"
+            f"<table><tr><th>class</th><th>truth boxes</th><th>AP</th><th>AUROC</th></tr>{rows}</table>{plots}")
+
+
+def _gallery(folder: Path, run: Path, page_dir: Path, embed: bool, max_pictures: int) -> str:
+    """Cards of gtimage_/pred_ pictures tagged with their truth, hit, missed and predicted classes."""
+    settings = _json(folder / "localize.json")
+    schema = _schema_of(folder, settings)
+    bb = pd.read_csv(folder / "bb_results.csv", dtype={"image_id": str}) if (folder / "bb_results.csv").is_file() \
+        else pd.DataFrame(columns=["image_id", "class_id", "gt_x_min", "pred_x_min", "hit"])
+    probs = pd.read_csv(folder / "probabilities.csv", dtype={"image_id": str}) \
+        if (folder / "probabilities.csv").is_file() else pd.DataFrame(columns=["image_id"])
+    ids = list(dict.fromkeys([*bb["image_id"], *probs["image_id"]]))
+    truth = bb[bb["gt_x_min"].notna()]
+    with_truth = set(truth["image_id"])
+    ids = sorted(ids, key=lambda i: i not in with_truth)[:max_pictures]  # images with truth first
+    groups = {k: g for k, g in bb.groupby("image_id")}
+    cards = []
+    for image_id in ids:
+        paths = picture_paths(folder, image_id)
+        if not paths["gtimage"].is_file():
+            continue
+        g = groups.get(image_id, bb.iloc[:0])
+        t = g[g["gt_x_min"].notna()]
+        hit = sorted(set(t.loc[t["hit"].astype(bool), "class_id"].astype(int)))
+        miss = sorted(set(t.loc[~t["hit"].astype(bool), "class_id"].astype(int)))
+        pred = sorted(set(g.loc[g["pred_x_min"].notna(), "class_id"].astype(int)))
+        caption = ", ".join([*(f"&#10003; {schema.class_name(c)}" for c in hit),
+                             *(f"&#10007; {schema.class_name(c)}" for c in miss)]) or "no truth boxes"
+        imgs = "".join(f'<img alt="{kind}" src="{_src(paths[kind], page_dir, embed)}">'
+                       for kind in ("gtimage", "pred"))
+        cards.append(f'<figure class="card" data-truth="{" ".join(map(str, sorted({*hit, *miss})))}" '
+                     f'data-hit="{" ".join(map(str, hit))}" data-miss="{" ".join(map(str, miss))}" '
+                     f'data-pred="{" ".join(map(str, pred))}">{imgs}<figcaption><code>{html.escape(image_id)}'
+                     f"</code><br>{caption}</figcaption></figure>")
+    if not cards:
+        return ""
+    options = "".join(f'<option value="{i}">{html.escape(n)}</option>' for i, n in enumerate(schema.findings))
+    title = folder.relative_to(run)
+    kind = "refined: yellow truth, refined boxes; pred_: heat map + CAM boxes" if settings.get("detector") \
+        else "CAM: yellow truth, predicted boxes; pred_: heat map"
+    return (f'<div class="gallery"><h3>{html.escape(str(title))} <small>({kind})</small></h3>'
+            f'<div class="filters">class <select class="cls"><option value="">all</option>{options}</select> '
+            f'outcome <select class="outcome"><option value="">all</option><option value="hit">hit (IoU &gt; '
+            f'threshold)</option><option value="miss">missed truth box</option><option value="pred">predicted'
+            f'</option></select> <span class="shown"></span></div><div class="cards">{"".join(cards)}</div></div>')
+
+
+def _schema_of(folder: Path, settings: dict) -> Schema:
+    from cxrcam.io import load_checkpoint
+
+    try:
+        return get_schema(load_checkpoint(settings["checkpoint"])["schema"])
+    except Exception:  # checkpoint moved: fall back on the class count of probabilities.csv
+        header = (folder / "probabilities.csv").read_text().splitlines()[0].split(",")[1:] \
+            if (folder / "probabilities.csv").is_file() else []
+        return next((get_schema(n) for n in ("vinbig", "nih", "rsna") if list(get_schema(n).findings) == header),
+                    get_schema("vinbig"))
+
+
+def _src(path: Path, page_dir: Path, embed: bool) -> str:
+    if embed:
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return Path(os.path.relpath(path.resolve(), page_dir.resolve())).as_posix()
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+h2 {{ border-bottom: 2px solid #ddd; padding-bottom: .2em; }}
+img.plot {{ max-width: 100%; display: block; margin: .5em 0; }}
+table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
+td:first-child {{ text-align: left; }}
+.cards {{ display: flex; flex-wrap: wrap; gap: 8px; }}
+.card {{ margin: 0; border: 1px solid #ccc; padding: 4px; width: 340px; }}
+.card img {{ width: 165px; image-rendering: pixelated; }}
+.card[hidden] {{ display: none; }}
+figcaption {{ font-size: 12px; }}
+.filters {{ margin: .5em 0; }}
+</style></head>
+<body data-errors="0">
+<h1>{title}</h1>
+{body}
+<script>
+window.addEventListener("error", () => {{ document.body.dataset.errors = +document.body.dataset.errors + 1; }});
+function words(card, key) {{ return (card.dataset[key] || "").split(" ").filter(Boolean); }}
+function applyFilters(gallery) {{
+  const cls = gallery.querySelector(".cls").value, outcome = gallery.querySelector(".outcome").value;
+  let shown = 0;
+  for (const card of gallery.querySelectorAll(".card")) {{
+    const pool = outcome ? words(card, outcome) : [...words(card, "truth"), ...words(card, "pred")];
+    const ok = cls ? pool.includes(cls) : (outcome ? pool.length > 0 : true);
+    card.hidden = !ok;
+    shown += ok;
+  }}
+  gallery.querySelector(".shown").textContent = shown + " shown";
+}}
+const wanted = new URLSearchParams(location.hash.slice(1));
+for (const gallery of document.querySelectorAll(".gallery")) {{
+  for (const [sel, key] of [[".cls", "class"], [".outcome", "outcome"]]) {{
+    const box = gallery.querySelector(sel);
+    if (wanted.has(key)) box.value = wanted.get(key);
+    box.addEventListener("change", () => applyFilters(gallery));
+  }}
+  applyFilters(gallery);
+}}
+window.addEventListener("load", () => {{
+  const broken = [...document.images].filter(i => i.complete && i.naturalWidth === 0);
+  document.body.dataset.broken = broken.length;
+  document.body.dataset.loaded = "1";
+}});
+</script>
+</body></html>
+"""
+
+__all__ = ["write_report"]

@@ -1,0 +1,144 @@
+"""`cxrcam refine`: CAM boxes as RoI proposals, classifier gating, fusion, outputs, torchrun."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrcam.config import RefineConfig
+from cxrcam.data.cache import open_cache
+from cxrcam.data.dataset import image_tensor
+from cxrcam.data.images import read_image
+from cxrcam.detection.model import to_detector_input
+from cxrcam.detection.refine import Refiner, merge
+from cxrcam.outputs.submission import read_submission
+
+
+def cxrcam(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=900)
+
+
+def batch(cache_dir, n: int = 6) -> torch.Tensor:
+    cache = open_cache(cache_dir)
+    return torch.stack([image_tensor(read_image(cache.root / f).image) for f in cache.images["file"][:n]])
+
+
+def by_class(dets) -> list[tuple]:
+    boxes, classes, scores = dets
+    order = np.lexsort((-scores, classes))
+    return list(zip(classes[order], np.round(scores[order], 5), *np.round(boxes[order].T, 3)))
+
+
+def test_without_cam_proposals_or_gate_it_is_the_plain_detector(vinbig_model, vinbig_detector):
+    """The hand-run forward (transform, backbone, RPN, RoI heads, postprocess) is torchvision's."""
+    x = batch(vinbig_model[0])
+    refiner = Refiner(vinbig_detector / "best.pt", RefineConfig(cam_proposals=False, gate="none", top_k=0),
+                      torch.device("cpu"))
+    probs = np.full((len(x), 14), 0.5)
+    ours = refiner(x, [np.zeros((0, 4))] * len(x), probs)
+    with torch.no_grad():
+        theirs = refiner.model(to_detector_input(x))
+    assert sum(len(d[0]) for d in ours) > 0
+    for mine, ref in zip(ours, theirs):
+        expected = (ref["boxes"].numpy().astype(np.float64), ref["labels"].numpy() - 1,
+                    ref["scores"].numpy().astype(np.float64))
+        assert by_class(mine) == by_class(expected)
+
+
+def test_cam_boxes_join_the_proposals_and_scores_are_gated(vinbig_model, vinbig_detector):
+    x = batch(vinbig_model[0], 2)
+    cam_boxes = [np.array([[10.0, 12.0, 40.0, 50.0], [30.0, 5.0, 60.0, 30.0]]), np.array([[0.0, 0.0, 64.0, 64.0]])]
+    seen = []
+    gated = Refiner(vinbig_detector / "best.pt", RefineConfig(top_k=0), torch.device("cpu"))
+    gated.model.roi_heads.box_roi_pool.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.05, 1, (2, 14))
+    with_gate = gated(x, cam_boxes, probs)
+    for proposals, cam in zip(seen[0], cam_boxes):  # the CAM boxes are the last proposals of each image
+        assert torch.allclose(proposals[-len(cam):], torch.tensor(cam, dtype=torch.float32))
+    plain = Refiner(vinbig_detector / "best.pt", RefineConfig(gate="none", top_k=0), torch.device("cpu"))
+    no_gate = plain(x, cam_boxes, probs)
+    for (gb, gc, gs), (nb, nc, ns), p in zip(with_gate, no_gate, probs):
+        expected = by_class((nb, nc, ns * p[nc]))
+        assert by_class((gb, gc, gs)) == expected and len(expected) > 0  # same boxes, score x p(class)
+    top1 = Refiner(vinbig_detector / "best.pt", RefineConfig(top_k=1), torch.device("cpu"))(x, cam_boxes, probs)
+    for boxes, classes, _ in top1:
+        assert len(classes) == len(set(classes.tolist()))  # one box per class
+
+
+def test_wbf_merges_by_the_definition():
+    """Weighted Boxes Fusion of one model: a cluster becomes its score-weighted mean box,
+    scored with the mean score; other classes and distant boxes are kept."""
+    boxes = np.array([[10, 10, 30, 30], [12, 11, 32, 31], [40, 40, 50, 50], [10, 10, 30, 30]], float)
+    classes = np.array([3, 3, 3, 5])
+    scores = np.array([0.9, 0.3, 0.5, 0.4])
+    b, c, s = merge(boxes, classes, scores, RefineConfig(fusion="wbf", iou=0.5, top_k=0), size=64)
+    rows = sorted(zip(c.tolist(), s.tolist(), b.tolist()))
+    assert [r[0] for r in rows] == [3, 3, 5]
+    fused = next(r for r in rows if r[0] == 3 and r[1] == pytest.approx(0.6))
+    assert fused[2] == pytest.approx(((boxes[0] * 0.9 + boxes[1] * 0.3) / 1.2).tolist(), abs=1e-4)
+    assert next(r for r in rows if r[0] == 3 and r[1] == pytest.approx(0.5))[2] == pytest.approx([40, 40, 50, 50])
+    b, c, s = merge(boxes, classes, scores, RefineConfig(fusion="wbf", iou=0.5, top_k=1), size=64)
+    assert sorted(c.tolist()) == [3, 5] and s[c == 3][0] == pytest.approx(0.6)
+
+
+def test_refine_command_outputs(vinbig_model, vinbig_detector, tmp_path):
+    cache, classifier = vinbig_model
+    common = ["--data", str(cache), "boxes.min_prob=0.3", "cam.workers=0"]
+    refined = cxrcam("refine", "--classifier", str(classifier), "--detector", str(vinbig_detector / "best.pt"),
+                     "--out", str(tmp_path / "refine"), *common)
+    assert refined.returncode == 0, refined.stderr[-3000:]
+    assert "refined 160 images" in refined.stdout
+    localized = cxrcam("localize", "--checkpoint", str(classifier), "--out", str(tmp_path / "loc"), "--no-images",
+                       *common)
+    assert localized.returncode == 0, localized.stderr[-3000:]
+    # the CAM stage is localize itself; the refined boxes are the detector's
+    assert (tmp_path / "refine" / "cam_submission.csv").read_text() == (tmp_path / "loc" / "submission.csv").read_text()
+    sub = read_submission(tmp_path / "refine" / "submission.csv")
+    cam = read_submission(tmp_path / "loc" / "submission.csv")
+    assert sub["image_id"].nunique() == cam["image_id"].nunique() == 160
+    findings = sub[sub["class_id"] < 14]
+    assert len(findings) > 0 and not findings.equals(cam[cam["class_id"] < 14])
+    assert findings.groupby(["image_id", "class_id"]).size().max() <= 5  # refine.top_k
+    normal = sub[sub["class_id"] == 14].set_index("image_id")["score"]
+    assert normal.equals(cam[cam["class_id"] == 14].set_index("image_id")["score"])  # p_normal from the classifier
+    bb = pd.read_csv(tmp_path / "refine" / "bb_results.csv")
+    assert bb["gt_x_min"].notna().sum() == len(open_cache(cache).boxes)
+    assert len(list((tmp_path / "refine").glob("pred_*.png"))) == 160
+    settings = json.loads((tmp_path / "refine" / "localize.json").read_text())
+    assert settings["detector"].endswith("best.pt") and settings["config"]["refine"]["gate"] == "product"
+    evaluated = cxrcam("evaluate", "--pred", str(tmp_path / "refine"), "--gt", str(cache), "--no-control",
+                       "--json", str(tmp_path / "m.json"))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["map"] <= 1
+
+
+def test_refine_user_errors(vinbig_model, tmp_path):
+    cache, classifier = vinbig_model
+    wrong = cxrcam("refine", "--classifier", str(classifier), "--detector", str(classifier), "--data", str(cache),
+                   "--out", str(tmp_path / "x"))
+    assert wrong.returncode != 0 and "not a cxrcam detector checkpoint" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+
+def test_torchrun_refine_matches_single(vinbig_model, vinbig_detector, tmp_path):
+    cache, classifier = vinbig_model
+    common = ["refine", "--classifier", str(classifier), "--detector", str(vinbig_detector / "best.pt"),
+              "--data", str(cache), "--no-images", "--batch-size", "4", "cam.workers=0", "refine.fusion=wbf"]
+    single = cxrcam(*common, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29547", "-m", "cxrcam", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    key = ["image_id", "class_id", "x_min", "y_min", "x_max", "y_max"]
+    for name in ("submission.csv", "cam_submission.csv"):
+        one, other = (read_submission(tmp_path / d / name).sort_values(key).reset_index(drop=True)
+                      for d in ("one", "two"))
+        assert len(one) == len(other) > 160
+        pd.testing.assert_frame_equal(one, other, check_exact=False, atol=1e-4)
