@@ -208,18 +208,20 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
             for c in sorted(set(truth_by_image.get(image_id, (None, np.zeros(0, int)))[1].tolist())):
                 px, py = cam_peak(scaled[need.index(c)])
                 peaks.append((image_id, int(c), px / sx, py / sy))
-            views.append((sx, sy, scaled, need, shown))
+            views.append((sx, sy, scaled, need, shown, predicted))
         final = refiner(x, [boxes for boxes, _, _ in cam_preds], probs) if refiner else cam_preds
-        for b, (image_id, cam_pred, pred, (sx, sy, scaled, need, shown)) in enumerate(zip(ids, cam_preds, final, views)):
+        for b, (image_id, cam_pred, pred, (sx, sy, scaled, need, shown, predicted)) in enumerate(
+                zip(ids, cam_preds, final, views)):
             detections += _rows(image_id, pred, sx, sy)
             if refiner:
                 cam_detections += _rows(image_id, cam_pred, sx, sy)
             if painter is not None:
                 truth_boxes, truth_cls = truth_by_image.get(image_id, (np.zeros((0, 4)), np.zeros(0, int)))
                 picture = np.round(x[b, 0].cpu().numpy() * 255).astype(np.uint8)
+                drawn = np.isin(pred[1], predicted)  # refined boxes too: only the classes the classifier predicts
                 pending.append(painter.submit(
                     write_pictures, out, image_id, picture, schema, (scale_boxes(truth_boxes, sx, sy), truth_cls),
-                    pred, scaled[[need.index(c) for c in shown]], bcfg.threshold,
+                    tuple(a[drawn] for a in pred), scaled[[need.index(c) for c in shown]], bcfg.threshold,
                     cam_pred[:2] if refiner else None))
                 while len(pending) > 64:  # bounded: memory stays constant
                     pending.popleft().result()

@@ -33,7 +33,7 @@ class PipelineSettings:
     model: str = "resnet10t"  # timm name of the classifier and the detector's backbone
     config: Path = TINY
     overrides: list[str] = field(default_factory=list)  # section.key=value for every stage
-    plain: bool = False  # also run the plain detector (no CAM proposals, no gating)
+    plain: bool = False  # also run the plain detector (no CAM proposals, no gating) and gating alone
     pictures: bool = True
 
 
@@ -68,10 +68,11 @@ def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
     refine = ["refine", "--classifier", classifier / "best.pt", "--detector", detector / "best.pt", "--data", test]
     cxrcam(*refine, "--out", out / "refine", *no_images, *cfg, *common)
     results = {"cam": out / "localize", "refined": out / "refine"}
-    if s.plain:
-        cxrcam(*refine, "--out", out / "plain", "--no-images", *cfg, *common,
-               "refine.cam_proposals=false", "refine.gate=none")
-        results["plain"] = out / "plain"
+    if s.plain:  # the ablations: the detector alone, and gated without CAM proposals
+        for name, cam_proposals, gate in (("plain", "false", "none"), ("gated", "false", "product")):
+            cxrcam(*refine, "--out", out / name, "--no-images", *cfg, *common,
+                   f"refine.cam_proposals={cam_proposals}", f"refine.gate={gate}")
+            results[name] = out / name
     metrics = {}
     for name, folder in results.items():
         cxrcam("evaluate", "--pred", folder, "--gt", test, "--out", folder / "eval", *cfg, *common,
@@ -107,7 +108,8 @@ def _findings_map(ap: dict[str, float | None]) -> float | None:
 def summary_table(summary: dict[str, Any]) -> str:
     """The one table: classifier AUROC, CAM-only / refined (/ plain) mAP@0.4, localisation accuracy."""
     loc, control = summary["localization"], summary["control"]
-    names = {"cam": "CAM-only", "refined": "refined (Faster R-CNN)", "plain": "plain detector"}
+    names = {"cam": "CAM-only", "refined": "refined (Faster R-CNN)", "plain": "plain detector",
+             "gated": "detector + gate, no CAM proposals"}
     rows = [("classifier mean AUROC (test set)", summary["mean_auroc"])]
     rows += [(f"{names[k]} mAP@0.4", v) for k, v in summary["map"].items()]
     rows += [(f"{names[k]} mAP@0.4, findings only", v) for k, v in summary["map_findings"].items()]

@@ -1,0 +1,35 @@
+"""`cxrcam demo`: every stage runs as the real command and the table reports their metrics."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cxrcam.data.cache import open_cache
+from cxrcam.outputs.submission import read_submission
+
+
+def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "cxrcam", "demo", "--out", str(out), "--n-images", "40",
+                             "--size", "64", "--epochs", "2", "--detector-epochs", "1", "train.workers=0",
+                             "cam.workers=0", "detector.workers=0"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("synth", "prepare", "train-classifier", "localize", "train-detector", "refine", "evaluate"):
+        assert f"$ cxrcam {stage} " in result.stdout, stage  # each stage is the command a user would type
+    summary = json.loads((out / "summary.json").read_text())
+    for name, folder in (("cam", "localize"), ("refined", "refine")):
+        metrics = json.loads((out / folder / "eval" / "metrics.json").read_text())
+        assert summary["map"][name] == pytest.approx(metrics["map"])
+        assert f"{metrics['map']:.3f}" in result.stdout
+    assert summary["mean_auroc"] == pytest.approx(
+        json.loads((out / "localize" / "eval" / "metrics.json").read_text())["mean_auroc"])
+    test_images = set(open_cache(out / "cache" / "test").images["image_id"])
+    train_images = set(open_cache(out / "cache" / "train").images["image_id"])
+    assert len(test_images) == 20 and not test_images & train_images  # held out
+    assert set(read_submission(out / "refine" / "submission.csv")["image_id"]) == test_images
+    assert str(out / "refine" / "submission.csv") in result.stdout
+    assert len(list((out / "localize").glob("gtimage_*.png"))) == 20
