@@ -64,8 +64,8 @@ def nih_model(tmp_path_factory) -> tuple[Path, Path]:
                     "train.batch_size=16")
 
 
-DETECTOR = ["detector.backbone=resnet10t", "detector.epochs=2", "detector.batch_size=8", "detector.workers=0",
-            "detector.warmup_iters=5", "detector.rois_per_image=64"]
+DETECTOR = ["detector.backbone=resnet10t", "detector.epochs=2", "detector.batch_size=16", "detector.workers=0",
+            "detector.warmup_iters=3", "detector.rois_per_image=32"]
 
 
 @pytest.fixture(scope="session")

@@ -87,19 +87,30 @@ def test_wbf_merges_by_the_definition():
     assert sorted(c.tolist()) == [3, 5] and s[c == 3][0] == pytest.approx(0.6)
 
 
-def test_refine_command_outputs(vinbig_model, vinbig_detector, tmp_path):
+COMMON = ["boxes.min_prob=0.3", "cam.workers=0", "refine.fusion=wbf"]
+
+
+@pytest.fixture(scope="module")
+def refined(vinbig_model, vinbig_detector, tmp_path_factory):
+    """`cxrcam refine` on the whole cache, with pictures: (its folder, its stdout)."""
     cache, classifier = vinbig_model
-    common = ["--data", str(cache), "boxes.min_prob=0.3", "cam.workers=0"]
-    refined = cxrcam("refine", "--classifier", str(classifier), "--detector", str(vinbig_detector / "best.pt"),
-                     "--out", str(tmp_path / "refine"), *common)
-    assert refined.returncode == 0, refined.stderr[-3000:]
-    assert "refined 160 images" in refined.stdout
+    out = tmp_path_factory.mktemp("refined") / "refine"
+    result = cxrcam("refine", "--classifier", str(classifier), "--detector", str(vinbig_detector / "best.pt"),
+                    "--data", str(cache), "--out", str(out), *COMMON)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_refine_command_outputs(vinbig_model, refined, tmp_path):
+    cache, classifier = vinbig_model
+    folder, stdout = refined
+    assert "refined 160 images" in stdout
     localized = cxrcam("localize", "--checkpoint", str(classifier), "--out", str(tmp_path / "loc"), "--no-images",
-                       *common)
+                       "--data", str(cache), *COMMON)
     assert localized.returncode == 0, localized.stderr[-3000:]
     # the CAM stage is localize itself; the refined boxes are the detector's
-    assert (tmp_path / "refine" / "cam_submission.csv").read_text() == (tmp_path / "loc" / "submission.csv").read_text()
-    sub = read_submission(tmp_path / "refine" / "submission.csv")
+    assert (folder / "cam_submission.csv").read_text() == (tmp_path / "loc" / "submission.csv").read_text()
+    sub = read_submission(folder / "submission.csv")
     cam = read_submission(tmp_path / "loc" / "submission.csv")
     assert sub["image_id"].nunique() == cam["image_id"].nunique() == 160
     findings = sub[sub["class_id"] < 14]
@@ -107,12 +118,12 @@ def test_refine_command_outputs(vinbig_model, vinbig_detector, tmp_path):
     assert findings.groupby(["image_id", "class_id"]).size().max() <= 5  # refine.top_k
     normal = sub[sub["class_id"] == 14].set_index("image_id")["score"]
     assert normal.equals(cam[cam["class_id"] == 14].set_index("image_id")["score"])  # p_normal from the classifier
-    bb = pd.read_csv(tmp_path / "refine" / "bb_results.csv")
+    bb = pd.read_csv(folder / "bb_results.csv")
     assert bb["gt_x_min"].notna().sum() == len(open_cache(cache).boxes)
-    assert len(list((tmp_path / "refine").glob("pred_*.png"))) == 160
-    settings = json.loads((tmp_path / "refine" / "localize.json").read_text())
+    assert len(list(folder.glob("pred_*.png"))) == 160
+    settings = json.loads((folder / "localize.json").read_text())
     assert settings["detector"].endswith("best.pt") and settings["config"]["refine"]["gate"] == "product"
-    evaluated = cxrcam("evaluate", "--pred", str(tmp_path / "refine"), "--gt", str(cache), "--no-control",
+    evaluated = cxrcam("evaluate", "--pred", str(folder), "--gt", str(cache), "--no-control",
                        "--json", str(tmp_path / "m.json"))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert 0 <= json.loads((tmp_path / "m.json").read_text())["map"] <= 1
@@ -126,19 +137,16 @@ def test_refine_user_errors(vinbig_model, tmp_path):
     assert "Traceback" not in wrong.stderr
 
 
-def test_torchrun_refine_matches_single(vinbig_model, vinbig_detector, tmp_path):
+def test_torchrun_refine_matches_single(vinbig_model, vinbig_detector, refined, tmp_path):
     cache, classifier = vinbig_model
-    common = ["refine", "--classifier", str(classifier), "--detector", str(vinbig_detector / "best.pt"),
-              "--data", str(cache), "--no-images", "--batch-size", "4", "cam.workers=0", "refine.fusion=wbf"]
-    single = cxrcam(*common, "--out", str(tmp_path / "one"))
-    assert single.returncode == 0, single.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29547", "-m", "cxrcam", *common, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=900)
+                          "29547", "-m", "cxrcam", "refine", "--classifier", str(classifier), "--detector",
+                          str(vinbig_detector / "best.pt"), "--data", str(cache), "--no-images", *COMMON,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     key = ["image_id", "class_id", "x_min", "y_min", "x_max", "y_max"]
     for name in ("submission.csv", "cam_submission.csv"):
-        one, other = (read_submission(tmp_path / d / name).sort_values(key).reset_index(drop=True)
-                      for d in ("one", "two"))
+        one, other = (read_submission(d / name).sort_values(key).reset_index(drop=True)
+                      for d in (refined[0], tmp_path / "two"))
         assert len(one) == len(other) > 160
         pd.testing.assert_frame_equal(one, other, check_exact=False, atol=1e-4)
