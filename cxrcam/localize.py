@@ -169,7 +169,8 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     detections, cam_detections, probs_rows, peaks, failures = [], [], [], [], []
     painter = ThreadPoolExecutor(2) if pictures else None
     pending: deque = deque()
-    bar = tqdm(total=len(shard), desc=("refine " if refiner else "localize ") + config.cam.method, unit="img", disable=not (progress and info.is_main))
+    bar = tqdm(total=len(shard), desc=("refine " if refiner else "localize ") + config.cam.method, unit="img",
+               disable=not (progress and info.is_main))
     for x, idx, heights, widths, errors in loader:
         good = [k for k, e in enumerate(errors) if not e]
         failures += [(shard.at[int(idx[k]), "image_id"], shard.at[int(idx[k]), "path"], errors[k])
@@ -191,7 +192,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
         if not isinstance(cam, FastCAM):  # one backward per class: only the classes some image needs
             cols = sorted({c for _, _, need in plans for c in need})
             maps, _ = cam.raw_maps(x, cols)
-        cam_preds, views = [], []  # per image: CAM boxes (input pixels); (scale, maps, shown) for the pictures
+        cam_preds, views = [], []  # per image: CAM boxes (input pixels); scales, maps, classes for the rest
         for b, (i, image_id, p, (predicted, shown, need)) in enumerate(zip(idx, ids, probs, plans)):
             h, w = known_hw[i] if np.isfinite(known_hw[i]).all() else (float(heights[good[b]]), float(widths[good[b]]))
             sx, sy = size / w, size / h  # input pixels per original pixel
