@@ -30,6 +30,7 @@ from cxrcam.evaluation.classification import auroc_per_class, mean_auroc
 from cxrcam.io import save_checkpoint, save_figure, write_csv
 from cxrcam.models import create_classifier, load_classifier
 from cxrcam.train import dist
+from cxrcam.train.state import restore_last, save_last
 
 
 def _schedule(cfg, steps_per_epoch: int):
@@ -141,18 +142,8 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
     # --- resume
     start_epoch, best, history = 0, -math.inf, []
     if resume:
-        ckpt_path = out / "last.pt"
-        if not ckpt_path.is_file():
-            raise CxrcamError(f"nothing to resume: {ckpt_path} not found")
-        ckpt = torch.load(ckpt_path, map_location=info.device, weights_only=True)
-        if ckpt["model_name"] != config.model.name:
-            raise CxrcamError(f"{ckpt_path} trained {ckpt['model_name']}, the config asks for {config.model.name}")
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"].cpu())
+        start_epoch, best, history = restore_last(out, info.device, raw_model, optimizer, scheduler, scaler,
+                                                  "model_name", config.model.name)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     writer = _tensorboard(out) if info.is_main else None
@@ -219,9 +210,7 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
             state = {**meta, "model": raw_model.state_dict(), "metrics": metrics, "epoch": epoch}
             if improved:
                 save_checkpoint(out / "best.pt", state)
-            save_checkpoint(out / "last.pt", {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "scaler": scaler.state_dict(), "best": best, "history": history,
-                                    "rng": torch.get_rng_state()})
+            save_last(out, state, optimizer, scheduler, scaler, best, history)
             write_csv(out / "metrics.csv", pd.DataFrame(history))
             _plot_curves(history, out / "curves.png")
             if writer is not None:

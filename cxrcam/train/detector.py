@@ -32,6 +32,7 @@ from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import voc_map
 from cxrcam.io import save_checkpoint, write_csv
 from cxrcam.train import dist
+from cxrcam.train.state import restore_last, save_last
 
 
 class DetectionDataset(Dataset):
@@ -115,18 +116,8 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
 
     start_epoch, best, history = 0, -math.inf, []
     if resume:
-        path = out / "last.pt"
-        if not path.is_file():
-            raise CxrcamError(f"nothing to resume: {path} not found")
-        ckpt = torch.load(path, map_location=info.device, weights_only=True)
-        if ckpt["backbone"] != dcfg.backbone:
-            raise CxrcamError(f"{path} trained a {ckpt['backbone']} detector, the config asks for {dcfg.backbone}")
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"].cpu())  # the RPN and RoI samplers draw from it
+        start_epoch, best, history = restore_last(out, info.device, raw_model, optimizer, scheduler, scaler,
+                                                  "backbone", dcfg.backbone)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     meta = {"kind": "detector", "backbone": dcfg.backbone, "classes": classes, "schema": cache.schema.name,
@@ -175,9 +166,7 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
             state = {**meta, "model": raw_model.state_dict(), "metrics": metrics, "epoch": epoch}
             if improved or epoch == 0:
                 save_checkpoint(out / "best.pt", state)
-            save_checkpoint(out / "last.pt", {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "scaler": scaler.state_dict(), "best": best, "history": history,
-                                    "rng": torch.get_rng_state()})
+            save_last(out, state, optimizer, scheduler, scaler, best, history)
             write_csv(out / "metrics.csv", pd.DataFrame(history))
             tqdm.write(f"detector epoch {epoch + 1}/{dcfg.epochs}: loss {sum(totals.values()) / max(1, len(loader)):.3f}"
                        f"  val mAP@{config.eval.iou_thr} {val_map:.3f}  {metrics['images_per_s']:.1f} img/s")
