@@ -48,14 +48,19 @@ def save_checkpoint(path: str | Path, obj: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> None:
-    """A matplotlib figure as PNG (written atomically), then closed."""
+def figure_png(fig: Any, dpi: int = 100, **savefig_kwargs: Any) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, **savefig_kwargs)
+    fig.savefig(buffer, format="png", dpi=dpi, **savefig_kwargs)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> None:
+    """A matplotlib figure as PNG (written atomically), then closed."""
+    atomic_write_bytes(path, figure_png(fig, **savefig_kwargs))
 
 
 def load_checkpoint(path: str | Path, device: Any = "cpu") -> dict[str, Any]:

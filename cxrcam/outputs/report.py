@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import os
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cxrcam.errors import CxrcamError
-from cxrcam.io import atomic_write_text
+from cxrcam.io import atomic_write_text, figure_png
 from cxrcam.outputs.pictures import picture_paths
 from cxrcam.schemas import Schema, get_schema
 
@@ -36,7 +35,7 @@ def write_report(run: str | Path, out: str | Path, embed: bool = False, max_pict
         raise CxrcamError(f"run folder not found: {run}")
     caches = sorted(p.parent for p in run.rglob("cache.json"))
     runs = sorted(p.parent for p in run.rglob("metrics.csv") if (p.parent / "last.pt").is_file())
-    evals = sorted(p for p in run.rglob("metrics.json") if "map" in _json(p) or "auroc" in _json(p))
+    evals = sorted(p for p in run.rglob("metrics.json") if {"map", "auroc"} & _json(p).keys())
     predictions = sorted(p.parent for p in run.rglob("localize.json"))
     if not (caches or runs or evals or predictions):
         raise CxrcamError(f"nothing to report under {run}: no cache, training run, evaluate or localize output")
@@ -62,14 +61,13 @@ def _section(title: str, parts: list[str]) -> str:
     return f"<section><h2>{title}</h2>{''.join(parts)}</section>" if parts else ""
 
 
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def _figure(fig) -> str:
     """A matplotlib figure as an embedded <img>."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img class="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return f'<img class="plot" src="{_data_uri(figure_png(fig, dpi=90, bbox_inches="tight"))}">'
 
 
 def _pyplot():
@@ -176,7 +174,7 @@ def _evaluation(path: Path, run: Path) -> str:
 
     rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{n_truth.get(c, '-')}</td><td>{cell(ap.get(c))}</td>"
                    f"<td>{cell(auroc.get(c))}</td></tr>" for c in dict.fromkeys([*ap, *auroc]))
-    plots = "".join(f'<img class="plot" src="data:image/png;base64,{base64.b64encode((path.parent / f).read_bytes()).decode()}">'
+    plots = "".join(f'<img class="plot" src="{_data_uri((path.parent / f).read_bytes())}">'
                     for f in ("ap_per_class.png", "pr_curves.png") if (path.parent / f).is_file())
     return (f"<h3>{html.escape(str(path.parent.relative_to(run)))}</h3><p>{' &middot; '.join(head)}</p>"
             f"<table><tr><th>class</th><th>truth boxes</th><th>AP</th><th>AUROC</th></tr>{rows}</table>{plots}")
@@ -240,7 +238,7 @@ def _schema_of(folder: Path, settings: dict) -> Schema:
 
 def _src(path: Path, page_dir: Path, embed: bool) -> str:
     if embed:
-        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        return _data_uri(path.read_bytes())
     return Path(os.path.relpath(path.resolve(), page_dir.resolve())).as_posix()
 
 
