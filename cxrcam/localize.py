@@ -42,6 +42,8 @@ from cxrcam.outputs.submission import normal_scores, write_submission
 from cxrcam.schemas import Schema, get_schema
 from cxrcam.train import dist
 
+NO_TRUTH = (np.zeros((0, 4)), np.zeros(0, np.int64))  # (boxes, class ids) of an image without truth
+
 # a dataset folder as released is recognised by its label table
 DATASET_MARKERS = {"vinbig": "train.csv", "nih": "Data_Entry_2017*.csv", "rsna": "stage_2_train_labels.csv"}
 
@@ -206,7 +208,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
                 scores.append(sc)
                 classes.append(np.full(len(bx), c))
             cam_preds.append((np.concatenate(boxes), np.concatenate(classes).astype(np.int64), np.concatenate(scores)))
-            for c in sorted(set(truth_by_image.get(image_id, (None, np.zeros(0, int)))[1].tolist())):
+            for c in sorted(set(truth_by_image.get(image_id, NO_TRUTH)[1].tolist())):
                 px, py = cam_peak(scaled[need.index(c)])
                 peaks.append((image_id, int(c), px / sx, py / sy))
             views.append((sx, sy, scaled, need, shown, predicted))
@@ -217,7 +219,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
             if refiner:
                 cam_detections += _rows(image_id, cam_pred, sx, sy)
             if painter is not None:
-                truth_boxes, truth_cls = truth_by_image.get(image_id, (np.zeros((0, 4)), np.zeros(0, int)))
+                truth_boxes, truth_cls = truth_by_image.get(image_id, NO_TRUTH)
                 picture = np.round(x[b, 0].cpu().numpy() * 255).astype(np.uint8)
                 drawn = np.isin(pred[1], predicted)  # refined boxes too: only the classes the classifier predicts
                 pending.append(painter.submit(
@@ -262,7 +264,7 @@ def _plan(p: np.ndarray, image_id: str, truth_by_image: dict, shown_classes: lis
     adds the truth classes for the pointing game)."""
     predicted = [c for c in (shown_classes or range(len(p))) if p[c] > min_prob]
     shown = (shown_classes or predicted or [int(np.argmax(p))]) if pictures else []
-    truth = truth_by_image[image_id][1].tolist() if image_id in truth_by_image else []
+    truth = truth_by_image.get(image_id, NO_TRUTH)[1].tolist()
     return predicted, shown, sorted({int(c) for c in (*predicted, *shown, *truth)})
 
 

@@ -37,7 +37,7 @@ class PipelineSettings:
     pictures: bool = True
 
 
-def cxrcam(*args: Any, log: Path | None = None) -> None:
+def cxrcam(*args: Any) -> None:
     """Run one ``cxrcam`` command as a user would, its output going to the terminal."""
     args = [str(a) for a in args]
     print(f"\n$ cxrcam {shlex.join(args)}", flush=True)
