@@ -113,6 +113,7 @@ class DetectorConfig:
     init: str = ""  # a classifier checkpoint whose backbone weights start the detector
     trainable_layers: int = 3  # backbone stages trained when starting from a classifier (0-5)
     pseudo_from: str = ""  # a classifier checkpoint: train on its CAM boxes where the cache has none (NIH)
+    box_images: int = 0  # train on a seeded sample of this many training images (0 = all): boxes are scarce
     epochs: int = 12
     batch_size: int = 8  # global: divided among processes under torchrun
     lr: float = 0.01

@@ -201,13 +201,13 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
             probs_rows.append((image_id, *p))
             scaled = scale_cams(maps[b, [cols.index(c) for c in need]][None], (size, size))[0].cpu().numpy() \
                 if need else np.zeros((0, size, size), np.float32)
-            boxes, classes, scores = [np.zeros((0, 4))], [np.zeros(0, np.int64)], [np.zeros(0)]
+            boxes, labels, scores = [np.zeros((0, 4))], [np.zeros(0, np.int64)], [np.zeros(0)]
             for c in predicted:
                 bx, sc = cam_to_boxes(scaled[need.index(c)], float(p[c]), bcfg)
                 boxes.append(bx)
                 scores.append(sc)
-                classes.append(np.full(len(bx), c))
-            cam_preds.append((np.concatenate(boxes), np.concatenate(classes).astype(np.int64), np.concatenate(scores)))
+                labels.append(np.full(len(bx), c))
+            cam_preds.append((np.concatenate(boxes), np.concatenate(labels).astype(np.int64), np.concatenate(scores)))
             for c in sorted(set(truth_by_image.get(image_id, NO_TRUTH)[1].tolist())):
                 px, py = cam_peak(scaled[need.index(c)])
                 peaks.append((image_id, int(c), px / sx, py / sy))

@@ -25,7 +25,7 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 @dataclass
 class PipelineSettings:
     out: Path
-    n_images: int = 200  # training images; the held-out test set has half as many
+    n_images: int = 200  # training images
     size: int = 128  # cache side in pixels
     epochs: int = 8  # classifier epochs
     detector_epochs: int = 4
@@ -35,6 +35,7 @@ class PipelineSettings:
     overrides: list[str] = field(default_factory=list)  # section.key=value for every stage
     plain: bool = False  # also run the plain detector (no CAM proposals, no gating) and gating alone
     pictures: bool = True
+    n_test: int = 0  # held-out test images; 0 = half as many as n_images (at least 10)
 
 
 def cxrcam(*args: Any) -> None:
@@ -52,7 +53,7 @@ def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
     common = [f"model.name={s.model}", f"train.epochs={s.epochs}", f"detector.backbone={s.model}",
               f"detector.epochs={s.detector_epochs}", "detector.rois_per_image=128", "detector.warmup_iters=20",
               *s.overrides]
-    n_test = max(10, s.n_images // 2)
+    n_test = s.n_test or max(10, s.n_images // 2)
     for split, n, seed in (("train", s.n_images, s.seed), ("test", n_test, s.seed + 1000)):
         cxrcam("synth", "--out", out / "data" / split, "--n-images", n, "--seed", seed, "--size", int(s.size * 1.5))
         cxrcam("prepare", "--dataset", "vinbig", "--root", out / "data" / split, "--out", out / "cache" / split,

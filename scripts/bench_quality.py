@@ -4,7 +4,9 @@ Fixed seeds; the test set is synthesized with another seed, so no test image is 
 training. Prints and writes (``--out``/summary.json, summary.md) the per-class AUROC, CAM-only,
 refined and plain-detector mAP@0.4, T(IoU)/T(IoBB) accuracy and the random-map control.
 
-    python scripts/bench_quality.py --out /tmp/bench_quality                      # CPU, ~25 min
+    python scripts/bench_quality.py --out /tmp/bench_quality                      # CPU, ~35 min
+    python scripts/bench_quality.py --out /tmp/scarce --detector-epochs 16 \\
+        detector.box_images=100 detector.step_size=12     # boxes on 100 images, labels on all
     python scripts/bench_quality.py --out q512 --size 512 --model resnet50 \\
         --config configs/resnet50.yaml --n-images 2000 --epochs 20 --detector-epochs 12   # GPU
 """
@@ -24,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n-images", type=int, default=400)
+    parser.add_argument("--n-test", type=int, default=0, help="held-out test images (default: n-images / 2)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--detector-epochs", type=int, default=8)
@@ -33,7 +36,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value for every stage")
     a = parser.parse_args()
     summary = run_pipeline(PipelineSettings(a.out, a.n_images, a.size, a.epochs, a.detector_epochs, a.seed, a.model,
-                                            a.config, a.overrides, plain=True, pictures=False))
+                                            a.config, a.overrides, plain=True, pictures=False, n_test=a.n_test))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
     lines = [f"command: {' '.join(sys.argv)}", f"device: {device}, torch {torch.__version__}",
              f"pipeline time: {summary['seconds'] / 60:.1f} min", "", summary_table(summary), "",

@@ -94,17 +94,21 @@ def test_killed_mid_epoch_resumes_exactly(vinbig_model, vinbig_detector, tmp_pat
 
 
 def test_torchrun_trains_with_two_processes(vinbig_model, tmp_path):
-    """2 gloo processes: each takes half of every global batch, rank 0 alone validates and writes."""
+    """2 gloo processes: each takes half of every global batch, rank 0 alone validates and writes.
+    detector.box_images=40 trains on a seeded sample of 40 training-fold images, recorded in the checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29541", "-m", "cxrcam", "train-detector", "--data", str(vinbig_model[0]),
-                          "--out", str(tmp_path / "ddp"), *DETECTOR, "detector.epochs=1"],
+                          "--out", str(tmp_path / "ddp"), *DETECTOR, "detector.epochs=1", "detector.box_images=40"],
                          capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = pd.read_csv(tmp_path / "ddp" / "metrics.csv")
     assert list(metrics["epoch"]) == [1] and np.isfinite(metrics["loss_box_reg"]).all()
     assert 0 <= metrics["val_map"].iloc[0] <= 1
-    model, _ = load_detector(tmp_path / "ddp" / "best.pt")  # strict load: the unwrapped model was saved
+    model, ckpt = load_detector(tmp_path / "ddp" / "best.pt")  # strict load: the unwrapped model was saved
+    images = open_cache(vinbig_model[0]).images
+    train_ids = set(images.loc[images["fold"] != 0, "image_id"])  # split.val_fold = 0
+    assert len(set(ckpt["train_images"])) == 40 and set(ckpt["train_images"]) <= train_ids
     with torch.no_grad():
         found = model(to_detector_input(torch.rand(1, 1, 64, 64)))
     assert found[0]["boxes"].shape[-1] == 4

@@ -2,6 +2,7 @@
 submission.csv, real NIH images and DICOMs without `prepare`, unreadable files, torchrun."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -164,6 +165,7 @@ def test_real_dicom_folder_without_prepare(vinbig_model, tmp_path):
     assert set(dets["image_id"]) == {"Fake_MONOHR1", "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"}
     findings = dets[dets["class_id"] != 14]
     assert set(findings["class_id"]) <= {3, 10} and len(findings) > 0  # --classes restricts what is localised
+    assert json.loads((tmp_path / "localize.json").read_text())["classes"] == ["Cardiomegaly", "10"]
     assert (findings[BOX_COLUMNS].to_numpy() <= 1024).all()  # the DICOM's own 1024-pixel frame
     assert len(list(tmp_path.glob("pred_*.png"))) == 2
 

@@ -90,6 +90,10 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
     elif truth.empty:
         raise CxrcamError(f"{data} has no boxes: set detector.pseudo_from to a classifier checkpoint")
     train_rows, val_rows = train_val_rows(cache.images["fold"].to_numpy(), config.split.val_fold, cache.root)
+    if dcfg.box_images < 0:
+        raise CxrcamError(f"detector.box_images must be >= 0, got {dcfg.box_images}")
+    if 0 < dcfg.box_images < len(train_rows):  # the setting where boxes are scarce and image labels are not
+        train_rows = np.sort(np.random.default_rng(dcfg.seed).choice(train_rows, dcfg.box_images, replace=False))
     train_set = DetectionDataset(cache, train_rows, truth)
     val_set = DetectionDataset(cache, val_rows, truth)
     per_rank_batch = max(1, dcfg.batch_size // info.world_size)
@@ -121,7 +125,8 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     meta = {"kind": "detector", "backbone": dcfg.backbone, "classes": classes, "schema": cache.schema.name,
-            "input_size": cache.size, "truth": source, "config": config_to_dict(config)}
+            "input_size": cache.size, "truth": source, "config": config_to_dict(config),
+            "train_images": train_set.images["image_id"].tolist()}
 
     metrics: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, dcfg.epochs):
