@@ -40,7 +40,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
     lines = [f"command: {' '.join(sys.argv)}", f"device: {device}, torch {torch.__version__}",
              f"pipeline time: {summary['seconds'] / 60:.1f} min", "", summary_table(summary), "",
-             "per-class AUROC / AP@0.4 (CAM-only, refined, plain):"]
+             f"per-class AUROC / AP@0.4 ({', '.join(summary['ap'])}):"]
     def fmt(v) -> str:
         return "  -  " if v is None else f"{v:.3f}"
 
