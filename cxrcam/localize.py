@@ -290,7 +290,8 @@ def _write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schem
                    start: float, refined: bool) -> LocalizeSummary:
     order = {image_id: k for k, image_id in enumerate(source.images["image_id"])}
     probs = parts["probabilities"].sort_values("image_id", key=lambda s: s.map(order), kind="stable")
-    detections = parts["detections"].sort_values(["image_id", "class_id", "score"], ascending=[True, True, False])
+    detections, cam_detections = (parts[k].sort_values(["image_id", "class_id", "score"], ascending=[True, True, False])
+                                  for k in ("detections", "cam_detections"))
     failures = pd.concat([pd.DataFrame(source.failures, columns=["image_id", "path", "reason"]), parts["failures"]],
                          ignore_index=True)
     normal = pd.Series(normal_scores(probs[list(schema.findings)].to_numpy(), config.boxes.normal_score),
@@ -298,7 +299,7 @@ def _write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schem
     image_ids = list(source.images["image_id"]) + [i for i, _, _ in source.failures if i not in order]
     write_submission(out / "submission.csv", image_ids, detections, normal, schema.no_finding_id)
     if refined:
-        write_submission(out / "cam_submission.csv", image_ids, parts["cam_detections"], normal, schema.no_finding_id)
+        write_submission(out / "cam_submission.csv", image_ids, cam_detections, normal, schema.no_finding_id)
     write_csv(out / "probabilities.csv", probs.reset_index(drop=True))
     write_csv(out / "failures.csv", failures)
     results = match_boxes(source.truth, detections, schema, config.eval.iou_thr, parts["peaks"])

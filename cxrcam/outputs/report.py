@@ -183,7 +183,7 @@ def _evaluation(path: Path, run: Path) -> str:
 def _gallery(folder: Path, run: Path, page_dir: Path, embed: bool, max_pictures: int) -> str:
     """Cards of gtimage_/pred_ pictures tagged with their truth, hit, missed and predicted classes."""
     settings = _json(folder / "localize.json")
-    schema = _schema_of(folder, settings)
+    schema = _schema_of(folder)
     bb = pd.read_csv(folder / "bb_results.csv", dtype={"image_id": str}) if (folder / "bb_results.csv").is_file() \
         else pd.DataFrame(columns=["image_id", "class_id", "gt_x_min", "pred_x_min", "hit"])
     probs = pd.read_csv(folder / "probabilities.csv", dtype={"image_id": str}) \
@@ -224,16 +224,12 @@ def _gallery(folder: Path, run: Path, page_dir: Path, embed: bool, max_pictures:
             f'</option></select> <span class="shown"></span></div><div class="cards">{"".join(cards)}</div></div>')
 
 
-def _schema_of(folder: Path, settings: dict) -> Schema:
-    from cxrcam.io import load_checkpoint
-
-    try:
-        return get_schema(load_checkpoint(settings["checkpoint"])["schema"])
-    except Exception:  # checkpoint moved: fall back on the class count of probabilities.csv
-        header = (folder / "probabilities.csv").read_text().splitlines()[0].split(",")[1:] \
-            if (folder / "probabilities.csv").is_file() else []
-        return next((get_schema(n) for n in ("vinbig", "nih", "rsna") if list(get_schema(n).findings) == header),
-                    get_schema("vinbig"))
+def _schema_of(folder: Path) -> Schema:
+    """The dataset schema whose findings head localize's probabilities.csv (no checkpoint to load)."""
+    path = folder / "probabilities.csv"
+    header = list(pd.read_csv(path, nrows=0).columns[1:]) if path.is_file() else []
+    return next((get_schema(n) for n in ("vinbig", "nih", "rsna") if list(get_schema(n).findings) == header),
+                get_schema("vinbig"))
 
 
 def _src(path: Path, page_dir: Path, embed: bool) -> str:

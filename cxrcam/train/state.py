@@ -23,7 +23,7 @@ def save_last(out: Path, state: dict[str, Any], optimizer, scheduler, scaler, be
 
 
 def restore_last(out: Path, device: torch.device, model, optimizer, scheduler, scaler, key: str,
-           expected: str) -> tuple[int, float, list[dict[str, Any]]]:
+                 expected: str) -> tuple[int, float, list[dict[str, Any]]]:
     """Restore ``out/last.pt`` into the given objects; ``ckpt[key]`` must equal ``expected``
     (the architecture). Returns (first epoch to run, best score, history)."""
     path = out / "last.pt"
