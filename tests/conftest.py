@@ -1,12 +1,20 @@
 """Shared fixtures: the real data in ../shared/data and small synthetic datasets."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def cxrcam(*args: str, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m cxrcam ARGS`` as a user runs it, output captured."""
+    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
 
 
 def shared(*parts: str) -> Path:
@@ -71,11 +79,7 @@ DETECTOR = ["detector.backbone=resnet10t", "detector.epochs=2", "detector.batch_
 @pytest.fixture(scope="session")
 def vinbig_detector(vinbig_model, tmp_path_factory) -> Path:
     """A run folder of `cxrcam train-detector` (resnet10t, 2 epochs) on vinbig_model's cache."""
-    import subprocess
-    import sys
-
     out = tmp_path_factory.mktemp("vinbig_detector") / "det"
-    result = subprocess.run([sys.executable, "-m", "cxrcam", "train-detector", "--data", str(vinbig_model[0]),
-                             "--out", str(out), *DETECTOR], capture_output=True, text=True, timeout=900)
+    result = cxrcam("train-detector", "--data", str(vinbig_model[0]), "--out", str(out), *DETECTOR, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return out

@@ -1,16 +1,15 @@
 """The command line as a user meets it: help, version, errors as one line."""
 from __future__ import annotations
 
-import subprocess
-import sys
+from functools import partial
 
 import pandas as pd
 import pytest
 
+from conftest import cxrcam as run_cxrcam
 
-def cxrcam(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True,
-                          timeout=300, **kwargs)
+
+cxrcam = partial(run_cxrcam, timeout=300)
 
 
 def test_help_lists_every_command_and_version():

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from conftest import DETECTOR
+from conftest import cxrcam as run_cxrcam
 from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache
 from cxrcam.detection import create_detector, load_detector, to_detector_input
@@ -51,8 +53,7 @@ def test_timm_backbone_detects_in_the_input_frame():
     assert (out[0]["boxes"] <= 96).all() and (out[0]["labels"] >= 1).all() and (out[0]["labels"] <= 3).all()
 
 
-def cxrcam(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=timeout)
+cxrcam = partial(run_cxrcam, timeout=900)
 
 
 def test_train_on_truth_boxes(vinbig_model, vinbig_detector):

@@ -3,15 +3,13 @@ the RSNA definition, ChestX-ray8 accuracies, ground-truth formats, CLI outputs a
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import shared
+from conftest import cxrcam, shared
 from cxrcam.config import load_config
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS
 from cxrcam.evaluation.coco import coco_ap
@@ -180,10 +178,6 @@ def test_chestxray8_accuracies():
     assert first.equals(random_control(truth, sizes, VINBIG, repeats=3, seed=1))  # seeded
     values = first.drop(columns=["class", "n_boxes"]).to_numpy()
     assert ((values >= 0) & (values <= 1)).all()
-
-
-def cxrcam(*args):
-    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_evaluate_a_localize_folder(vinbig_model, tmp_path):

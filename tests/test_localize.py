@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import shared
+from conftest import cxrcam, shared
 from cxrcam.boxes import pairwise_iou, scale_boxes
 from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache
@@ -42,10 +42,6 @@ def edge_share(bgr: np.ndarray, box) -> float:
     mask = yellow(bgr)
     edge = np.concatenate([mask[y0, x0:x1 + 1], mask[y1, x0:x1 + 1], mask[y0:y1 + 1, x0], mask[y0:y1 + 1, x1]])
     return float(edge.mean())
-
-
-def cxrcam(*args):
-    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

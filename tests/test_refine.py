@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from conftest import cxrcam as run_cxrcam
 from cxrcam.config import RefineConfig
 from cxrcam.data.cache import open_cache
 from cxrcam.data.dataset import image_tensor
@@ -19,8 +21,7 @@ from cxrcam.detection.refine import Refiner, merge
 from cxrcam.outputs.submission import read_submission
 
 
-def cxrcam(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=900)
+cxrcam = partial(run_cxrcam, timeout=900)
 
 
 def batch(cache_dir, n: int = 6) -> torch.Tensor:

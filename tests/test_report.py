@@ -5,19 +5,19 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
+from functools import partial
 
 import pandas as pd
 import pytest
 
+from conftest import cxrcam as run_cxrcam
 from cxrcam.errors import CxrcamError
 from cxrcam.outputs.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def cxrcam(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=900)
+cxrcam = partial(run_cxrcam, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,7 @@ def test_report_command_and_errors(run_dir, tmp_path):
     text = (tmp_path / "r.html").read_text()
     assert text.count('<figure class="card"') == 5 and 'src="data:image/png;base64,' in text
     assert "gtimage_" not in text  # embedded, not linked
+    assert '<option value="3">Cardiomegaly</option>' in text  # the class filter names the VinBigData findings
     (tmp_path / "empty").mkdir()
     with pytest.raises(CxrcamError, match="nothing to report"):
         write_report(tmp_path / "empty", tmp_path / "x.html")

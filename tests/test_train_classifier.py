@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import cxrcam
 from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache, prepare
 from cxrcam.data.synth import synthesize
@@ -37,10 +38,6 @@ def cache(tmp_path_factory):
 def tiny(*extra: str):
     return ["model.name=test_resnet", "train.epochs=2", "train.batch_size=8", "train.workers=0",
             "train.lr=3e-3", "train.warmup_epochs=0.5", *extra]
-
-
-def cxrcam(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=600, **kwargs)
 
 
 def test_run_folder_and_predict(cache, tmp_path):
