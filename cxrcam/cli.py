@@ -14,6 +14,7 @@ import click
 from cxrcam import __version__
 from cxrcam.config import Config, load_config
 from cxrcam.errors import CxrcamError
+from cxrcam.schemas import PLAIN, SCHEMAS
 
 
 class _Group(click.Group):
@@ -65,7 +66,7 @@ def synth(fmt: str, out: Path, n_images: int, seed: int, size: int) -> None:
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(["vinbig", "nih", "rsna"]), required=True)
+@click.option("--dataset", type=click.Choice(list(SCHEMAS)), required=True)
 @click.option("--root", type=click.Path(path_type=Path), required=True,
               help="Dataset folder as released (e.g. train.csv + train/*.dicom).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
@@ -115,7 +116,7 @@ def train_classifier(data: Path, out: Path, resume: bool, config: Config) -> Non
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
 def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: int) -> None:
     """Write image-level finding probabilities of a trained classifier."""
-    from cxrcam.io import write_csv
+    from cxrcam.files import write_csv
     from cxrcam.train.classifier import predict as run
 
     table = run(checkpoint, data, batch_size=batch_size, workers=workers)
@@ -154,7 +155,7 @@ def localize_options(func):
                      help="Heat map threshold [config: boxes.threshold, 0.65]."),
         click.option("--method", help="CAM method: gradcam++, gradcam, xgradcam, eigencam, layercam, scorecam, ... "
                                       "[config: cam.method, gradcam++]."),
-        click.option("--dataset", type=click.Choice(["vinbig", "nih", "rsna", "images"]),
+        click.option("--dataset", type=click.Choice([*SCHEMAS, PLAIN]),
                      help="Layout of a --data folder; default: recognised by its label table, else plain images."),
         click.option("--classes", help="Comma-separated class names or ids to localise and draw (default: the predicted)."),
         click.option("--no-images", is_flag=True, help="Skip the per-image pictures (faster)."),
@@ -253,7 +254,7 @@ def evaluate(pred: Path, gt: Path, fmt: str, json_path: Path | None, out: Path |
 
     from cxrcam.evaluation.evaluate import evaluate as run
     from cxrcam.evaluation.evaluate import markdown
-    from cxrcam.io import write_json
+    from cxrcam.files import write_json
 
     folder = out or (json_path.parent if json_path else None)
     with warnings.catch_warnings(record=True) as caught:

@@ -38,7 +38,7 @@ class PipelineSettings:
     n_test: int = 0  # held-out test images; 0 = half as many as n_images (at least 10)
 
 
-def cxrcam(*args: Any) -> None:
+def run_command(*args: Any) -> None:
     """Run one ``cxrcam`` command as a user would, its output going to the terminal."""
     args = [str(a) for a in args]
     print(f"\n$ cxrcam {shlex.join(args)}", flush=True)
@@ -55,28 +55,28 @@ def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
               *s.overrides]
     n_test = s.n_test or max(10, s.n_images // 2)
     for split, n, seed in (("train", s.n_images, s.seed), ("test", n_test, s.seed + 1000)):
-        cxrcam("synth", "--out", out / "data" / split, "--n-images", n, "--seed", seed, "--size", int(s.size * 1.5))
-        cxrcam("prepare", "--dataset", "vinbig", "--root", out / "data" / split, "--out", out / "cache" / split,
+        run_command("synth", "--out", out / "data" / split, "--n-images", n, "--seed", seed, "--size", int(s.size * 1.5))
+        run_command("prepare", "--dataset", "vinbig", "--root", out / "data" / split, "--out", out / "cache" / split,
                "--size", s.size, *cfg, *common)
     classifier, detector = out / "runs" / "classifier", out / "runs" / "detector"
     test = out / "cache" / "test"
-    cxrcam("train-classifier", "--data", out / "cache" / "train", "--out", classifier, *cfg, *common)
+    run_command("train-classifier", "--data", out / "cache" / "train", "--out", classifier, *cfg, *common)
     no_images = [] if s.pictures else ["--no-images"]
-    cxrcam("localize", "--checkpoint", classifier / "best.pt", "--data", test, "--out", out / "localize",
+    run_command("localize", "--checkpoint", classifier / "best.pt", "--data", test, "--out", out / "localize",
            "--threshold", 0.65, *no_images, *cfg, *common)
-    cxrcam("train-detector", "--data", out / "cache" / "train", "--out", detector, *cfg, *common,
+    run_command("train-detector", "--data", out / "cache" / "train", "--out", detector, *cfg, *common,
            f"detector.init={classifier / 'best.pt'}")
     refine = ["refine", "--classifier", classifier / "best.pt", "--detector", detector / "best.pt", "--data", test]
-    cxrcam(*refine, "--out", out / "refine", *no_images, *cfg, *common)
+    run_command(*refine, "--out", out / "refine", *no_images, *cfg, *common)
     results = {"cam": out / "localize", "refined": out / "refine"}
     if s.plain:  # the ablations: the detector alone, and gated without CAM proposals
         for name, cam_proposals, gate in (("plain", "false", "none"), ("gated", "false", "product")):
-            cxrcam(*refine, "--out", out / name, "--no-images", *cfg, *common,
+            run_command(*refine, "--out", out / name, "--no-images", *cfg, *common,
                    f"refine.cam_proposals={cam_proposals}", f"refine.gate={gate}")
             results[name] = out / name
     metrics = {}
     for name, folder in results.items():
-        cxrcam("evaluate", "--pred", folder, "--gt", test, "--out", folder / "eval", *cfg, *common,
+        run_command("evaluate", "--pred", folder, "--gt", test, "--out", folder / "eval", *cfg, *common,
                *([] if name == "cam" else ["--no-control"]))
         metrics[name] = json.loads((folder / "eval" / "metrics.json").read_text())
     summary = _summary(metrics, out, time.perf_counter() - start)
@@ -125,4 +125,4 @@ def summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PipelineSettings", "run_pipeline", "summary_table", "cxrcam"]
+__all__ = ["PipelineSettings", "run_pipeline", "summary_table", "run_command"]

@@ -21,10 +21,11 @@ class Schema:
     """Finding classes of one dataset. Findings have ids 0..n-1; the "normal" class,
     when the dataset has one, takes id n (VinBigData's 14 "No finding")."""
 
-    name: str
+    name: str  # also the dataset's name on the command line (``--dataset``)
     findings: tuple[str, ...]
     no_finding: str | None = None
     aliases: dict[str, str] = field(default_factory=dict)
+    label_table: str = ""  # glob of the label table that marks a folder of this dataset as released
 
     @property
     def num_findings(self) -> int:
@@ -59,6 +60,7 @@ VINBIG = Schema(
      "ILD", "Infiltration", "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion",
      "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis"),
     no_finding="No finding",
+    label_table="train.csv",
 )
 
 NIH = Schema(
@@ -68,11 +70,14 @@ NIH = Schema(
      "Hernia"),
     no_finding="No Finding",
     aliases={"Infiltrate": "Infiltration"},  # BBox_List_2017.csv spells it this way
+    label_table="Data_Entry_2017*.csv",
 )
 
-RSNA = Schema("rsna", ("Lung Opacity",))
+RSNA = Schema("rsna", ("Lung Opacity",), label_table="stage_2_train_labels.csv")
 
+# the datasets cxrcam reads, by name: the command line's choices, the readers and the folder markers
 SCHEMAS: dict[str, Schema] = {s.name: s for s in (VINBIG, NIH, RSNA)}
+PLAIN = "images"  # a plain folder of images: no dataset, no labels
 
 
 def get_schema(name: str) -> Schema:

@@ -104,3 +104,39 @@ def test_fast_path_any_device_and_all_classes_default():
     model = create_classifier("test_resnet", 6).eval()
     cams = compute_cams(model, torch.rand(2, 1, 64, 64))
     assert cams.shape == (2, 6, 64, 64) and cams.device == next(model.parameters()).device
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "xgradcam"])
+def test_any_timm_model_with_its_own_input(method):
+    """A plain timm model on its own 3-channel batch, as pytorch-grad-cam takes it: the probe
+    pass uses the batch's shape, and the maps equal the library's (closed form or not)."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=14).eval()
+    images = torch.rand(2, 3, 96, 96)
+    cams = compute_cams(model, images, method, classes=[2, 5])
+    theirs = library_maps(model, model.layer4, images, [2, 5], method)
+    assert cams.shape == (2, 2, 96, 96)
+    assert np.abs(cams.numpy() - theirs).max() < 1e-4
+    assert isinstance(create_cam(model, method), FastCAM if method == "gradcam++" else LibraryCAM)  # probe from the model
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_classes_chosen_from_the_logits(fast):
+    """A rule on the batch's logits picks the maps: only those are returned, equal to the same
+    columns of the all-class maps, with the logits the rule saw."""
+    torch.manual_seed(0)
+    model = create_classifier("test_resnet", 6).eval()
+    cam = create_cam(model, "gradcam++", fast=fast)
+    images = torch.rand(3, 1, 64, 64)
+    seen = {}
+
+    def top_two(logits):
+        seen["logits"] = logits
+        return sorted(set(logits.topk(2, dim=1).indices.flatten().tolist()))
+
+    chosen = cam(images, top_two)
+    assert seen["logits"] is chosen.logits
+    everything = cam(images)
+    assert chosen.classes == top_two(everything.logits) and 2 <= len(chosen.classes) <= 6
+    assert torch.allclose(chosen.logits, everything.logits, atol=1e-5)
+    assert torch.allclose(chosen.cams, everything.cams[:, chosen.classes], atol=1e-5)

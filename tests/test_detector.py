@@ -21,7 +21,7 @@ from cxrcam.data.cache import open_cache
 from cxrcam.detection import create_detector, load_detector, to_detector_input
 from cxrcam.detection.pseudo import pseudo_boxes
 from cxrcam.errors import CxrcamError
-from cxrcam.io import save_checkpoint
+from cxrcam.files import save_checkpoint
 from cxrcam.models import create_classifier
 
 

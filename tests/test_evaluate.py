@@ -185,7 +185,8 @@ def test_evaluate_a_localize_folder(vinbig_model, tmp_path):
     from cxrcam.localize import localize
 
     cache, ckpt = vinbig_model
-    localize(ckpt, cache, tmp_path / "loc", load_config(overrides=["cam.workers=0", "boxes.min_prob=0.05"]),
+    localize(ckpt, cache, tmp_path / "loc", load_config(overrides=["cam.workers=0", "boxes.min_prob=0.05",
+                                                                    "boxes.threshold=0.5"]),
              pictures=False, progress=False)
     result = cxrcam("evaluate", "--pred", str(tmp_path / "loc"), "--gt", str(cache), "--json", str(tmp_path / "ev" / "m.json"),
                     "--format", "coco")
@@ -199,10 +200,14 @@ def test_evaluate_a_localize_folder(vinbig_model, tmp_path):
     expected = auroc_per_class(manifest[[f"y_{i}" for i in range(14)]].to_numpy(),
                                probs.loc[manifest["image_id"]].to_numpy())
     assert [metrics["auroc"][c] for c in VINBIG.findings] == pytest.approx(list(expected), nan_ok=True)
-    # pointing game from bb_results.csv, and the random-map control, are in the table
+    # the pointing game from localize's peaks.csv agrees with bb_results.csv's peak_in_box, and the
+    # random-map control cuts its maps at localize's threshold (0.5), not evaluate's default (0.65)
     sources = {r["source"] for r in metrics["localization"]}
     assert sources == {"model", "random map"}
-    assert next(r for r in metrics["localization"] if r["class"] == "all")["pointing"] is not None
+    bb = pd.read_csv(tmp_path / "loc" / "bb_results.csv", dtype={"image_id": str}).dropna(subset=["gt_x_min"])
+    pointing = next(r for r in metrics["localization"] if r["source"] == "model" and r["class"] == "all")["pointing"]
+    assert pointing == pytest.approx(bb["peak_in_box"].astype(bool).mean())
+    assert metrics["control_threshold"] == 0.5
     assert "| No finding |" in result.stdout and (tmp_path / "ev" / "metrics.md").read_text() in result.stdout
     for name in ["ap_per_class.png", "pr_curves.png"]:
         image = cv2.imread(str(tmp_path / "ev" / name))

@@ -9,6 +9,7 @@ import timm
 import torch
 
 from cxrcam.errors import CxrcamError
+from cxrcam.files import load_checkpoint, save_checkpoint
 from cxrcam.models import create_classifier, load_classifier
 
 
@@ -82,3 +83,21 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     (tmp_path / "evil.pt").write_bytes(buffer.getvalue())
     with pytest.raises(CxrcamError, match="not a readable cxrcam checkpoint"):
         load_classifier(tmp_path / "evil.pt")
+
+
+def test_checkpoints_say_what_they_are(tmp_path):
+    """One loader checks the kind: a detector checkpoint is no classifier, a run folder means its
+    best.pt, and a classifier from before `kind` existed still loads as one."""
+    model = create_classifier("test_resnet", 14)
+    meta = {"model_name": "test_resnet", "in_chans": 3, "classes": [f"c{i}" for i in range(14)],
+            "model": model.state_dict()}
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "best.pt", {**meta, "kind": "classifier", "arch": "test_resnet"})
+    save_checkpoint(tmp_path / "old.pt", meta)
+    save_checkpoint(tmp_path / "det.pt", {"kind": "detector", "backbone": "resnet10t", "model": {}})
+    assert load_classifier(tmp_path / "run")[1]["kind"] == "classifier"
+    assert load_classifier(tmp_path / "old.pt")[1]["kind"] == "classifier"
+    with pytest.raises(CxrcamError, match=r"det.pt: not a cxrcam classifier checkpoint \(it is a detector\)"):
+        load_classifier(tmp_path / "det.pt")
+    with pytest.raises(CxrcamError, match="not a cxrcam detector checkpoint"):
+        load_checkpoint(tmp_path / "old.pt", kind="detector")

@@ -19,6 +19,7 @@ from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache, prepare
 from cxrcam.data.synth import synthesize
 from cxrcam.errors import CxrcamError
+from cxrcam.files import save_checkpoint
 from cxrcam.models import load_classifier
 from cxrcam.train.classifier import train_classifier
 
@@ -122,6 +123,14 @@ def test_user_errors(cache, tmp_path):
     with pytest.raises(CxrcamError, match="val_fold=7"):
         train_classifier(load_config(overrides=tiny("split.val_fold=7")), cache, tmp_path / "r", progress=False)
     with pytest.raises(CxrcamError, match="nothing to resume"):
+        train_classifier(load_config(overrides=tiny()), cache, tmp_path / "r", resume=True, progress=False)
+    # --resume checks the kind and the architecture of last.pt before touching the weights
+    (tmp_path / "r").mkdir()
+    save_checkpoint(tmp_path / "r" / "last.pt", {"kind": "detector", "arch": "test_resnet"})
+    with pytest.raises(CxrcamError, match="not a cxrcam classifier checkpoint"):
+        train_classifier(load_config(overrides=tiny()), cache, tmp_path / "r", resume=True, progress=False)
+    save_checkpoint(tmp_path / "r" / "last.pt", {"kind": "classifier", "arch": "resnet50"})
+    with pytest.raises(CxrcamError, match="trained a resnet50 classifier; the config asks for test_resnet"):
         train_classifier(load_config(overrides=tiny()), cache, tmp_path / "r", resume=True, progress=False)
     out = cxrcam("train-classifier", "--data", str(tmp_path / "nocache"), "--out", str(tmp_path / "r"))
     assert out.returncode == 1 and "not a cxrcam cache" in out.stderr and "Traceback" not in out.stderr

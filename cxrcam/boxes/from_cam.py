@@ -10,12 +10,19 @@ For one class of one image with probability ``p`` and a heat map scaled to [0, 1
    (``"max"``), or p alone (``"none"``): among boxes of one class, a stronger or more
    uniform activation ranks first, and across classes the classifier's confidence leads;
 5. per-class NMS at ``nms_iou`` (torchvision) and the ``top_k`` best boxes.
+
+``maps_to_boxes`` does this for a batch: each image's chosen classes, from one array of maps.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import cv2
 import numpy as np
+
 from cxrcam.config import BoxConfig
+
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # one image's boxes N x 4 xyxy, class ids, scores
 
 
 def cam_to_boxes(cam: np.ndarray, prob: float, config: BoxConfig = BoxConfig()) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +42,25 @@ def cam_to_boxes(cam: np.ndarray, prob: float, config: BoxConfig = BoxConfig()) 
     else:
         stat = np.ones(len(keep))
     return select_boxes(boxes.astype(np.float64), prob * stat, config.top_k, config.nms_iou)
+
+
+def maps_to_boxes(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Sequence[int]],
+                  probs: np.ndarray | None = None, config: BoxConfig = BoxConfig()) -> list[Detections]:
+    """Each image's boxes (map pixels) of its ``wanted`` classes.
+
+    cams: B x len(classes) x H x W, the scaled maps of ``classes``; probs: B x all classes, the
+    probability each box score starts from (None: 1)."""
+    column = {int(c): k for k, c in enumerate(classes)}
+    out = []
+    for b, chosen in enumerate(wanted):
+        boxes, labels, scores = [np.zeros((0, 4))], [np.zeros(0, np.int64)], [np.zeros(0)]
+        for c in chosen:
+            bx, sc = cam_to_boxes(cams[b, column[int(c)]], 1.0 if probs is None else float(probs[b, c]), config)
+            boxes.append(bx)
+            scores.append(sc)
+            labels.append(np.full(len(bx), int(c), np.int64))
+        out.append((np.concatenate(boxes), np.concatenate(labels), np.concatenate(scores)))
+    return out
 
 
 def select_boxes(boxes: np.ndarray, scores: np.ndarray, top_k: int = 0, nms_iou: float = 1.0

@@ -30,3 +30,10 @@ def pairwise_iobb(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     inter = intersection(truth, pred)
     area = np.broadcast_to(_areas(pred)[None, :], inter.shape)
     return np.divide(inter, area, out=np.zeros_like(inter), where=area > 0)
+
+
+def points_in_boxes(boxes: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Whether point i lies in box i, edges included (the pointing game); False for a NaN point."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return (b[:, 0] <= x) & (x <= b[:, 2]) & (b[:, 1] <= y) & (y <= b[:, 3])

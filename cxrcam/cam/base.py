@@ -4,6 +4,11 @@ A CAM object is built once for a model and then called on batches::
 
     cam = create_cam(model, "gradcam++")
     out = cam(images)            # out.cams: B x C x H x W in [0, 1], out.logits: B x C
+    out = cam(images, [3, 10])   # the maps of classes 3 and 10 only
+    out = cam(images, lambda logits: ...)   # classes chosen from the batch's own logits
+
+A method overrides :meth:`BaseCAM.raw_maps` (and :meth:`BaseCAM.forward` when its forward
+pass must keep something).
 
 Maps are scaled exactly as pytorch-grad-cam scales them (ReLU, per-map min-max, bilinear
 resize to the input, min-max again), so any method here is interchangeable with the
@@ -12,6 +17,7 @@ library's output.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +29,15 @@ _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
 
 
+# which classes to map: all (None), these ids, or a rule on the batch's logits (B x all classes)
+Classes = Union[None, Sequence[int], Callable[[torch.Tensor], Sequence[int]]]
+
+
 @dataclass
 class CamOutput:
     cams: torch.Tensor  # B x C x H x W, float32, each map min-max scaled to [0, 1]
     logits: torch.Tensor  # B x (all classes) raw classifier outputs
+    classes: list[int]  # the class id of each of the C maps
 
 
 @dataclass
@@ -43,11 +54,20 @@ def _is_pool(module: nn.Module) -> bool:
     return isinstance(module, _POOLS) or type(module).__name__ == "SelectAdaptivePool2d"
 
 
+def _input_channels(model: nn.Module) -> int:
+    """Channels the model's first convolution takes (3 where it has none)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else 3
+
+
 @torch.no_grad()
-def probe(model: nn.Module, size: int = 64) -> Probe:
+def probe(model: nn.Module, example: torch.Tensor | None = None, size: int = 64) -> Probe:
     """Run one small forward pass with hooks to find the tensor entering the global pooling
     (the target layer: found by what the model does, not by a name that changes between timm
-    versions) and whether the head is pooling + linear (the closed-form condition)."""
+    versions) and whether the head is pooling + linear (the closed-form condition).
+
+    The pass runs on two images of ``example`` (a batch the model takes), else on random
+    ``size`` x ``size`` images with the channels of the model's first convolution."""
     captured: dict = {}
     outputs: list[tuple[str, torch.Tensor]] = []
     handles = []
@@ -65,7 +85,8 @@ def probe(model: nn.Module, size: int = 64) -> Probe:
     model.eval()
     try:
         param = next(model.parameters())
-        logits = model(torch.rand(2, 1, size, size, device=param.device, dtype=param.dtype))
+        x = example[:2] if example is not None else torch.rand(2, _input_channels(model), size, size)
+        logits = model(x.to(device=param.device, dtype=param.dtype))
     finally:
         for h in handles:
             h.remove()
@@ -116,17 +137,21 @@ class BaseCAM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(maps B x len(classes) x h x w before scaling, logits B x all classes)."""
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch's logits (B x all classes)."""
+        return self.model(images).float()
+
+    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> torch.Tensor:
+        """Maps B x len(classes) x h x w before scaling, right after :meth:`forward` on ``images``."""
         raise NotImplementedError
 
-    def __call__(self, images: torch.Tensor, classes: list[int] | None = None) -> CamOutput:
+    def __call__(self, images: torch.Tensor, classes: Classes = None) -> CamOutput:
+        """Scaled maps of ``classes`` (all by default; or a rule on the logits: only the classes
+        some image needs are computed and scaled) and the logits, on the model's device."""
         images = images.to(self.device)
-        maps, logits = self.raw_maps(images, list(range(self.num_classes)) if classes is None else list(classes))
-        return CamOutput(scale_cams(maps, tuple(images.shape[-2:])), logits)
-
-    @property
-    def num_classes(self) -> int:
-        if self.info.head is None:
-            raise CxrcamError("pass the classes explicitly: this model has no linear head to count them")
-        return self.info.head.out_features
+        logits = self.forward(images)
+        chosen = [int(c) for c in (range(logits.shape[1]) if classes is None else
+                                   classes(logits) if callable(classes) else classes)]
+        maps = self.raw_maps(images, chosen)
+        return CamOutput(scale_cams(maps, tuple(images.shape[-2:])), logits, chosen)

@@ -37,9 +37,8 @@ class FastCAM(BaseCAM):
         self._hook.remove()
 
     @torch.no_grad()
-    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(images)
-        acts, self._acts = self._acts.float(), None
+    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> torch.Tensor:
+        acts, self._acts = self._acts.float(), None  # kept by the forward pass
         h, w = acts.shape[-2:]
         g = self.info.head.weight[classes].float() / (h * w)  # C x K: d logit_c / d A_k(i, j)
         if self.method == "gradcam":
@@ -50,4 +49,4 @@ class FastCAM(BaseCAM):
             alpha = g2 / (2 * g2 + total * (g2 * g) + _EPS_PP)
             alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
             weights = (h * w) * g.clamp_min(0) * alpha  # B x C x K
-        return torch.einsum("bck,bkhw->bchw", weights, acts), logits.float()
+        return torch.einsum("bck,bkhw->bchw", weights, acts)

@@ -31,16 +31,8 @@ class LibraryCAM(BaseCAM):
         super().__init__(model, method, target_layer, info)
         self.engine = LIBRARY_METHODS[method](model=model, target_layers=[self.target_layer])
 
-    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = []
-        for c in classes:
-            cam = self.engine(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images))
-            maps.append(torch.from_numpy(cam))
-        if classes:
-            logits = self.engine.outputs.detach()
-        else:
-            with torch.no_grad():
-                logits = self.model(images)
-        shape = (len(images), 0, *images.shape[-2:])
-        out = torch.stack(maps, 1) if maps else torch.zeros(shape)
-        return out.to(images.device), logits.float()
+    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> torch.Tensor:
+        maps = [torch.from_numpy(self.engine(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images)))
+                for c in classes]
+        out = torch.stack(maps, 1) if maps else torch.zeros((len(images), 0, *images.shape[-2:]))
+        return out.to(images.device)

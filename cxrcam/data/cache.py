@@ -32,7 +32,7 @@ from cxrcam.config import Config, config_to_dict
 from cxrcam.data.images import read_image
 from cxrcam.data.tables import BOX_COLUMNS
 from cxrcam.errors import CxrcamError, ImageReadError
-from cxrcam.io import atomic_write_bytes, write_csv, write_json
+from cxrcam.files import atomic_write_bytes, write_csv, write_json
 from cxrcam.schemas import Schema, get_schema
 
 CACHE_BOX_COLUMNS = ["cx_min", "cy_min", "cx_max", "cy_max"]

@@ -19,16 +19,16 @@ from cxrcam.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, image_size
 from cxrcam.data.tables import (BOX_COLUMNS, BOX_TABLE_COLUMNS, DatasetTables, empty_boxes,
                                 require_columns, soft_columns, target_columns)
 from cxrcam.errors import CxrcamError
-from cxrcam.schemas import NIH, RSNA, VINBIG, Schema
+from cxrcam.schemas import NIH, RSNA, SCHEMAS, VINBIG, Schema
 
 VINBIG_COLUMNS = ["image_id", "class_name", "class_id", "rad_id", *BOX_COLUMNS]
 
 
 def read_dataset(kind: str, root: str | Path, fusion: FusionConfig = FusionConfig()) -> DatasetTables:
-    """Read the dataset ``kind`` (vinbig, nih, rsna) from its released folder layout."""
-    readers = {"vinbig": read_vinbig, "nih": read_nih, "rsna": read_rsna}
+    """Read the dataset ``kind`` (a name of :data:`~cxrcam.schemas.SCHEMAS`) from its released folder layout."""
+    readers = {VINBIG.name: read_vinbig, NIH.name: read_nih, RSNA.name: read_rsna}
     if kind not in readers:
-        raise CxrcamError(f"unknown dataset {kind!r}; choose one of {', '.join(readers)}")
+        raise CxrcamError(f"unknown dataset {kind!r}; choose one of {', '.join(SCHEMAS)}")
     root = Path(root)
     if not root.is_dir():
         raise CxrcamError(f"dataset folder not found: {root}")

@@ -18,6 +18,16 @@ BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
 BOX_TABLE_COLUMNS = ["image_id", "class_id", *BOX_COLUMNS, "rad_id"]
 # predictions (localize, refine, a parsed submission.csv): boxes in original pixels
 DETECTION_COLUMNS = ["image_id", "class_id", "score", *BOX_COLUMNS]
+NORMAL_BOX = (0.0, 0.0, 1.0, 1.0)  # VinBigData's "No finding" box, in truth and submissions
+
+
+def no_finding_rows(image_ids, class_id: int, scores=None) -> pd.DataFrame:
+    """The "No finding" box of each image: truth rows, or predictions when ``scores`` are given."""
+    rows = pd.DataFrame({"image_id": list(image_ids), "class_id": class_id})
+    if scores is not None:
+        rows["score"] = scores
+    rows[BOX_COLUMNS] = NORMAL_BOX
+    return rows
 
 
 def target_columns(schema: Schema) -> list[str]:
@@ -33,12 +43,6 @@ class DatasetTables:
     schema: Schema
     images: pd.DataFrame
     boxes: pd.DataFrame
-
-    def targets(self):
-        return self.images[target_columns(self.schema)].to_numpy("float32")
-
-    def soft_targets(self):
-        return self.images[soft_columns(self.schema)].to_numpy("float32")
 
 
 def empty_boxes(columns: list[str] = BOX_TABLE_COLUMNS) -> pd.DataFrame:

@@ -21,9 +21,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cxrcam.errors import CxrcamError
-from cxrcam.io import load_checkpoint
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+from cxrcam.files import load_checkpoint
+from cxrcam.models import IMAGENET_MEAN, IMAGENET_STD, channel_stats, grey_to_channels, load_classifier
 
 
 class TimmFPN(nn.Module):
@@ -41,8 +40,6 @@ class TimmFPN(nn.Module):
 
 def _classifier_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple, tuple, str]:
     """(timm state dict without the head, mean, std, timm name) of a classifier checkpoint."""
-    from cxrcam.models import load_classifier
-
     _, ckpt = load_classifier(path)
     prefix = "backbone."
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
@@ -57,7 +54,7 @@ def create_detector(backbone: str, num_classes: int, size: int, init: str | Path
     ``init``: a classifier checkpoint of the same backbone; its weights start the detector
     (timm's ResNet-50 and torchvision's share the layout), with frozen batch norm and the
     first ``5 - trainable_layers`` stages frozen. Without it the backbone starts at random."""
-    mean, std = IMAGENET
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     state = None
     if init:
         state, mean, std, name = _classifier_backbone(init)
@@ -79,8 +76,7 @@ def create_detector(backbone: str, num_classes: int, size: int, init: str | Path
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing:
             raise CxrcamError(f"detector.init: {len(missing)} backbone weights missing in {init} (e.g. {missing[0]})")
-    if len(mean) != 3:
-        mean, std = (mean[0],) * 3, (std[0],) * 3
+    mean, std = channel_stats(mean, std, 3)
     return FasterRCNN(body, num_classes=num_classes + 1, min_size=size, max_size=size, image_mean=list(mean),
                       image_std=list(std), box_score_thresh=score_thresh, box_detections_per_img=detections_per_img,
                       box_batch_size_per_image=rois_per_image)
@@ -88,9 +84,7 @@ def create_detector(backbone: str, num_classes: int, size: int, init: str | Path
 
 def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[FasterRCNN, dict[str, Any]]:
     """Rebuild a detector from its checkpoint (``weights_only=True``)."""
-    ckpt = load_checkpoint(path, device)
-    if ckpt.get("kind") != "detector":
-        raise CxrcamError(f"{path}: not a cxrcam detector checkpoint")
+    ckpt = load_checkpoint(path, device, kind="detector")
     cfg = ckpt["config"]["detector"]
     model = create_detector(ckpt["backbone"], len(ckpt["classes"]), ckpt["input_size"],
                             score_thresh=cfg["score_thresh"], detections_per_img=cfg["detections_per_img"])
@@ -100,4 +94,4 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
 
 def to_detector_input(x: torch.Tensor) -> list[torch.Tensor]:
     """A grey batch B x 1 x H x W in [0, 1] -> the list of 3-channel images torchvision takes."""
-    return [img.expand(3, -1, -1) for img in x]
+    return list(grey_to_channels(x, 3))

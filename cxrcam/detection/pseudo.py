@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from cxrcam.boxes import cam_to_boxes, scale_boxes
-from cxrcam.cam import create_cam, scale_cams
+from cxrcam.boxes import maps_to_boxes, scale_boxes
+from cxrcam.cam import create_cam
 from cxrcam.config import Config
 from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
 from cxrcam.data.dataset import CacheDataset
@@ -25,7 +25,7 @@ from cxrcam.models import load_classifier
 
 @torch.no_grad()
 def pseudo_boxes(classifier: str | Path, cache: Cache, config: Config, device: torch.device) -> pd.DataFrame:
-    model, ckpt = load_classifier(classifier, device)
+    model, _ = load_classifier(classifier, device)
     cam = create_cam(model, config.cam.method)
     labels = cache.images[target_columns(cache.schema)].to_numpy() >= 0.5
     box_cfg = replace(config.boxes, top_k=1)
@@ -33,19 +33,13 @@ def pseudo_boxes(classifier: str | Path, cache: Cache, config: Config, device: t
     loader = DataLoader(CacheDataset(cache), batch_size=config.cam.batch_size, num_workers=config.cam.workers)
     for x, _, idx in loader:
         idx = idx.numpy()
-        cols = np.flatnonzero(labels[idx].any(0)).tolist()  # one CAM call per batch for its labelled classes
-        if not cols:
+        wanted = [np.flatnonzero(labels[i]).tolist() for i in idx]
+        if not any(wanted):
             continue
-        maps, _ = cam.raw_maps(x.to(device), cols)
-        for b, i in enumerate(idx):
-            classes = np.flatnonzero(labels[i]).tolist()
-            if not classes:
-                continue
-            scaled = scale_cams(maps[b, [cols.index(c) for c in classes]][None], tuple(x.shape[-2:]))[0].cpu().numpy()
-            for k, c in enumerate(classes):
-                boxes, _ = cam_to_boxes(scaled[k], 1.0, box_cfg)
-                if len(boxes):
-                    rows.append((cache.images.at[i, "image_id"], c, *boxes[0]))
+        out = cam(x, sorted({c for w in wanted for c in w}))  # one CAM call per batch for its labelled classes
+        found = maps_to_boxes(out.cams.cpu().numpy(), out.classes, wanted, None, box_cfg)
+        for i, (boxes, classes, _) in zip(idx, found):
+            rows += [(cache.images.at[i, "image_id"], int(c), *box) for box, c in zip(boxes, classes)]
     frame = pd.DataFrame(rows, columns=["image_id", "class_id", *CACHE_BOX_COLUMNS])
     scales = frame.merge(cache.images[["image_id", "scale_x", "scale_y"]], on="image_id", how="left")
     frame[BOX_COLUMNS] = scale_boxes(frame[CACHE_BOX_COLUMNS].to_numpy(), 1 / scales["scale_x"].to_numpy(),

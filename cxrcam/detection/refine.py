@@ -18,11 +18,9 @@ import numpy as np
 import torch
 from ensemble_boxes import weighted_boxes_fusion
 
-from cxrcam.boxes import select_boxes
+from cxrcam.boxes import Detections, select_boxes
 from cxrcam.config import RefineConfig
 from cxrcam.detection.model import load_detector, to_detector_input
-
-Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes N x 4, class ids (0-based), scores
 
 
 class Refiner:

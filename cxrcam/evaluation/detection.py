@@ -1,6 +1,6 @@
 """VinBigData's metric: PASCAL VOC 2010 average precision per class at IoU > 0.4, and its mean.
 
-Written from the definition (REFERENCE.md), not the widely copied notebook:
+Written from the competition's definition, not the widely copied notebook:
 
 * IoU on continuous coordinates (no "+1"), a match needs IoU strictly above ``iou_thr``;
 * per class, predictions are ranked by confidence (stable); each one is compared with the
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cxrcam.boxes import pairwise_iou
-from cxrcam.data.tables import BOX_COLUMNS
+from cxrcam.data.tables import BOX_COLUMNS, no_finding_rows
 
 
 @dataclass
@@ -72,8 +72,7 @@ def class_ap(truth: pd.DataFrame, detections: pd.DataFrame, class_id: int, iou_t
 def with_no_finding(truth: pd.DataFrame, image_ids: list[str], no_finding_id: int) -> pd.DataFrame:
     """Add the ``no_finding_id`` truth box ``0 0 1 1`` to every image without a finding box."""
     normal = sorted(set(image_ids) - set(truth.loc[truth["class_id"] != no_finding_id, "image_id"]))
-    extra = pd.DataFrame({"image_id": normal, "class_id": no_finding_id,
-                          **{c: v for c, v in zip(BOX_COLUMNS, (0.0, 0.0, 1.0, 1.0))}})
+    extra = no_finding_rows(normal, no_finding_id)
     return pd.concat([truth[truth["class_id"] != no_finding_id][["image_id", "class_id", *BOX_COLUMNS]], extra],
                      ignore_index=True)
 

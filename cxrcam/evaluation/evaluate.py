@@ -3,8 +3,9 @@
 Ground truth (``read_ground_truth``): a ``prepare`` cache, a dataset folder as released, a
 VinBigData ``train.csv`` (readers fused as the config says), an NIH ``BBox_List_2017.csv``,
 or an RSNA ``stage_2_train_labels.csv``. Predictions: a ``submission.csv``, or a localize /
-refine output folder (its ``submission.csv``, plus ``probabilities.csv`` for AUROC and
-``bb_results.csv`` for the pointing game).
+refine output folder (its ``submission.csv``, plus ``probabilities.csv`` for AUROC,
+``peaks.csv`` for the pointing game, and ``localize.json``, whose box settings the random-map
+control uses, so that the control cuts its maps as the model's maps were cut).
 
 NIH boxes cover only some images and classes, so NIH detection metrics run on the images
 that have boxes; VinBigData and RSNA truth is complete, so every image counts and images
@@ -12,6 +13,7 @@ without findings are VinBigData's "No finding" truth.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrcam.config import Config
+from cxrcam.config import BoxConfig, Config, from_dict
+from cxrcam.boxes import points_in_boxes
+from cxrcam.data.sources import detect_dataset
 from cxrcam.data.tables import BOX_COLUMNS, target_columns
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.classification import auroc_per_class, mean_auroc
@@ -27,9 +31,9 @@ from cxrcam.evaluation.coco import coco_ap
 from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
 from cxrcam.evaluation.rsna import rsna_score
 from cxrcam.evaluation.weak import accuracy_table, random_control
-from cxrcam.io import atomic_write_text, save_figure, write_csv, write_json
+from cxrcam.files import atomic_write_text, save_figure, write_csv, write_json
 from cxrcam.outputs.submission import read_submission
-from cxrcam.schemas import NIH, RSNA, Schema
+from cxrcam.schemas import NIH, RSNA, SCHEMAS, Schema
 
 NIH_SIDE = 1024  # every released NIH image is 1024 x 1024
 
@@ -45,22 +49,20 @@ class GroundTruth:
 
 
 def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTruth:
-    from cxrcam.data.cache import open_cache
-    from cxrcam.data.readers import nih_from_tables, read_dataset, rsna_from_table, vinbig_from_table
-    from cxrcam.localize import DATASET_MARKERS
+    """Truth from a cache or dataset folder (recognised as localize recognises its input), or
+    from a label table file."""
+    from cxrcam.data.readers import nih_from_tables, rsna_from_table, vinbig_from_table
+    from cxrcam.data.sources import open_source
 
     path = Path(path)
     if not path.exists():
         raise CxrcamError(f"ground truth not found: {path}")
-    if path.is_dir() and (path / "cache.json").is_file():
-        cache = open_cache(path)
-        schema, images, boxes = cache.schema, cache.images, cache.boxes
-    elif path.is_dir():
-        kind = next((k for k, pattern in DATASET_MARKERS.items() if any(path.glob(pattern))), None)
-        if kind is None:
-            raise CxrcamError(f"{path}: no train.csv, Data_Entry_2017*.csv or stage_2_train_labels.csv")
-        tables = read_dataset(kind, path, config.fusion)
-        schema, images, boxes = tables.schema, tables.images, tables.boxes
+    if path.is_dir():
+        if not (path / "cache.json").is_file() and detect_dataset(path) is None:
+            raise CxrcamError(f"{path}: not a cache, and no label table "
+                              f"({', '.join(s.label_table for s in SCHEMAS.values())})")
+        source = open_source(path, config=config)
+        schema, images, boxes = source.schema, source.images, source.truth
     else:
         table = pd.read_csv(path)
         columns = set(table.columns)
@@ -93,13 +95,30 @@ def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTrut
     return GroundTruth(schema, ids, boxes, labels, sizes, complete)
 
 
-def _prediction_files(pred: Path) -> tuple[Path, Path | None, Path | None]:
+def _prediction_files(pred: Path) -> tuple[Path, Path | None, Path | None, Path | None]:
+    """submission.csv and, in a localize/refine folder, probabilities.csv, peaks.csv, localize.json."""
     if pred.is_dir():
-        found = [pred / n for n in ("submission.csv", "probabilities.csv", "bb_results.csv")]
+        found = [pred / n for n in ("submission.csv", "probabilities.csv", "peaks.csv", "localize.json")]
         if not found[0].is_file():
             raise CxrcamError(f"{pred}: no submission.csv")
         return found[0], *(p if p.is_file() else None for p in found[1:])
-    return pred, None, None
+    return pred, None, None, None
+
+
+def _pointing(truth: pd.DataFrame, peaks_csv: Path) -> pd.Series:
+    """Per truth box, 1 when its class's map peak (localize's peaks.csv) lies inside, else 0 (NaN: no peak)."""
+    peaks = pd.read_csv(peaks_csv, dtype={"image_id": str})
+    at = truth[["image_id", "class_id"]].merge(peaks, on=["image_id", "class_id"], how="left")
+    inside = points_in_boxes(truth[BOX_COLUMNS].to_numpy(), at["peak_x"].to_numpy(), at["peak_y"].to_numpy())
+    return pd.Series(np.where(at["peak_x"].notna(), inside.astype(float), np.nan))
+
+
+def _box_settings(localize_json: Path | None, config: Config) -> BoxConfig:
+    """The box settings the predictions were made with (localize.json), for the random-map control."""
+    if localize_json is None:
+        return config.boxes
+    saved = json.loads(localize_json.read_text()).get("config", {}).get("boxes", {})
+    return from_dict(BoxConfig, saved, "boxes.") if saved else config.boxes
 
 
 def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config = Config(),
@@ -107,7 +126,7 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
              control: bool = True) -> dict:
     """All metrics that the inputs allow, as a dict; with ``out``, also metrics.json, metrics.md
     and the plots there."""
-    submission, found_probs, bb_results = _prediction_files(Path(pred))
+    submission, found_probs, peaks, settings = _prediction_files(Path(pred))
     probs = Path(probs) if probs else found_probs
     truth = read_ground_truth(gt, config)
     schema = truth.schema
@@ -140,15 +159,12 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
 
     weak = None
     if len(truth.boxes):
-        points = None
-        if bb_results is not None:
-            peaks = pd.read_csv(bb_results, dtype={"image_id": str}).dropna(subset=["gt_x_min"])
-            merged = truth.boxes.merge(peaks.rename(columns={f"gt_{c}": c for c in BOX_COLUMNS}),
-                                       on=["image_id", "class_id", *BOX_COLUMNS], how="left")
-            points = merged["peak_in_box"].map({True: 1.0, False: 0.0, "True": 1.0, "False": 0.0})
+        points = _pointing(truth.boxes, peaks) if peaks is not None else None
         weak = accuracy_table(truth.boxes, dets, schema, points).assign(source="model")
         if control and truth.sizes:
-            ctrl = random_control(truth.boxes, truth.sizes, schema, config.boxes).assign(source="random map")
+            boxes_cfg = _box_settings(settings, config)
+            metrics["control_threshold"] = boxes_cfg.threshold
+            ctrl = random_control(truth.boxes, truth.sizes, schema, boxes_cfg).assign(source="random map")
             weak = pd.concat([weak, ctrl], ignore_index=True)
         metrics["localization"] = weak.to_dict(orient="records")
 

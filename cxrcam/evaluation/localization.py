@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxrcam.boxes import pairwise_iobb, pairwise_iou
+from cxrcam.boxes import pairwise_iobb, pairwise_iou, points_in_boxes
 from cxrcam.data.tables import BOX_COLUMNS
 from cxrcam.schemas import Schema
 
@@ -36,11 +36,11 @@ def match_boxes(truth: pd.DataFrame, detections: pd.DataFrame, schema: Schema, i
         iou, iobb = pairwise_iou(g, p), pairwise_iobb(g, p)
         best = [int(np.lexsort((-scores, -iou[i]))[0]) if len(p) else -1 for i in range(len(g))]
         px, py = peak_at.get(key, (np.nan, np.nan))
+        inside = points_in_boxes(g, px, py)
         for i, j in enumerate(best):
             row = _row(key, schema, g[i], p[j] if j >= 0 else None, scores[j] if j >= 0 else np.nan,
                        iou[i, j] if j >= 0 else 0.0, iobb[i, j] if j >= 0 else 0.0, iou_thr)
-            inside = bool(g[i, 0] <= px <= g[i, 2] and g[i, 1] <= py <= g[i, 3]) if np.isfinite(px) else None
-            rows.append({**row, "peak_x": px, "peak_y": py, "peak_in_box": inside})
+            rows.append({**row, "peak_x": px, "peak_y": py, "peak_in_box": bool(inside[i]) if np.isfinite(px) else None})
         for j in sorted(set(range(len(p))) - set(best)):
             rows.append(_row(key, schema, None, p[j], scores[j], float(iou[:, j].max()) if len(g) else 0.0,
                              float(iobb[:, j].max()) if len(g) else 0.0, iou_thr, matched=False))

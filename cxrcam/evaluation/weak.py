@@ -3,7 +3,7 @@
 Per truth box: hit at T(IoU) when some predicted box of its image and class has IoU > T, hit
 at T(IoBB) when some has intersection / predicted area > T; accuracy = share of truth boxes
 hit, per class, for T = 0.1 ... 0.9. Pointing game: share of truth boxes containing the peak
-of their class's heat map (from localize's ``bb_results.csv``).
+of their class's heat map (from localize's ``peaks.csv``).
 
 The random-map control runs the same box extraction on random heat maps: uniform noise on a
 ``grid`` x ``grid`` lattice (a CAM's resolution), bilinearly upsampled and min-max scaled,
@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cxrcam.boxes import cam_peak, cam_to_boxes, pairwise_iobb, pairwise_iou, scale_boxes
+from cxrcam.boxes import cam_peak, cam_to_boxes, pairwise_iobb, pairwise_iou, points_in_boxes, scale_boxes
 from cxrcam.config import BoxConfig
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS
 from cxrcam.schemas import Schema
@@ -76,8 +76,8 @@ def random_control(truth: pd.DataFrame, sizes: dict[str, tuple[float, float]], s
             px, py = cam_peak(cam)
             peaks[(key.image_id, key.class_id)] = (px * w / side, py * h / side)
         sub = truth[[(i, c) in peaks for i, c in zip(truth["image_id"], truth["class_id"])]]
-        inside = [b[0] <= peaks[(i, c)][0] <= b[2] and b[1] <= peaks[(i, c)][1] <= b[3]
-                  for i, c, b in zip(sub["image_id"], sub["class_id"], sub[BOX_COLUMNS].to_numpy())]
+        px, py = np.array([peaks[(i, c)] for i, c in zip(sub["image_id"], sub["class_id"])]).reshape(-1, 2).T
+        inside = points_in_boxes(sub[BOX_COLUMNS].to_numpy(), px, py)
         tables.append(accuracy_table(sub, pd.DataFrame(dets, columns=DETECTION_COLUMNS), schema,
                                      pd.Series(inside, dtype=float)))
     out = tables[0].copy()

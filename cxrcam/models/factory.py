@@ -17,9 +17,25 @@ import torch
 from torch import nn
 
 from cxrcam.errors import CxrcamError
-from cxrcam.io import load_checkpoint
+from cxrcam.files import load_checkpoint
 
 HUB_HOST = "huggingface.co"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def grey_to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The one grey -> ``channels`` step (a view, no copy): B x 1 x H x W -> B x channels x H x W."""
+    return x if x.shape[1] == channels else x.expand(-1, channels, -1, -1)
+
+
+def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> tuple[tuple, tuple]:
+    """Normalisation statistics for ``channels`` inputs: one channel averages them (timm folds the
+    first layer the same way), more channels repeat the first."""
+    if len(mean) == channels:
+        return tuple(mean), tuple(std)
+    if channels == 1:
+        return (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return (mean[0],) * channels, (std[0],) * channels
 
 
 class Classifier(nn.Module):
@@ -38,9 +54,7 @@ class Classifier(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The one image normalisation: grey [0, 1] -> the backbone's channels and statistics."""
-        if x.shape[1] != self.in_chans:
-            x = x.expand(-1, self.in_chans, -1, -1)
-        return (x - self.mean) / self.std
+        return (grey_to_channels(x, self.in_chans) - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
@@ -101,20 +115,12 @@ def create_classifier(name: str, num_classes: int, pretrained: bool | str = Fals
     """
     backbone = _create_backbone(name, num_classes, in_chans, pretrained, drop_rate)
     cfg = backbone.pretrained_cfg or {}
-    mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-    if in_chans == 1:
-        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-    elif len(mean) != in_chans:
-        mean, std = (mean[0],) * in_chans, (std[0],) * in_chans
-    return Classifier(backbone, mean, std)
+    return Classifier(backbone, *channel_stats(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), in_chans))
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
     """Rebuild a classifier from a self-contained checkpoint (loaded with ``weights_only=True``)."""
-    ckpt = load_checkpoint(path, device)
-    if "model_name" not in ckpt:
-        raise CxrcamError(f"{path}: not a cxrcam classifier checkpoint")
+    ckpt = load_checkpoint(path, device, kind="classifier")
     model = create_classifier(ckpt["model_name"], len(ckpt["classes"]), pretrained=False,
                               in_chans=ckpt["in_chans"])
     model.load_state_dict(ckpt["model"])

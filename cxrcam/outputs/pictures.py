@@ -19,7 +19,7 @@ import numpy as np
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from cxrcam.data.images import IMAGE_SUFFIXES
-from cxrcam.io import atomic_write_bytes
+from cxrcam.files import atomic_write_bytes
 from cxrcam.schemas import Schema
 
 TRUTH_BGR = (0, 255, 255)  # yellow

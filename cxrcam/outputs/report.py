@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 
 from cxrcam.errors import CxrcamError
-from cxrcam.io import atomic_write_text, figure_png
+from cxrcam.files import atomic_write_text, figure_png
 from cxrcam.outputs.pictures import picture_paths
-from cxrcam.schemas import Schema, get_schema
+from cxrcam.data.tables import target_columns
+from cxrcam.schemas import SCHEMAS, VINBIG, Schema
 
 
 def write_report(run: str | Path, out: str | Path, embed: bool = False, max_pictures: int = 300) -> Path:
@@ -88,7 +89,7 @@ def _dataset(cache_dir: Path, run: Path) -> str:
     cache = open_cache(cache_dir)
     schema, size, plt = cache.schema, cache.size, _pyplot()
     names = list(schema.findings)
-    labels = cache.images[[f"y_{i}" for i in range(len(names))]].to_numpy() >= 0.5
+    labels = cache.images[target_columns(schema)].to_numpy() >= 0.5
     boxes = cache.boxes
     n_boxes = np.bincount(boxes["class_id"], minlength=len(names)) if len(boxes) else np.zeros(len(names), int)
     colours = [np.array(schema.colour(i)) / 255 for i in range(len(names))]
@@ -228,8 +229,7 @@ def _schema_of(folder: Path) -> Schema:
     """The dataset schema whose findings head localize's probabilities.csv (no checkpoint to load)."""
     path = folder / "probabilities.csv"
     header = list(pd.read_csv(path, nrows=0).columns[1:]) if path.is_file() else []
-    return next((get_schema(n) for n in ("vinbig", "nih", "rsna") if list(get_schema(n).findings) == header),
-                get_schema("vinbig"))
+    return next((s for s in SCHEMAS.values() if list(s.findings) == header), VINBIG)
 
 
 def _src(path: Path, page_dir: Path, embed: bool) -> str:

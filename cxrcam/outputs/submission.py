@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, empty_boxes
+from cxrcam.boxes import xywh_to_xyxy
+from cxrcam.data.tables import DETECTION_COLUMNS, empty_boxes, no_finding_rows
 from cxrcam.errors import CxrcamError
-from cxrcam.io import write_csv
-
-NORMAL_BOX = (0.0, 0.0, 1.0, 1.0)
+from cxrcam.files import write_csv
 
 
 def normal_scores(probs: np.ndarray, rule: str = "max") -> np.ndarray:
@@ -42,8 +41,7 @@ def submission_table(image_ids: list[str], detections: pd.DataFrame, normal: pd.
     ``normal`` (image_id -> p_normal) appends the "No finding" group to those images."""
     dets = detections[DETECTION_COLUMNS]
     if normal is not None and no_finding_id is not None:
-        extra = pd.DataFrame({"image_id": normal.index, "class_id": no_finding_id, "score": normal.to_numpy()})
-        extra[BOX_COLUMNS] = NORMAL_BOX
+        extra = no_finding_rows(normal.index, no_finding_id, normal.to_numpy())
         dets = pd.concat([dets, extra], ignore_index=True) if len(dets) else extra
     strings = dets.groupby("image_id", sort=False).apply(prediction_string, include_groups=False) if len(dets) else {}
     return pd.DataFrame({"image_id": image_ids, "PredictionString": [strings.get(i, "") for i in image_ids]})
@@ -105,7 +103,7 @@ def _parse(image_id: str, text: str, num_classes: int, image_ids: set[str] | Non
         if xywh:
             if x1 < 0 or y1 < 0:
                 raise ValueError(f"negative width or height in group {k // n + 1}")
-            x1, y1 = x0 + x1, y0 + y1
+            x0, y0, x1, y1 = xywh_to_xyxy([x0, y0, x1, y1])[0]
         if not cls.is_integer() or not 0 <= cls < num_classes:
             raise ValueError(f"unknown class {group[0]!r} in group {k // n + 1}")
         if not all(np.isfinite([score, x0, y0, x1, y1])):

@@ -1,1 +1,1 @@
-"""Training loops (classifier; detector) and their distributed helpers."""
+"""Training: one engine (``engine.py``) and the setup of each model (``classifier.py``, ``detector.py``)."""

@@ -1,14 +1,14 @@
 """``cxrcam train-detector``: torchvision Faster R-CNN on a cache, read top to bottom.
 
-Truth: the cache's fused boxes, or CAM pseudo-boxes from a classifier (``detector.pseudo_from``)
-when the cache has none. Images without findings stay in as negatives. SGD with momentum,
-linear warm-up, step decay; AMP on CUDA; DDP under torchrun; best.pt (validation VOC mAP@0.4)
-and last.pt (resume) like the classifier, ``metrics.csv`` per epoch.
+Setup only: truth (the cache's fused boxes, or CAM pseudo-boxes from a classifier,
+``detector.pseudo_from``), images without findings kept as negatives, the Faster R-CNN, SGD with
+momentum, linear warm-up and step decay. The epoch loop, AMP, checkpoints (``best.pt`` on
+validation VOC mAP@0.4, ``last.pt`` for ``--resume``) and ``metrics.csv`` are the engine's
+(:mod:`cxrcam.train.engine`), as for the classifier; DDP under torchrun.
 """
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
 
 from cxrcam.boxes import scale_boxes
 from cxrcam.config import Config, config_to_dict
@@ -30,9 +29,8 @@ from cxrcam.detection.model import create_detector, to_detector_input
 from cxrcam.detection.pseudo import pseudo_boxes
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import voc_map
-from cxrcam.io import save_checkpoint, write_csv
-from cxrcam.train import dist
-from cxrcam.train.state import restore_last, save_last
+from cxrcam.runtime import dist
+from cxrcam.train.engine import Run, fit
 
 
 class DetectionDataset(Dataset):
@@ -75,20 +73,38 @@ def detect(model, loader, images: pd.DataFrame, device: torch.device) -> pd.Data
     return pd.DataFrame(rows, columns=DETECTION_COLUMNS)
 
 
+def _validation(model, loader, val_set: DetectionDataset, truth: pd.DataFrame, iou_thr: float, info):
+    """The validation step (rank 0): VOC mAP of the findings on the validation fold."""
+    val_truth = truth[truth["image_id"].isin(set(val_set.images["image_id"]))][["image_id", "class_id", *BOX_COLUMNS]]
+
+    def validate(autocast) -> dict[str, float] | None:
+        if not info.is_main:
+            return None
+        return {"val_map": voc_map(val_truth, detect(model, loader, val_set.images, info.device), iou_thr)[0]}
+
+    return validate
+
+
+def _training_boxes(cache: Cache, config: Config, device: torch.device) -> tuple[pd.DataFrame, str]:
+    """The cache's truth boxes, or CAM pseudo-boxes from ``detector.pseudo_from``."""
+    if config.detector.pseudo_from:
+        return pseudo_boxes(config.detector.pseudo_from, cache, config, device), "cam pseudo-boxes"
+    if cache.boxes.empty:
+        raise CxrcamError(f"{cache.root} has no boxes: set detector.pseudo_from to a classifier checkpoint")
+    return cache.boxes, "truth"
+
+
 def train_detector(config: Config, data: str | Path, out: str | Path, resume: bool = False,
                    progress: bool = True) -> dict[str, Any]:
+    """Train on the cache at ``data``; write checkpoints and logs to ``out``. Returns the last epoch's metrics."""
     info = dist.setup()
-    dcfg, out = config.detector, Path(out)
+    dcfg = config.detector
     cuda = info.device.type == "cuda"
     torch.manual_seed(dcfg.seed)
 
     # --- data: truth boxes, or CAM pseudo-boxes where the cache has none
     cache = open_cache(data)
-    truth, source = cache.boxes, "truth"
-    if dcfg.pseudo_from:
-        truth, source = pseudo_boxes(dcfg.pseudo_from, cache, config, info.device), "cam pseudo-boxes"
-    elif truth.empty:
-        raise CxrcamError(f"{data} has no boxes: set detector.pseudo_from to a classifier checkpoint")
+    truth, source = _training_boxes(cache, config, info.device)
     train_rows, val_rows = train_val_rows(cache.images["fold"].to_numpy(), config.split.val_fold, cache.root)
     if dcfg.box_images < 0:
         raise CxrcamError(f"detector.box_images must be >= 0, got {dcfg.box_images}")
@@ -100,13 +116,24 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=dcfg.seed)
     val_loader = DataLoader(val_set, batch_size=per_rank_batch, num_workers=dcfg.workers, collate_fn=_collate)
 
-    # --- model, optimiser, schedule
+    def epoch_loader(epoch: int) -> DataLoader:
+        sampler.set_epoch(epoch)
+        return DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=dcfg.workers,
+                          collate_fn=_collate, pin_memory=cuda)
+
+    # --- model, loss, optimiser, schedule
     classes = list(cache.schema.findings)
     model = create_detector(dcfg.backbone, len(classes), cache.size, dcfg.init or None, dcfg.trainable_layers,
                             dcfg.score_thresh, dcfg.detections_per_img, dcfg.rois_per_image).to(info.device)
     raw_model = model
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[info.local_rank] if cuda else None)
+
+    def batch_loss(batch) -> tuple[dict[str, torch.Tensor], int]:
+        x, targets, _ = batch
+        targets = [{k: v.to(info.device) for k, v in t.items()} for t in targets]
+        return model(to_detector_input(torch.stack(x).to(info.device)), targets), len(x)
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=dcfg.lr, momentum=dcfg.momentum, weight_decay=dcfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(sampler) / per_rank_batch))
@@ -116,69 +143,15 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
         return warm * dcfg.gamma ** ((step // steps_per_epoch) // max(1, dcfg.step_size))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    autocast, scaler = dist.mixed_precision(dcfg.amp, info.device)
 
-    start_epoch, best, history = 0, -math.inf, []
-    if resume:
-        start_epoch, best, history = restore_last(out, info.device, raw_model, optimizer, scheduler, scaler,
-                                                  "backbone", dcfg.backbone)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    meta = {"kind": "detector", "backbone": dcfg.backbone, "classes": classes, "schema": cache.schema.name,
+    meta = {"backbone": dcfg.backbone, "classes": classes, "schema": cache.schema.name,
             "input_size": cache.size, "truth": source, "config": config_to_dict(config),
             "train_images": train_set.images["image_id"].tolist()}
-
-    metrics: dict[str, Any] = history[-1] if history else {}
-    for epoch in range(start_epoch, dcfg.epochs):
-        # --- train one epoch
-        sampler.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=dcfg.workers,
-                            collate_fn=_collate, pin_memory=cuda)
-        model.train()
-        totals: dict[str, float] = {}
-        start = time.perf_counter()
-        bar = tqdm(loader, desc=f"detector epoch {epoch + 1}/{dcfg.epochs}", unit="step", leave=False,
-                   disable=not (progress and info.is_main))
-        for x, targets, _ in bar:
-            images = to_detector_input(torch.stack(x).to(info.device))
-            targets = [{k: v.to(info.device) for k, v in t.items()} for t in targets]
-            with autocast():
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise CxrcamError(f"detector loss is {loss.item()} at epoch {epoch + 1}: lower detector.lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        seconds = time.perf_counter() - start
-
-        # --- validate (rank 0): VOC mAP@0.4 of the findings on the validation fold
-        if info.is_main:
-            dets = detect(raw_model, val_loader, val_set.images, info.device)
-            val_truth = truth[truth["image_id"].isin(set(val_set.images["image_id"]))]
-            val_map = voc_map(val_truth[["image_id", "class_id", *BOX_COLUMNS]], dets, config.eval.iou_thr)[0]
-            metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                       **{k: v / max(1, len(loader)) for k, v in totals.items()},
-                       "val_map": val_map, "images_per_s": len(sampler) * info.world_size / seconds}
-            history.append(metrics)
-            improved = not math.isnan(val_map) and val_map > best
-            best = val_map if improved else best
-            state = {**meta, "model": raw_model.state_dict(), "metrics": metrics, "epoch": epoch}
-            if improved or epoch == 0:
-                save_checkpoint(out / "best.pt", state)
-            save_last(out, state, optimizer, scheduler, scaler, best, history)
-            write_csv(out / "metrics.csv", pd.DataFrame(history))
-            tqdm.write(f"detector epoch {epoch + 1}/{dcfg.epochs}: loss {sum(totals.values()) / max(1, len(loader)):.3f}"
-                       f"  val mAP@{config.eval.iou_thr} {val_map:.3f}  {metrics['images_per_s']:.1f} img/s")
-        if info.distributed:
-            torch.distributed.barrier()
-    dist.cleanup()
-    return metrics
+    run = Run("detector", dcfg.backbone, model, raw_model, optimizer, scheduler, epoch_loader, batch_loss,
+              _validation(raw_model, val_loader, val_set, truth, config.eval.iou_thr, info), "val_map", dcfg.epochs,
+              dcfg.amp, 0.0, "detector.lr", meta,
+              {"loss": "train_loss", f"val mAP@{config.eval.iou_thr}": "val_map"})
+    return fit(run, out, info, resume, progress)
 
 
 __all__ = ["train_detector", "detect", "DetectionDataset"]

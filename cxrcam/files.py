@@ -1,6 +1,8 @@
-"""Atomic file output: write to a temporary file in the same folder, then rename.
+"""Files every stage writes or reads: atomic output, figures, checkpoints.
 
-A run killed mid-write leaves either the old file or the new one, never half of one.
+Output goes to a temporary file in the same folder, then is renamed: a run killed mid-write
+leaves either the old file or the new one, never half of one. Checkpoints say what they are
+(``kind``: classifier or detector) and load with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -63,13 +65,26 @@ def save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> None:
     atomic_write_bytes(path, figure_png(fig, **savefig_kwargs))
 
 
-def load_checkpoint(path: str | Path, device: Any = "cpu") -> dict[str, Any]:
-    """A cxrcam checkpoint as a dict, loaded with ``weights_only=True`` (no code runs)."""
+CHECKPOINT_KINDS = ("classifier", "detector")
+
+
+def checkpoint_kind(ckpt: dict[str, Any]) -> str | None:
+    """``kind`` of a checkpoint; classifiers written before it existed are known by ``model_name``."""
+    return ckpt.get("kind") or ("classifier" if "model_name" in ckpt else None)
+
+
+def load_checkpoint(path: str | Path, device: Any = "cpu", kind: str | None = None) -> dict[str, Any]:
+    """A cxrcam checkpoint as a dict, loaded with ``weights_only=True`` (no code runs).
+
+    ``kind`` (classifier, detector): anything else is refused with a line naming the file.
+    A run folder stands for its ``best.pt``."""
     import torch
 
     from cxrcam.errors import CxrcamError
 
     path = Path(path)
+    if path.is_dir() and (path / "best.pt").is_file():
+        path = path / "best.pt"
     if not path.is_file():
         raise CxrcamError(f"checkpoint not found: {path}")
     try:
@@ -78,4 +93,7 @@ def load_checkpoint(path: str | Path, device: Any = "cpu") -> dict[str, Any]:
         raise CxrcamError(f"{path}: not a readable cxrcam checkpoint ({exc})") from None
     if not isinstance(ckpt, dict):
         raise CxrcamError(f"{path}: not a cxrcam checkpoint")
-    return ckpt
+    found = checkpoint_kind(ckpt)
+    if kind is not None and found != kind:
+        raise CxrcamError(f"{path}: not a cxrcam {kind} checkpoint" + (f" (it is a {found})" if found else ""))
+    return {**ckpt, "kind": found}

@@ -1,0 +1,80 @@
+"""One batch of ``localize``: heat maps -> probabilities, CAM boxes, (refined detections), map peaks.
+
+Per image the classifier's probabilities decide a :class:`Plan`: the *predicted* classes
+(above ``boxes.min_prob``, among ``--classes`` if given) get boxes, the *shown* ones are drawn,
+and the truth classes add their maps for the pointing game. One CAM call per batch computes
+only the maps some image needs; one call turns them into boxes; a refiner, when given, turns
+the CAM boxes into detections.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cxrcam.boxes import Detections, cam_peak, maps_to_boxes
+from cxrcam.cam import BaseCAM
+from cxrcam.config import Config
+
+NO_TRUTH = (np.zeros((0, 4)), np.zeros(0, np.int64))  # (boxes, class ids) of an image without truth
+
+
+@dataclass
+class Plan:
+    predicted: list[int]  # classes that get boxes
+    shown: list[int]  # classes drawn in the pictures
+    need: list[int]  # every class whose map is needed (adds the truth classes)
+
+
+@dataclass
+class ImageResult:
+    image_id: str
+    probs: np.ndarray  # all classes
+    scale: tuple[float, float]  # (sx, sy): input pixels per original pixel
+    cam: Detections  # the CAM boxes, input pixels
+    final: Detections  # the refined detections (or the CAM boxes), input pixels
+    peaks: list[tuple[int, float, float]]  # (truth class, x, y) of its map's peak, original pixels
+    maps: np.ndarray  # the shown classes' maps (pictures)
+    plan: Plan
+
+
+class Step:
+    """Localise one batch; built once per run."""
+
+    def __init__(self, cam: BaseCAM, config: Config, truth: dict[str, tuple[np.ndarray, np.ndarray]],
+                 classes: list[int] | None = None, pictures: bool = True, refiner=None):
+        self.cam, self.config, self.truth = cam, config, truth
+        self.classes, self.pictures, self.refiner = classes, pictures, refiner
+
+    def plan(self, p: np.ndarray, image_id: str) -> Plan:
+        predicted = [c for c in (self.classes or range(len(p))) if p[c] > self.config.boxes.min_prob]
+        shown = (self.classes or predicted or [int(np.argmax(p))]) if self.pictures else []
+        truth = self.truth.get(image_id, NO_TRUTH)[1].tolist()
+        return Plan(predicted, shown, sorted({int(c) for c in (*predicted, *shown, *truth)}))
+
+    def __call__(self, x: torch.Tensor, ids: list[str], sizes: list[tuple[float, float]]) -> list[ImageResult]:
+        """x: B x 1 x S x S images in [0, 1]; sizes: each image's original (height, width)."""
+        def needed(logits: torch.Tensor) -> list[int]:
+            probs = torch.sigmoid(logits).cpu().numpy()
+            return sorted({c for p, i in zip(probs, ids) for c in self.plan(p, i).need})
+
+        out = self.cam(x, needed)
+        probs = torch.sigmoid(out.logits).cpu().numpy()
+        plans = [self.plan(p, i) for p, i in zip(probs, ids)]
+        cams = out.cams.cpu().numpy()
+        column = {c: k for k, c in enumerate(out.classes)}
+        cam_boxes = maps_to_boxes(cams, out.classes, [p.predicted for p in plans], probs, self.config.boxes)
+        final = self.refiner(x, [boxes for boxes, _, _ in cam_boxes], probs) if self.refiner else cam_boxes
+        size = x.shape[-1]
+        results = []
+        for b, (image_id, (h, w), plan) in enumerate(zip(ids, sizes, plans)):
+            sx, sy = size / w, size / h
+            peaks = [(int(c), *np.divide(cam_peak(cams[b, column[int(c)]]), (sx, sy)))
+                     for c in sorted(set(self.truth.get(image_id, NO_TRUTH)[1].tolist()))]
+            results.append(ImageResult(image_id, probs[b], (sx, sy), cam_boxes[b], final[b], peaks,
+                                       cams[b, [column[c] for c in plan.shown]], plan))
+        return results
+
+
+__all__ = ["Step", "Plan", "ImageResult", "NO_TRUTH"]

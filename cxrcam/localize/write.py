@@ -1,0 +1,154 @@
+"""What ``localize`` writes: the pictures (in background threads, while the next batch runs),
+then the tables, merged over torchrun ranks by rank 0.
+
+Tables: ``submission.csv`` (every input image once, the "No finding" group appended),
+``cam_submission.csv`` (refine only: the CAM boxes), ``probabilities.csv``, ``peaks.csv`` (each
+truth class's map peak, for the pointing game), ``bb_results.csv`` and ``failures.csv``.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxrcam.boxes import Detections, scale_boxes
+from cxrcam.config import Config
+from cxrcam.data.sources import Source
+from cxrcam.data.tables import DETECTION_COLUMNS
+from cxrcam.evaluation.localization import match_boxes
+from cxrcam.files import write_csv
+from cxrcam.localize.step import NO_TRUTH, ImageResult
+from cxrcam.outputs.pictures import write_pictures
+from cxrcam.outputs.submission import normal_scores, write_submission
+from cxrcam.runtime import dist
+from cxrcam.schemas import Schema
+
+FAILURE_COLUMNS = ["image_id", "path", "reason"]
+PEAK_COLUMNS = ["image_id", "class_id", "peak_x", "peak_y"]
+
+
+@dataclass
+class LocalizeSummary:
+    images: int
+    failed: int
+    boxes: int
+    truth_boxes: int
+    mean_iou: float  # over truth boxes, best prediction each
+    hit_rate: float  # share of truth boxes with IoU > eval.iou_thr
+    seconds: float
+    out: Path
+
+
+class Painter:
+    """Draws each image's four pictures in two background threads; at most 64 wait (flat memory)."""
+
+    def __init__(self, out: Path, schema: Schema, threshold: float, truth: dict, refined: bool, enabled: bool = True):
+        self.out, self.schema, self.threshold, self.truth, self.refined = out, schema, threshold, truth, refined
+        self.pool = ThreadPoolExecutor(2) if enabled else None
+        self.pending: deque = deque()
+
+    def __call__(self, result: ImageResult, image: torch.Tensor) -> None:
+        if self.pool is None:
+            return
+        sx, sy = result.scale
+        truth_boxes, truth_classes = self.truth.get(result.image_id, NO_TRUTH)
+        picture = np.round(image[0].cpu().numpy() * 255).astype(np.uint8)
+        drawn = np.isin(result.final[1], result.plan.predicted)  # refined boxes too: the predicted classes only
+        self.pending.append(self.pool.submit(
+            write_pictures, self.out, result.image_id, picture, self.schema,
+            (scale_boxes(truth_boxes, sx, sy), truth_classes), tuple(a[drawn] for a in result.final), result.maps,
+            self.threshold, result.cam[:2] if self.refined else None))
+        while len(self.pending) > 64:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        for job in self.pending:
+            job.result()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+class Collector:
+    """The rows of every table, image by image (one rank's share under torchrun)."""
+
+    def __init__(self, schema: Schema):
+        self.schema = schema
+        self.rows: dict[str, list] = {"detections": [], "cam_detections": [], "probabilities": [], "peaks": [],
+                                      "failures": []}
+
+    def add(self, r: ImageResult, refined: bool) -> None:
+        self.rows["detections"] += _rows(r.image_id, r.final, *r.scale)
+        if refined:
+            self.rows["cam_detections"] += _rows(r.image_id, r.cam, *r.scale)
+        self.rows["probabilities"].append((r.image_id, *r.probs))
+        self.rows["peaks"] += [(r.image_id, c, x, y) for c, x, y in r.peaks]
+
+    def fail(self, image_id: str, path: str, reason: str) -> None:
+        self.rows["failures"].append((image_id, path, reason))
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        columns = {"detections": DETECTION_COLUMNS, "cam_detections": DETECTION_COLUMNS,
+                   "probabilities": ["image_id", *self.schema.findings], "peaks": PEAK_COLUMNS,
+                   "failures": FAILURE_COLUMNS}
+        return {name: pd.DataFrame(rows, columns=columns[name]) for name, rows in self.rows.items()}
+
+
+def _rows(image_id: str, pred: Detections, sx: float, sy: float) -> list[tuple]:
+    """DETECTION_COLUMNS rows of one image's (boxes in input pixels, classes, scores), in original pixels."""
+    boxes, classes, scores = pred
+    return [(image_id, int(c), float(s), *box) for box, c, s in zip(scale_boxes(boxes, 1 / sx, 1 / sy), classes, scores)]
+
+
+def merge_ranks(parts: dict[str, pd.DataFrame], out: Path, info: dist.DistInfo) -> dict[str, pd.DataFrame] | None:
+    """Single process: the parts themselves. Under torchrun: every rank writes its parts,
+    rank 0 reads them all back (None on the other ranks)."""
+    if not info.distributed:
+        return parts
+    folder = out / ".parts"
+    folder.mkdir(exist_ok=True)
+    for name, table in parts.items():
+        write_csv(folder / f"{name}.{info.rank}.csv", table)
+    torch.distributed.barrier()
+    if not info.is_main:
+        return None
+    merged = {name: pd.concat([pd.read_csv(folder / f"{name}.{r}.csv", dtype={"image_id": str, "path": str})
+                               for r in range(info.world_size)], ignore_index=True) for name in parts}
+    shutil.rmtree(folder, ignore_errors=True)
+    return merged
+
+
+def write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schema, config: Config, out: Path,
+                  start: float, refined: bool) -> LocalizeSummary:
+    """The tables of a run (rank 0), in the input's image order; the summary printed at the end."""
+    order = {image_id: k for k, image_id in enumerate(source.images["image_id"])}
+    probs = parts["probabilities"].sort_values("image_id", key=lambda s: s.map(order), kind="stable")
+    detections, cam_detections = (parts[k].sort_values(["image_id", "class_id", "score"], ascending=[True, True, False])
+                                  for k in ("detections", "cam_detections"))
+    failures = pd.concat([pd.DataFrame(source.failures, columns=FAILURE_COLUMNS), parts["failures"]],
+                         ignore_index=True)
+    normal = pd.Series(normal_scores(probs[list(schema.findings)].to_numpy(), config.boxes.normal_score),
+                       index=probs["image_id"].to_numpy())
+    image_ids = list(source.images["image_id"]) + [i for i, _, _ in source.failures if i not in order]
+    write_submission(out / "submission.csv", image_ids, detections, normal, schema.no_finding_id)
+    if refined:
+        write_submission(out / "cam_submission.csv", image_ids, cam_detections, normal, schema.no_finding_id)
+    write_csv(out / "probabilities.csv", probs.reset_index(drop=True))
+    write_csv(out / "peaks.csv", parts["peaks"])
+    write_csv(out / "failures.csv", failures)
+    results = match_boxes(source.truth, detections, schema, config.eval.iou_thr, parts["peaks"])
+    write_csv(out / "bb_results.csv", results)
+    truth_rows = results[results["gt_x_min"].notna()]
+    return LocalizeSummary(len(image_ids), len(failures), len(detections), len(truth_rows),
+                           float(truth_rows["iou"].mean()) if len(truth_rows) else float("nan"),
+                           float(truth_rows["hit"].mean()) if len(truth_rows) else float("nan"),
+                           time.perf_counter() - start, out)
+
+
+__all__ = ["LocalizeSummary", "Painter", "Collector", "merge_ranks", "write_outputs"]

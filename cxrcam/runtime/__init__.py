@@ -1,0 +1,1 @@
+"""Run-time helpers shared by training and inference: devices, torchrun, mixed precision."""

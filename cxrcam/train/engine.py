@@ -1,0 +1,193 @@
+"""The training engine both trainers share, in the manner of torchvision's detection references.
+
+``train_one_epoch`` runs the optimisation steps of one epoch; ``save_epoch`` is the checkpoint +
+log step (``best.pt`` on the best validation score, ``last.pt`` with everything ``--resume``
+needs, ``metrics.csv``); ``restore_last`` resumes; ``fit`` is the epoch loop around them. A
+trainer (``classifier.py``, ``detector.py``) only builds a :class:`Run`: its data, model,
+optimiser and the one thing that differs, the loss of a batch and the validation metrics.
+
+``last.pt`` holds model, optimiser, scheduler, AMP scaler, best score, history and the torch
+RNG (the classifier's augmentations and the detector's RPN/RoI samplers draw from it), so a
+resumed run ends with the weights of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cxrcam.errors import CxrcamError
+from cxrcam.files import load_checkpoint, save_checkpoint, write_csv
+from cxrcam.runtime import dist
+
+# a batch -> ({loss name: scalar}, images in the batch); runs under autocast
+LossFn = Callable[[Any], tuple[dict[str, torch.Tensor], int]]
+
+
+@dataclass
+class Run:
+    """What a trainer hands the engine."""
+
+    name: str  # "classifier" or "detector": progress bars, messages, the checkpoint's kind
+    arch: str  # the architecture (timm name / backbone): --resume refuses another
+    model: nn.Module  # what trains (DDP-wrapped under torchrun)
+    raw_model: nn.Module  # what is saved
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Callable[[int], DataLoader]  # the training loader of an epoch (0-based)
+    loss: LossFn
+    validate: Callable[[Any], dict[str, float] | None]  # autocast -> validation metrics (None: not on this rank)
+    score: str  # the validation metric that picks best.pt (higher is better)
+    epochs: int
+    amp: str = "none"  # none, bf16, fp16 (CUDA only)
+    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
+    lr_key: str = "train.lr"  # the setting to lower when the loss diverges
+    meta: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint
+    report: dict[str, str] = field(default_factory=dict)  # printed label -> metric key, each epoch
+    plot: Callable[[list[dict[str, Any]], Path], None] | None = None  # curves of the history
+
+
+def train_one_epoch(run: Run, loader: DataLoader, epoch: int, autocast, scaler, info: dist.DistInfo,
+                    progress: bool = True) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean of each loss over all ranks' images
+    (``train_loss`` is their sum), images per second and the share of time spent waiting for data."""
+    run.model.train()
+    sums: dict[str, float] = {}
+    seen, wait, start = 0, 0.0, time.perf_counter()
+    bar = tqdm(total=len(loader), desc=f"{run.name} epoch {epoch + 1}/{run.epochs}", unit="step",
+               disable=not (progress and info.is_main), leave=False)
+    fetch = time.perf_counter()
+    for batch in loader:
+        wait += time.perf_counter() - fetch
+        with autocast():
+            losses, n = run.loss(batch)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise CxrcamError(f"{run.name} loss is {loss.item()} at epoch {epoch + 1}: lower {run.lr_key}")
+        run.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if run.grad_clip > 0:
+            scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(run.model.parameters(), run.grad_clip)
+        scaler.step(run.optimizer)
+        scaler.update()
+        run.scheduler.step()
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + value.item() * n
+        seen += n
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{sum(sums.values()) / seen:.4f}", img_s=f"{seen * info.world_size / elapsed:.1f}",
+                        data=f"{100 * wait / elapsed:.0f}%")
+        bar.update()
+        fetch = time.perf_counter()
+    bar.close()
+    seconds = time.perf_counter() - start
+    keys = sorted(sums)
+    totals = torch.tensor([*(sums[k] for k in keys), seen], dtype=torch.float64, device=info.device)
+    if info.distributed:
+        torch.distributed.all_reduce(totals)
+    count = max(float(totals[-1]), 1.0)
+    means = {k: float(v) / count for k, v in zip(keys, totals)}
+    components = means if len(means) > 1 else {}
+    return {"train_loss": sum(means.values()), **components, "images_per_s": float(totals[-1]) / seconds,
+            "data_wait": wait / seconds}
+
+
+def save_epoch(run: Run, out: Path, epoch: int, metrics: dict[str, Any], history: list[dict[str, Any]],
+               best: float, scaler) -> float:
+    """The checkpoint + log step (rank 0): best.pt when the score improves (and after the first
+    epoch, so a run whose score is undefined still leaves one), last.pt, metrics.csv, curves.
+    Returns the best score so far."""
+    score = metrics.get(run.score, float("nan"))
+    improved = not math.isnan(score) and score > best
+    state = {**run.meta, "kind": run.name, "arch": run.arch, "model": run.raw_model.state_dict(),
+             "metrics": metrics, "epoch": epoch}
+    if improved or epoch == 0:
+        save_checkpoint(out / "best.pt", state)
+    if math.isnan(score):
+        tqdm.write(f"warning: validation {run.score} is undefined at epoch {epoch + 1} (too few validation "
+                   f"images or positives?); best.pt keeps {'this' if epoch == 0 else 'an earlier'} epoch")
+    best = score if improved else best
+    save_checkpoint(out / "last.pt", {**state, "optimizer": run.optimizer.state_dict(),
+                                      "scheduler": run.scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                      "best": best, "history": history, "rng": torch.get_rng_state()})
+    write_csv(out / "metrics.csv", pd.DataFrame(history))
+    if run.plot is not None:
+        run.plot(history, out / "curves.png")
+    return best
+
+
+def restore_last(run: Run, out: Path, scaler, device: torch.device) -> tuple[int, float, list[dict[str, Any]]]:
+    """Restore ``out/last.pt`` into the run, which must be of its kind and architecture.
+    Returns (first epoch to run, best score, history)."""
+    path = out / "last.pt"
+    if not path.is_file():
+        raise CxrcamError(f"nothing to resume: {path} not found")
+    ckpt = load_checkpoint(path, device, kind=run.name)
+    arch = ckpt.get("arch", ckpt.get("model_name", ckpt.get("backbone")))  # checkpoints from before `arch`
+    if arch != run.arch:
+        raise CxrcamError(f"{path} trained a {arch} {run.name}; the config asks for {run.arch}")
+    run.raw_model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"].cpu())
+    return ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
+
+
+def fit(run: Run, out: str | Path, info: dist.DistInfo, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """The epoch loop: train, validate, then (rank 0) log and checkpoint. Returns the last epoch's metrics."""
+    out = Path(out)
+    autocast, scaler = dist.mixed_precision(run.amp, info.device)
+    start_epoch, best, history = restore_last(run, out, scaler, info.device) if resume else (0, -math.inf, [])
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    writer = _tensorboard(out) if info.is_main else None
+    metrics: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, run.epochs):
+        loader = run.loader(epoch)
+        trained = train_one_epoch(run, loader, epoch, autocast, scaler, info, progress)
+        validated = run.validate(autocast)
+        if info.is_main:
+            metrics = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], **trained, **(validated or {})}
+            history.append(metrics)
+            best = save_epoch(run, out, epoch, metrics, history, best, scaler)
+            _log(writer, metrics)
+            shown = "  ".join(f"{label} {metrics[key]:.4f}" for label, key in run.report.items())
+            tqdm.write(f"{run.name} epoch {epoch + 1}/{run.epochs}: {shown}  {metrics['images_per_s']:.1f} img/s  "
+                       f"data wait {100 * metrics['data_wait']:.0f}%")
+        if info.distributed:
+            torch.distributed.barrier()
+    if writer is not None:
+        writer.close()
+    dist.cleanup()
+    return metrics
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer when tensorboard is installed; None otherwise."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _log(writer, metrics: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    for key, value in metrics.items():
+        if key != "epoch" and isinstance(value, (int, float)) and not math.isnan(value):
+            writer.add_scalar(key, value, metrics["epoch"])
+    writer.flush()
+
+
+__all__ = ["Run", "fit", "train_one_epoch", "save_epoch", "restore_last"]
