@@ -7,8 +7,8 @@ A CAM object is built once for a model and then called on batches::
     out = cam(images, [3, 10])   # the maps of classes 3 and 10 only
     out = cam(images, lambda logits: ...)   # classes chosen from the batch's own logits
 
-A method overrides :meth:`BaseCAM.raw_maps` (and :meth:`BaseCAM.forward` when its forward
-pass must keep something).
+A method overrides one function, :meth:`BaseCAM.raw_maps`: the maps of the chosen classes
+after the forward pass that gave the logits.
 
 Maps are scaled exactly as pytorch-grad-cam scales them (ReLU, per-map min-max, bilinear
 resize to the input, min-max again), so any method here is interchangeable with the
