@@ -112,6 +112,17 @@ def test_malformed_prediction_strings_name_the_row(tmp_path, text, message):
     assert lenient["image_id"].tolist() == ["ok"]
 
 
+def test_an_image_listed_twice_is_refused_or_merged(tmp_path):
+    path = tmp_path / "s.csv"
+    pd.DataFrame({"image_id": ["a", "b", "a"], "PredictionString": ["1 0.9 0 0 2 2", "", "2 0.5 1 1 3 3"]}
+                 ).to_csv(path, index=False)
+    with pytest.raises(CxrcamError, match="rows 2, 4: image id 'a' is listed more than once"):
+        read_submission(path)
+    with pytest.warns(UserWarning, match="merged"):
+        merged = read_submission(path, lenient=True)
+    assert merged["image_id"].tolist() == ["a", "a"] and merged["class_id"].tolist() == [1, 2]
+
+
 def test_unknown_image_id_and_missing_columns(tmp_path):
     path = tmp_path / "s.csv"
     pd.DataFrame({"image_id": ["zzz"], "PredictionString": ["14 1 0 0 1 1"]}).to_csv(path, index=False)

@@ -195,6 +195,15 @@ def test_user_mistakes_are_one_line(vinbig_model, nih_model, tmp_path):
         localize(ckpt, cache, tmp_path, config(), classes=["Hernia"], progress=False)
     with pytest.raises(CxrcamError, match="unknown CAM method"):
         localize(ckpt, cache, tmp_path, config("cam.method=nope"), progress=False)
+    # two files with one stem would be one image id: refused, both named, before any work
+    folder = tmp_path / "twins"
+    folder.mkdir()
+    for name in ("scan.png", "scan.jpg"):
+        cv2.imwrite(str(folder / name), np.full((64, 64), 128, np.uint8))
+    twins = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(folder), "--out", str(tmp_path / "t"))
+    assert twins.returncode == 1 and "Traceback" not in twins.stderr
+    assert "scan.jpg" in twins.stderr and "scan.png" in twins.stderr and "'scan'" in twins.stderr
+    assert not (tmp_path / "t" / "submission.csv").exists()
 
 
 def test_torchrun_shards_and_merges_one_submission(vinbig_model, tmp_path):

@@ -70,8 +70,20 @@ def open_source(data: str | Path, dataset: str | None = None, config: Config = C
     if not files:
         raise CxrcamError(f"no images (DICOM, PNG, JPEG) found in {data}")
     ids = [p.stem if data.is_file() else str(p.relative_to(data).with_suffix("")) for p in files]
+    _check_unique_ids(ids, files)
     images = pd.DataFrame({"image_id": ids, "path": [str(p) for p in files], "height": np.nan, "width": np.nan})
     return Source(None, images, empty_boxes(), [])
+
+
+def _check_unique_ids(ids: list[str], files: list[Path]) -> None:
+    """Two files under one id (``scan.dicom`` and ``scan.png``) would merge their boxes and
+    overwrite each other's pictures: refuse, naming both."""
+    seen: dict[str, Path] = {}
+    for image_id, path in zip(ids, files):
+        if image_id in seen:
+            raise CxrcamError(f"{seen[image_id]} and {path} would both be image {image_id!r}: "
+                              f"rename or move one of them")
+        seen[image_id] = path
 
 
 class ImageFiles(Dataset):

@@ -70,6 +70,7 @@ def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str]
             raise CxrcamError(f"{path}: expected columns image_id,PredictionString "
                               f"(found: {', '.join(table.columns)})")
         table = table.rename(columns={id_col: "image_id"})
+    _check_unique_ids(table["image_id"], path, lenient)
     records = []
     for row, (image_id, text) in enumerate(zip(table["image_id"], table["PredictionString"]), start=2):
         try:
@@ -82,6 +83,21 @@ def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str]
     if not records:
         return empty_boxes(DETECTION_COLUMNS)
     return pd.DataFrame(records, columns=DETECTION_COLUMNS)
+
+
+def _check_unique_ids(ids: pd.Series, path: Path, lenient: bool) -> None:
+    """An image listed twice would have both rows' boxes scored (Kaggle rejects such a file):
+    an error naming the rows, or with ``lenient`` a warning (the rows' boxes are merged)."""
+    repeated = ids[ids.duplicated(keep=False)]
+    if repeated.empty:
+        return
+    first = repeated.iloc[0]
+    rows = ", ".join(str(r + 2) for r in np.flatnonzero(ids.to_numpy() == first))
+    message = (f"{path} rows {rows}: image id {first!r} is listed more than once "
+               f"({repeated.nunique()} such id(s))")
+    if not lenient:
+        raise CxrcamError(message + " (use --lenient to merge their boxes)")
+    warnings.warn(message + "; their boxes are merged", stacklevel=3)
 
 
 def _parse(image_id: str, text: str, num_classes: int, image_ids: set[str] | None, xywh: bool) -> list[tuple]:
