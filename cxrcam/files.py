@@ -65,9 +65,6 @@ def save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> None:
     atomic_write_bytes(path, figure_png(fig, **savefig_kwargs))
 
 
-CHECKPOINT_KINDS = ("classifier", "detector")
-
-
 def checkpoint_kind(ckpt: dict[str, Any]) -> str | None:
     """``kind`` of a checkpoint; classifiers written before it existed are known by ``model_name``."""
     return ckpt.get("kind") or ("classifier" if "model_name" in ckpt else None)

@@ -79,7 +79,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     known_hw = shard[["height", "width"]].to_numpy(np.float64)
     loader = DataLoader(ImageFiles(list(shard["path"]), size), batch_size=config.cam.batch_size,
                         num_workers=config.cam.workers, persistent_workers=False)
-    collected = Collector(schema)
+    collected = Collector(schema, refiner is not None)
     painter = Painter(out, schema, config.boxes.threshold, truth, refiner is not None, pictures)
     bar = tqdm(total=len(shard), desc=("refine " if refiner else "localize ") + config.cam.method, unit="img",
                disable=not (progress and info.is_main))
@@ -95,7 +95,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
                  for i, k in zip(rows, good)]
         x = x[good].to(info.device)
         for b, result in enumerate(step(x, [shard.at[int(i), "image_id"] for i in rows], sizes)):
-            collected.add(result, refiner is not None)
+            collected.add(result)
             painter(result, x[b])
     bar.close()
     painter.close()

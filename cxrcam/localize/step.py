@@ -24,7 +24,8 @@ NO_TRUTH = (np.zeros((0, 4)), np.zeros(0, np.int64))  # (boxes, class ids) of an
 class Plan:
     predicted: list[int]  # classes that get boxes
     shown: list[int]  # classes drawn in the pictures
-    need: list[int]  # every class whose map is needed (adds the truth classes)
+    truth: list[int]  # the classes with truth boxes (their map peaks: the pointing game)
+    need: list[int]  # every class whose map is needed
 
 
 @dataclass
@@ -50,8 +51,8 @@ class Step:
     def plan(self, p: np.ndarray, image_id: str) -> Plan:
         predicted = [c for c in (self.classes or range(len(p))) if p[c] > self.config.boxes.min_prob]
         shown = (self.classes or predicted or [int(np.argmax(p))]) if self.pictures else []
-        truth = self.truth.get(image_id, NO_TRUTH)[1].tolist()
-        return Plan(predicted, shown, sorted({int(c) for c in (*predicted, *shown, *truth)}))
+        truth = sorted({int(c) for c in self.truth.get(image_id, NO_TRUTH)[1]})
+        return Plan(predicted, shown, truth, sorted({int(c) for c in (*predicted, *shown, *truth)}))
 
     def __call__(self, x: torch.Tensor, ids: list[str], sizes: list[tuple[float, float]]) -> list[ImageResult]:
         """x: B x 1 x S x S images in [0, 1]; sizes: each image's original (height, width)."""
@@ -70,8 +71,7 @@ class Step:
         results = []
         for b, (image_id, (h, w), plan) in enumerate(zip(ids, sizes, plans)):
             sx, sy = size / w, size / h
-            peaks = [(int(c), *np.divide(cam_peak(cams[b, column[int(c)]]), (sx, sy)))
-                     for c in sorted(set(self.truth.get(image_id, NO_TRUTH)[1].tolist()))]
+            peaks = [(c, *np.divide(cam_peak(cams[b, column[c]]), (sx, sy))) for c in plan.truth]
             results.append(ImageResult(image_id, probs[b], (sx, sy), cam_boxes[b], final[b], peaks,
                                        cams[b, [column[c] for c in plan.shown]], plan))
         return results

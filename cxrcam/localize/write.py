@@ -78,14 +78,14 @@ class Painter:
 class Collector:
     """The rows of every table, image by image (one rank's share under torchrun)."""
 
-    def __init__(self, schema: Schema):
-        self.schema = schema
+    def __init__(self, schema: Schema, refined: bool):
+        self.schema, self.refined = schema, refined
         self.rows: dict[str, list] = {"detections": [], "cam_detections": [], "probabilities": [], "peaks": [],
                                       "failures": []}
 
-    def add(self, r: ImageResult, refined: bool) -> None:
+    def add(self, r: ImageResult) -> None:
         self.rows["detections"] += _rows(r.image_id, r.final, *r.scale)
-        if refined:
+        if self.refined:
             self.rows["cam_detections"] += _rows(r.image_id, r.cam, *r.scale)
         self.rows["probabilities"].append((r.image_id, *r.probs))
         self.rows["peaks"] += [(r.image_id, c, x, y) for c, x, y in r.peaks]
