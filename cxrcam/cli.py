@@ -27,6 +27,26 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+class ThresholdParam(click.ParamType):
+    """``--threshold``: a number in [0, 1] for every class, or a calibration.json with one per class."""
+
+    name = "T|calibration.json"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (float, Path)):
+            return value
+        try:
+            number = float(value)
+        except ValueError:
+            path = Path(value)
+            if not path.is_file():
+                self.fail(f"{value!r} is neither a number in [0, 1] nor a calibration file", param, ctx)
+            return path
+        if not 0 <= number <= 1:
+            self.fail(f"{number} is not in [0, 1]", param, ctx)
+        return number
+
+
 def config_options(func):
     """``--config FILE`` and trailing ``section.key=value`` overrides -> ``config: Config``."""
 
@@ -151,8 +171,9 @@ def localize_options(func):
         click.option("--data", type=click.Path(path_type=Path), required=True,
                      help="A `cxrcam prepare` cache, a dataset folder as released, or any folder of DICOM/PNG/JPEG."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."),
-        click.option("--threshold", type=click.FloatRange(0, 1),
-                     help="Heat map threshold [config: boxes.threshold, 0.65]."),
+        click.option("--threshold", type=ThresholdParam(),
+                     help="Heat map threshold for every class [config: boxes.threshold, 0.65], or the "
+                          "calibration.json of `cxrcam calibrate`: a threshold per class [config: boxes.calibration]."),
         click.option("--method", help="CAM method: gradcam++, gradcam, xgradcam, eigencam, layercam, scorecam, ... "
                                       "[config: cam.method, gradcam++]."),
         click.option("--dataset", type=click.Choice([*SCHEMAS, PLAIN]),
@@ -166,12 +187,14 @@ def localize_options(func):
     return config_options(func)
 
 
-def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, threshold: float | None,
+def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, threshold: float | Path | None,
               method: str | None, dataset: str | None, classes: str | None, no_images: bool, batch_size: int | None,
               config: Config) -> None:
     from cxrcam.localize import localize as run
 
-    if threshold is not None:
+    if isinstance(threshold, Path):
+        config.boxes.calibration = str(threshold)
+    elif threshold is not None:
         config.boxes.threshold = threshold
     if method is not None:
         config.cam.method = method
@@ -186,7 +209,8 @@ def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, th
                f"-> {summary.boxes} boxes in {summary.seconds:.1f}s")
     if summary.truth_boxes:
         click.echo(f"truth boxes: {summary.truth_boxes}, mean IoU of the best prediction {summary.mean_iou:.3f}, "
-                   f"hit (IoU > {config.eval.iou_thr}) {summary.hit_rate:.1%}")
+                   f"hit (IoU > {config.eval.iou_thr}) {summary.hit_rate:.1%}; MaxBoxAccV2 {summary.maxboxacc:.3f} "
+                   f"(random maps {summary.maxboxacc_control:.3f}, see maxboxacc.csv)")
     if summary.failed:
         click.echo(f"unreadable images listed in {out / 'failures.csv'}", err=True)
     click.echo(f"  submission: {out / 'submission.csv'}\n  boxes:      {out / 'bb_results.csv'}")
@@ -208,6 +232,56 @@ def localize(checkpoint: Path, **kwargs) -> None:
     torchrun --nproc_per_node 4 -m cxrcam localize ...   (rank 0 merges one submission.csv)
     """
     _localize(checkpoint, None, **kwargs)
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Classifier best.pt/last.pt.")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Boxed images: a `cxrcam prepare` cache (its validation fold by default) or a dataset folder.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("calibration.json"),
+              show_default=True, help="The calibration file; its plots are written next to it.")
+@click.option("--fold", type=click.Choice(["val", "all"]), default="val", show_default=True,
+              help="val: the cache's validation fold (split.val_fold), never the images you score; all: every image.")
+@click.option("--search", type=click.Choice(["threshold", "all"]), default="threshold", show_default=True,
+              help="threshold: set each class's threshold; all: also its box score (mean/max/contrast/none) "
+                   "and min_area where another does better.")
+@click.option("--min-boxes", type=click.IntRange(min=1), default=5, show_default=True,
+              help="A class with fewer truth boxes takes the threshold best for all classes together.")
+@click.option("--dataset", type=click.Choice(list(SCHEMAS)), help="Layout of a --data dataset folder.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch [config: cam.batch_size, 16].")
+@config_options
+def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, min_boxes: int, dataset: str | None,
+              batch_size: int | None, config: Config) -> None:
+    """Choose each class's heat map threshold on a small boxed set, for `localize --threshold FILE`.
+
+    \b
+    The maps of the boxed images are computed once; boxes are re-cut at every threshold from 0.05
+    to 0.95 and scored with AP@0.4 per class (VinBigData's metric); each class gets the threshold
+    of its best AP, and the other box scores and min_area values are tried and reported. Also
+    reports MaxBoxAccV2 (Choe et al., CVPR 2020) beside its random-map control. Writes the
+    calibration file, <name>.png (AP against threshold per class) and <name>_box_accuracy.png.
+    cxrcam calibrate --checkpoint runs/clf/best.pt --data cache/train --out calibration.json
+    cxrcam localize --checkpoint runs/clf/best.pt --data cache/test --out loc/ --threshold calibration.json
+    """
+    from cxrcam.calibrate import calibrate as run
+
+    if batch_size is not None:
+        config.cam.batch_size = batch_size
+    result = run(checkpoint, data, out, config, dataset=dataset, fold=fold, min_boxes=min_boxes, search=search)
+    click.echo(f"calibrated on {result.images} images in {result.seconds:.0f}s -> {out}")
+    width = max(len(n) for n in result.classes)
+    click.echo(f"{'class':<{width}}  boxes  threshold  AP@{config.eval.iou_thr} (at {config.boxes.threshold})  "
+               f"better setting")
+    for name, e in result.classes.items():
+        best = e["best_setting"]
+        better = (f"score={best['score']} min_area={best['min_area']} t={best['threshold']:.2f}: AP {best['ap']:.3f}"
+                  if best["ap"] > e["ap"] + 1e-9 else "-")
+        note = "" if e["source"] == "class" else " (too few boxes: shared)"
+        click.echo(f"{name:<{width}}  {e['n_truth']:5d}  {e['threshold']:9.2f}  {e['ap']:.3f} ({e['ap_default']:.3f})"
+                   f"  {better}{note}")
+    click.echo(f"mean AP over the calibrated classes: {result.mean_ap:.3f} (at {config.boxes.threshold}: "
+               f"{result.mean_ap_default:.3f}; chosen on these images, so optimistic)")
+    click.echo(f"MaxBoxAccV2 {result.maxboxacc:.3f} (random maps {result.maxboxacc_control:.3f})")
 
 
 @main.command()
@@ -305,9 +379,10 @@ def demo(out: Path, n_images: int, size: int, epochs: int, detector_epochs: int,
 
     \b
     Every stage is the real command, printed before it runs: synth (train + held-out test set),
-    prepare, train-classifier, localize --threshold 0.65, train-detector (from the classifier),
-    refine, evaluate. Ends with one table (classifier AUROC, CAM-only and refined mAP@0.4,
-    localisation accuracy) and where the pictures and submission.csv are. Larger on a GPU:
+    prepare, train-classifier, calibrate (per-class thresholds on the validation fold), localize
+    --threshold 0.65 and --threshold calibration.json, train-detector (from the classifier),
+    refine, evaluate. Ends with the tables (classifier AUROC, CAM-only and refined mAP@0.4, CAM
+    localisation beside its random-map control) and where the pictures and submission.csv are. Larger on a GPU:
     cxrcam demo --out demo512 --size 512 --n-images 2000 --epochs 20 --detector-epochs 12 --model resnet50
     """
     from cxrcam.pipeline import PipelineSettings, run_pipeline, summary_table

@@ -46,6 +46,9 @@ class ModelConfig:
     pretrained: bool | str = False  # true: ImageNet weights from the hub; or a local weights file
     in_chans: int = 3  # 3 replicates the grey image (keeps ImageNet weights); 1 folds the first layer
     drop_rate: float = 0.0
+    # 32: the backbone as designed; 16 or 8 dilate the last stage(s) for 2x / 4x finer heat maps
+    # (timm's output_stride; ResNet, EfficientNet, RegNet, ConvNeXt... support it, DenseNet and ViT do not)
+    output_stride: Literal[8, 16, 32] = 32
 
 
 @dataclass
@@ -99,10 +102,11 @@ class BoxConfig:
     threshold: float = 0.65  # keep map pixels >= threshold (maps are min-max scaled to [0, 1])
     min_prob: float = 0.5  # a class is predicted (gets boxes and pictures) above this probability
     min_area: float = 0.001  # smallest component, as a share of the image area
-    score: Literal["mean", "max", "none"] = "mean"  # box score = probability x this CAM statistic in the box
+    score: Literal["mean", "max", "contrast", "none"] = "mean"  # box score = probability x this CAM statistic
     top_k: int = 5  # boxes kept per class and image, best score first; 0 keeps all
     nms_iou: float = 0.5  # per-class NMS between a class's boxes; 1 disables
     normal_score: Literal["max", "product"] = "max"  # p_normal = 1 - max p, or prod(1 - p)
+    calibration: str = ""  # a calibration.json (cxrcam calibrate): per-class thresholds replace `threshold`
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 ``cxrcam demo`` and ``scripts/bench_quality.py`` both call :func:`run_pipeline`: a synthetic
 VinBigData-layout train set and a held-out test set (another seed), prepare, train the
-classifier, localize the test set, train the detector (started from the classifier), refine,
-evaluate, and one table. Each stage is a subprocess ``python -m cxrcam ...`` whose command line
+classifier, calibrate its thresholds on the training cache's validation fold, localize the test
+set at 0.65 and calibrated, train the detector (started from the classifier), refine, evaluate,
+and one table. Each stage is a subprocess ``python -m cxrcam ...`` whose command line
 is printed first and whose progress bars show, so what the demo does is what a user types.
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ class PipelineSettings:
     plain: bool = False  # also run the plain detector (no CAM proposals, no gating) and gating alone
     pictures: bool = True
     n_test: int = 0  # held-out test images; 0 = half as many as n_images (at least 10)
+    cam_only: bool = False  # stop after the CAM rows (no detector)
+    reuse: bool = False  # keep the data, caches and classifier already in ``out``
 
 
 def run_command(*args: Any) -> None:
@@ -54,30 +57,39 @@ def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
               f"detector.epochs={s.detector_epochs}", "detector.rois_per_image=128", "detector.warmup_iters=20",
               *s.overrides]
     n_test = s.n_test or max(10, s.n_images // 2)
-    for split, n, seed in (("train", s.n_images, s.seed), ("test", n_test, s.seed + 1000)):
-        run_command("synth", "--out", out / "data" / split, "--n-images", n, "--seed", seed, "--size", int(s.size * 1.5))
-        run_command("prepare", "--dataset", "vinbig", "--root", out / "data" / split, "--out", out / "cache" / split,
-               "--size", s.size, *cfg, *common)
     classifier, detector = out / "runs" / "classifier", out / "runs" / "detector"
-    test = out / "cache" / "test"
-    run_command("train-classifier", "--data", out / "cache" / "train", "--out", classifier, *cfg, *common)
+    train, test = out / "cache" / "train", out / "cache" / "test"
+    for split, n, seed in (("train", s.n_images, s.seed), ("test", n_test, s.seed + 1000)):
+        if not (s.reuse and (out / "cache" / split / "cache.json").is_file()):
+            run_command("synth", "--out", out / "data" / split, "--n-images", n, "--seed", seed,
+                        "--size", int(s.size * 1.5))
+            run_command("prepare", "--dataset", "vinbig", "--root", out / "data" / split, "--out", out / "cache" / split,
+                        "--size", s.size, *cfg, *common)
+    if not (s.reuse and (classifier / "best.pt").is_file()):
+        run_command("train-classifier", "--data", train, "--out", classifier, *cfg, *common)
     no_images = [] if s.pictures else ["--no-images"]
-    run_command("localize", "--checkpoint", classifier / "best.pt", "--data", test, "--out", out / "localize",
-           "--threshold", 0.65, *no_images, *cfg, *common)
-    run_command("train-detector", "--data", out / "cache" / "train", "--out", detector, *cfg, *common,
-           f"detector.init={classifier / 'best.pt'}")
-    refine = ["refine", "--classifier", classifier / "best.pt", "--detector", detector / "best.pt", "--data", test]
-    run_command(*refine, "--out", out / "refine", *no_images, *cfg, *common)
-    results = {"cam": out / "localize", "refined": out / "refine"}
-    if s.plain:  # the ablations: the detector alone, and gated without CAM proposals
-        for name, cam_proposals, gate in (("plain", "false", "none"), ("gated", "false", "product")):
-            run_command(*refine, "--out", out / name, "--no-images", *cfg, *common,
-                   f"refine.cam_proposals={cam_proposals}", f"refine.gate={gate}")
-            results[name] = out / name
+    calibration = out / "calibration.json"
+    run_command("calibrate", "--checkpoint", classifier / "best.pt", "--data", train, "--out", calibration,
+                *cfg, *common)
+    localize = ["localize", "--checkpoint", classifier / "best.pt", "--data", test]
+    run_command(*localize, "--out", out / "localize", "--threshold", 0.65, *no_images, *cfg, *common)
+    run_command(*localize, "--out", out / "calibrated", "--threshold", calibration, "--no-images", *cfg, *common)
+    results = {"cam": out / "localize", "calibrated": out / "calibrated"}
+    if not s.cam_only:
+        run_command("train-detector", "--data", train, "--out", detector, *cfg, *common,
+                    f"detector.init={classifier / 'best.pt'}")
+        refine = ["refine", "--classifier", classifier / "best.pt", "--detector", detector / "best.pt", "--data", test]
+        run_command(*refine, "--out", out / "refine", *no_images, *cfg, *common)
+        results["refined"] = out / "refine"
+        if s.plain:  # the ablations: the detector alone, and gated without CAM proposals
+            for name, cam_proposals, gate in (("plain", "false", "none"), ("gated", "false", "product")):
+                run_command(*refine, "--out", out / name, "--no-images", *cfg, *common,
+                            f"refine.cam_proposals={cam_proposals}", f"refine.gate={gate}")
+                results[name] = out / name
     metrics = {}
     for name, folder in results.items():
         run_command("evaluate", "--pred", folder, "--gt", test, "--out", folder / "eval", *cfg, *common,
-               *([] if name == "cam" else ["--no-control"]))
+                    *([] if name in ("cam", "calibrated") else ["--no-control"]))
         metrics[name] = json.loads((folder / "eval" / "metrics.json").read_text())
     summary = _summary(metrics, out, time.perf_counter() - start)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -86,17 +98,32 @@ def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
 
 def _summary(metrics: dict[str, dict], out: Path, seconds: float) -> dict[str, Any]:
     cam = metrics["cam"]
-    overall = {row["source"]: row for row in cam.get("localization", []) if row["class"] == "all"}
     return {
         "mean_auroc": cam.get("mean_auroc"), "auroc": cam.get("auroc", {}),
         "map": {name: m["map"] for name, m in metrics.items()},
         "map_findings": {name: _findings_map(m["ap"]) for name, m in metrics.items()},
         "ap": {name: m["ap"] for name, m in metrics.items()},
-        "localization": overall.get("model", {}), "control": overall.get("random map"), "seconds": seconds,
+        "cam_rows": {name: _cam_row(m) for name, m in metrics.items() if name in ("cam", "calibrated")},
+        "seconds": seconds,
         "paths": {"pictures": str(out / "localize"), "refined pictures": str(out / "refine"),
                   "submission": str(out / "refine" / "submission.csv"),
-                  "CAM submission": str(out / "localize" / "submission.csv")},
+                  "CAM submission": str(out / "localize" / "submission.csv"),
+                  "calibration": str(out / "calibration.json")},
     }
+
+
+def _cam_row(m: dict) -> dict[str, tuple[float | None, float | None]]:
+    """(model, random-map control) of each CAM figure in one evaluate's metrics."""
+    overall = {row["source"]: row for row in m.get("localization", []) if row["class"] == "all"}
+    wsol = {row["source"]: row for row in m.get("maxboxacc", []) if row["class"] == "all"}
+    model, control = overall.get("model", {}), overall.get("random map", {})
+    row = {"findings mAP@0.4": (_findings_map(m["ap"]), _findings_map(m.get("control_ap", {})) if "control_ap" in m
+                                else None),
+           "MaxBoxAccV2": (wsol.get("model", {}).get("maxboxacc_v2"), wsol.get("random map", {}).get("maxboxacc_v2"))}
+    for key, label in (("iou@0.1", "T(IoU)=0.1"), ("iou@0.5", "T(IoU)=0.5"), ("iobb@0.5", "T(IoBB)=0.5"),
+                       ("pointing", "pointing game")):
+        row[label] = (model.get(key), control.get(key))
+    return row
 
 
 def _findings_map(ap: dict[str, float | None]) -> float | None:
@@ -106,22 +133,28 @@ def _findings_map(ap: dict[str, float | None]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def summary_table(summary: dict[str, Any]) -> str:
-    """The one table: classifier AUROC, CAM-only / refined (/ plain) mAP@0.4, localisation accuracy."""
-    loc, control = summary["localization"], summary["control"]
-    names = {"cam": "CAM-only", "refined": "refined (Faster R-CNN)", "plain": "plain detector",
-             "gated": "detector + gate, no CAM proposals"}
-    rows = [("classifier mean AUROC (test set)", summary["mean_auroc"])]
-    rows += [(f"{names[k]} mAP@0.4", v) for k, v in summary["map"].items()]
-    rows += [(f"{names[k]} mAP@0.4, findings only", v) for k, v in summary["map_findings"].items()]
-    for key, label in (("iou@0.1", "T(IoU)=0.1"), ("iou@0.5", "T(IoU)=0.5"), ("iobb@0.5", "T(IoBB)=0.5"),
-                       ("pointing", "pointing game")):
-        rows.append((f"CAM localisation accuracy {label}", loc.get(key)))
-        if control:
-            rows.append((f"  random-map control {label}", control.get(key)))
+    """The tables: classifier AUROC and mAP@0.4 of every submission; then the CAM figures at 0.65
+    and calibrated, each with its random-map control in brackets."""
+    names = {"cam": "CAM-only, threshold 0.65", "calibrated": "CAM-only, calibrated thresholds",
+             "refined": "refined (Faster R-CNN)", "plain": "plain detector", "gated": "detector + gate, no CAM proposals"}
+    rows = [("classifier mean AUROC (test set)", _fmt(summary["mean_auroc"]), "")]
+    rows += [(names[k], _fmt(v), _fmt(summary["map_findings"][k])) for k, v in summary["map"].items()]
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
-    lines += [f"{name:<{width}}  {'n/a' if v is None else f'{v:.3f}'}" for name, v in rows]
+    lines = [f"{'submission':<{width}}  mAP@0.4  findings mAP@0.4", f"{'-' * width}  -------  ----------------"]
+    lines += [f"{a:<{width}}  {b:>7}  {c:>16}" for a, b, c in rows]
+    cam_rows = summary.get("cam_rows", {})
+    if cam_rows:
+        labels = list(next(iter(cam_rows.values())))
+        lines += ["", "CAM localisation (random-map control in brackets):", "",
+                  "| CAM boxes | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for key, row in cam_rows.items():
+            cells = [f"{_fmt(m)} ({_fmt(c)})" for m, c in row.values()]
+            lines.append(f"| {names[key]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -5,8 +5,12 @@ Three timings per model, side by side in one run (same batch, same device):
   fast     cxrcam's closed-form Grad-CAM++: all 14 maps at input resolution, min-max scaled
   library  pytorch-grad-cam GradCAMPlusPlus, one call (forward + backward) per class
 Goal: fast <= 1.15 x forward; library is about 15 x or more.
+With ``--strides 32 16 8`` each model also runs dilated (``model.output_stride``): the forward
+cost against stride 32 (fwd/os32) and the maps' cost against that forward; the library is
+timed at stride 32 only.
 
     python scripts/bench_cam.py [--models resnet50 densenet121] [--size 256] [--batch 8] [--repeats 3]
+    python scripts/bench_cam.py --models resnet50 --strides 32 16 8
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from pytorch_grad_cam import GradCAMPlusPlus  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from cxrcam.cam import create_cam  # noqa: E402
+from cxrcam.errors import CxrcamError  # noqa: E402
 from cxrcam.models import create_classifier  # noqa: E402
 
 
@@ -49,37 +54,55 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--classes", type=int, default=14)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--strides", type=int, nargs="+", default=[32], choices=[8, 16, 32])
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
     print(f"device {name}, torch {torch.__version__}, batch {args.batch} x 1 x {args.size}^2, {args.classes} classes")
-    print(f"{'model':<14}{'forward s':>11}{'fast s':>9}{'library s':>11}{'fast/fwd':>10}{'library/fwd':>13}{'max |diff|':>12}")
+    print(f"{'model':<14}{'stride':>7}{'forward s':>11}{'fwd/os32':>10}{'fast s':>9}{'library s':>11}{'fast/fwd':>10}"
+          f"{'library/fwd':>13}{'max |diff|':>12}")
     torch.manual_seed(0)
     images = torch.rand(args.batch, 1, args.size, args.size, device=device)
     classes = list(range(args.classes))
     for model_name in args.models:
-        model = create_classifier(model_name, args.classes).to(device).eval()
-        cam = create_cam(model, "gradcam++")
-        layer = model.get_submodule(cam.target_name)
-        library = GradCAMPlusPlus(model=model, target_layers=[layer])
+        base = None
+        for stride in args.strides:
+            try:
+                model = create_classifier(model_name, args.classes, output_stride=stride).to(device).eval()
+            except CxrcamError as exc:
+                print(f"{model_name:<14}{stride:>7}  {exc}")
+                continue
+            t_fwd, t_fast, t_lib, diff = measure(model, images, classes, args.repeats, device, library=stride == 32)
+            base = base or (t_fwd if stride == 32 else None)
+            ratio = f"{t_fwd / base:>10.2f}" if base else f"{'-':>10}"
+            lib = (f"{t_lib:>11.2f}", f"{t_lib / t_fwd:>13.1f}", f"{diff:>12.1e}") if t_lib else (f"{'-':>11}",) * 2 + (
+                f"{'-':>12}",)
+            print(f"{model_name:<14}{stride:>7}{t_fwd:>11.3f}{ratio}{t_fast:>9.3f}{lib[0]}{t_fast / t_fwd:>10.2f}"
+                  f"{lib[1]}{lib[2]}")
 
-        def forward():
-            with torch.no_grad():
-                model(images)
 
-        def fast():
-            return cam(images, classes).cams
+def measure(model, images, classes, repeats, device, library: bool):
+    """(forward s, fast maps s, library s or None, max |fast - library|)."""
+    cam = create_cam(model, "gradcam++")
 
-        def slow():
-            return [library(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images)) for c in classes]
+    def forward():
+        with torch.no_grad():
+            model(images)
 
-        t_fwd = timed(forward, args.repeats, device)
-        t_fast = timed(fast, args.repeats, device)
-        t_lib = timed(slow, max(1, args.repeats // 3), device)
-        diff = (fast().cpu() - torch.from_numpy(__import__("numpy").stack(slow(), 1))).abs().max().item()
-        print(f"{model_name:<14}{t_fwd:>11.3f}{t_fast:>9.3f}{t_lib:>11.2f}{t_fast / t_fwd:>10.2f}"
-              f"{t_lib / t_fwd:>13.1f}{diff:>12.1e}")
+    def fast():
+        return cam(images, classes).cams
 
+    t_fwd, t_fast = timed(forward, repeats, device), timed(fast, repeats, device)
+    if not library:
+        return t_fwd, t_fast, None, None
+    engine = GradCAMPlusPlus(model=model, target_layers=[model.get_submodule(cam.target_name)])
+
+    def slow():
+        return [engine(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images)) for c in classes]
+
+    t_lib = timed(slow, max(1, repeats // 3), device)
+    diff = (fast().cpu() - torch.from_numpy(__import__("numpy").stack(slow(), 1))).abs().max().item()
+    return t_fwd, t_fast, t_lib, diff
 
 if __name__ == "__main__":
     main()

@@ -18,10 +18,11 @@ def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
                              "cam.workers=0", "detector.workers=0"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("synth", "prepare", "train-classifier", "localize", "train-detector", "refine", "evaluate"):
+    for stage in ("synth", "prepare", "train-classifier", "calibrate", "localize", "train-detector", "refine",
+                  "evaluate"):
         assert f"$ cxrcam {stage} " in result.stdout, stage  # each stage is the command a user would type
     summary = json.loads((out / "summary.json").read_text())
-    for name, folder in (("cam", "localize"), ("refined", "refine")):
+    for name, folder in (("cam", "localize"), ("calibrated", "calibrated"), ("refined", "refine")):
         metrics = json.loads((out / folder / "eval" / "metrics.json").read_text())
         assert summary["map"][name] == pytest.approx(metrics["map"])
         assert f"{metrics['map']:.3f}" in result.stdout

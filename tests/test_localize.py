@@ -19,7 +19,7 @@ from cxrcam.data.cache import open_cache
 from cxrcam.data.tables import BOX_COLUMNS
 from cxrcam.errors import CxrcamError
 from cxrcam.localize import localize
-from cxrcam.outputs.pictures import picture_paths
+from cxrcam.outputs.pictures import KINDS, picture_paths
 from cxrcam.outputs.submission import read_submission
 from cxrcam.train.classifier import predict
 
@@ -106,7 +106,7 @@ def test_bb_results_has_every_truth_box(cache_run):
 def test_pictures_are_drawn_where_the_boxes_are(cache_run):
     cache_dir, _, out, _ = cache_run
     cache = open_cache(cache_dir)
-    pngs = list(out.glob("*.png"))
+    pngs = [p for p in out.glob("*.png") if p.name.startswith(tuple(f"{k}_" for k in KINDS))]
     assert len(pngs) == 4 * len(cache.images)  # four pictures per image
     checked = 0
     for image_id, boxes in cache.boxes.groupby("image_id"):

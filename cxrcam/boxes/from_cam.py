@@ -2,60 +2,136 @@
 
 For one class of one image with probability ``p`` and a heat map scaled to [0, 1]:
 
-1. keep pixels with map >= ``threshold`` (0.65 by default);
+1. keep pixels with map >= ``threshold`` (0.65 by default, or the class's calibrated value);
 2. label 8-connected components (OpenCV) and drop those smaller than ``min_area`` (a share
    of the image area);
 3. box = the component's pixel extent on continuous coordinates ([x, x + w]);
-4. score = p x the map's mean inside the component (``score="mean"``), or its maximum
-   (``"max"``), or p alone (``"none"``): among boxes of one class, a stronger or more
-   uniform activation ranks first, and across classes the classifier's confidence leads;
+4. score = p x a statistic of the map: its mean inside the component (``score="mean"``), its
+   maximum (``"max"``), the contrast of the box with a ring around it (``"contrast"``: mean
+   inside the box minus mean in the ring, at least 0), or p alone (``"none"``): among boxes
+   of one class, a stronger or more distinct activation ranks first, and across classes the
+   classifier's confidence leads;
 5. per-class NMS at ``nms_iou`` (torchvision) and the ``top_k`` best boxes.
 
-``maps_to_boxes`` does this for a batch: each image's chosen classes, from one array of maps.
+:func:`components` does steps 1-3 (and every statistic) at many thresholds at once, so that
+``cxrcam calibrate`` sweeps thresholds, scores and areas over maps computed once;
+:func:`cam_to_boxes` is the same at one threshold, and ``maps_to_boxes`` runs it for a batch,
+each class with its own settings (:class:`BoxRules`).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
 from cxrcam.config import BoxConfig
+from cxrcam.errors import CxrcamError
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # one image's boxes N x 4 xyxy, class ids, scores
+
+# the columns of a components() row: threshold index, box (map pixels), area share, and the statistics
+T, X0, Y0, X1, Y1, AREA, MEAN, MAX, CONTRAST = range(9)
+STAT_COLUMN = {"mean": MEAN, "max": MAX, "contrast": CONTRAST}
+RING = 0.5  # the contrast ring is the box grown by this share of its side, minus the box
+
+
+def components(cam: np.ndarray, thresholds: Sequence[float], statistics: bool = True) -> np.ndarray:
+    """Every connected component of ``cam >= t`` for each ``t``: rows of
+    (index of t, x0, y0, x1, y1, area share, mean, max, contrast), boxes in map pixels
+    (``statistics=False``: the last three are 0, for callers that need the boxes alone)."""
+    cam = np.asarray(cam, dtype=np.float32)
+    h, w = cam.shape
+    integral = cv2.integral(cam, sdepth=cv2.CV_64F)
+    rows = []
+    for k, t in enumerate(thresholds):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats((cam >= t).astype(np.uint8), connectivity=8)
+        if n <= 1:
+            continue
+        stats = stats[1:].astype(np.float64)
+        area = stats[:, cv2.CC_STAT_AREA]
+        x0, y0 = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+        x1, y1 = x0 + stats[:, cv2.CC_STAT_WIDTH], y0 + stats[:, cv2.CC_STAT_HEIGHT]
+        if not statistics:
+            rows.append(np.stack([np.full(len(area), k), x0, y0, x1, y1, area / cam.size, *np.zeros((3, len(area)))], 1))
+            continue
+        mean = np.bincount(labels.ravel(), weights=cam.ravel(), minlength=n)[1:] / area
+        peak = np.array([cam[labels == i].max() for i in range(1, n)])
+        gx, gy = np.ceil(RING * (x1 - x0)), np.ceil(RING * (y1 - y0))
+        ox0, oy0 = np.maximum(x0 - gx, 0), np.maximum(y0 - gy, 0)
+        ox1, oy1 = np.minimum(x1 + gx, w), np.minimum(y1 + gy, h)
+        inner, outer = _box_sum(integral, x0, y0, x1, y1), _box_sum(integral, ox0, oy0, ox1, oy1)
+        inner_area, ring_area = (x1 - x0) * (y1 - y0), (ox1 - ox0) * (oy1 - oy0) - (x1 - x0) * (y1 - y0)
+        ring_mean = np.divide(outer - inner, ring_area, out=np.zeros(len(area)), where=ring_area > 0)
+        contrast = np.clip(inner / inner_area - ring_mean, 0, None)
+        rows.append(np.stack([np.full(len(area), k), x0, y0, x1, y1, area / cam.size, mean, peak, contrast], 1))
+    return np.concatenate(rows) if rows else np.zeros((0, 9))
+
+
+def _box_sum(integral: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
+    x0, y0, x1, y1 = (np.asarray(v, np.int64) for v in (x0, y0, x1, y1))
+    return integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+
+
+def score_components(rows: np.ndarray, prob: float, config: BoxConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 2, 4 and 5 on the components of one threshold: boxes and scores, best first."""
+    rows = rows[rows[:, AREA] >= config.min_area]
+    stat = np.ones(len(rows)) if config.score == "none" else rows[:, STAT_COLUMN[config.score]]
+    return select_boxes(rows[:, X0:Y1 + 1], prob * stat, config.top_k, config.nms_iou)
 
 
 def cam_to_boxes(cam: np.ndarray, prob: float, config: BoxConfig = BoxConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (N x 4 xyxy, in the map's pixels) and scores for one class's map (H x W in [0, 1])."""
-    cam = np.asarray(cam, dtype=np.float32)
-    mask = (cam >= config.threshold).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= config.min_area * cam.size]
-    if not keep:
-        return np.zeros((0, 4)), np.zeros(0)
-    x, y = stats[keep, cv2.CC_STAT_LEFT], stats[keep, cv2.CC_STAT_TOP]
-    boxes = np.stack([x, y, x + stats[keep, cv2.CC_STAT_WIDTH], y + stats[keep, cv2.CC_STAT_HEIGHT]], 1)
-    if config.score == "mean":
-        stat = np.bincount(labels.ravel(), weights=cam.ravel(), minlength=n)[keep] / stats[keep, cv2.CC_STAT_AREA]
-    elif config.score == "max":
-        stat = np.array([cam[labels == i].max() for i in keep])
-    else:
-        stat = np.ones(len(keep))
-    return select_boxes(boxes.astype(np.float64), prob * stat, config.top_k, config.nms_iou)
+    return score_components(components(cam, [config.threshold]), prob, config)
+
+
+@dataclass
+class BoxRules:
+    """Each class's box settings: ``default`` unless a calibration (``cxrcam calibrate``) set them."""
+
+    default: BoxConfig = field(default_factory=BoxConfig)
+    per_class: dict[int, BoxConfig] = field(default_factory=dict)
+    calibrated_on: list[str] = field(default_factory=list)  # the image ids the calibration saw
+
+    def __call__(self, class_id: int) -> BoxConfig:
+        return self.per_class.get(int(class_id), self.default)
+
+    @classmethod
+    def from_config(cls, config: BoxConfig) -> "BoxRules":
+        """``config`` for every class, or, with ``config.calibration`` set, each class's
+        calibrated threshold (and score and min_area where the calibration chose them)."""
+        if not config.calibration:
+            return cls(config)
+        path = Path(config.calibration)
+        try:
+            saved = json.loads(path.read_text())
+            per_class = {int(entry["class_id"]): dataclasses.replace(
+                config, **{k: entry[k] for k in ("threshold", "score", "min_area") if k in entry})
+                for entry in saved["classes"].values()}
+        except FileNotFoundError:
+            raise CxrcamError(f"calibration file not found: {path}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CxrcamError(f"{path}: not a calibration.json written by `cxrcam calibrate` ({exc!r})") from None
+        return cls(config, per_class, list(saved.get("image_ids", [])))
 
 
 def maps_to_boxes(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Sequence[int]],
-                  probs: np.ndarray | None = None, config: BoxConfig = BoxConfig()) -> list[Detections]:
+                  probs: np.ndarray | None = None, rules: BoxConfig | BoxRules = BoxConfig()) -> list[Detections]:
     """Each image's boxes (map pixels) of its ``wanted`` classes.
 
     cams: B x len(classes) x H x W, the scaled maps of ``classes``; probs: B x all classes, the
-    probability each box score starts from (None: 1)."""
+    probability each box score starts from (None: 1); rules: one setting, or one per class."""
+    rules = rules if isinstance(rules, BoxRules) else BoxRules(rules)
     column = {int(c): k for k, c in enumerate(classes)}
     out = []
     for b, chosen in enumerate(wanted):
         boxes, labels, scores = [np.zeros((0, 4))], [np.zeros(0, np.int64)], [np.zeros(0)]
         for c in chosen:
-            bx, sc = cam_to_boxes(cams[b, column[int(c)]], 1.0 if probs is None else float(probs[b, c]), config)
+            bx, sc = cam_to_boxes(cams[b, column[int(c)]], 1.0 if probs is None else float(probs[b, c]), rules(c))
             boxes.append(bx)
             scores.append(sc)
             labels.append(np.full(len(bx), int(c), np.int64))

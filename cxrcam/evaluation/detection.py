@@ -41,32 +41,46 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((mrec[changes + 1] - mrec[changes]) * mpre[changes + 1]))
 
 
-def match_detections(truth: pd.DataFrame, detections: pd.DataFrame, iou_thr: float) -> np.ndarray:
-    """True-positive flags of one class's detections, already sorted best first."""
-    gt = {k: g[BOX_COLUMNS].to_numpy(np.float64) for k, g in truth.groupby("image_id")}
-    used = {k: np.zeros(len(v), bool) for k, v in gt.items()}
-    tp = np.zeros(len(detections), bool)
-    boxes = detections[BOX_COLUMNS].to_numpy(np.float64)
-    for n, image_id in enumerate(detections["image_id"].to_numpy()):
-        if image_id not in gt:
+def match_detections(truth: dict[str, np.ndarray], image_ids: np.ndarray, boxes: np.ndarray,
+                     iou_thr: float) -> np.ndarray:
+    """True-positive flags of one class's detections, already sorted best first
+    (truth: image_id -> that image's truth boxes of the class)."""
+    used = {k: np.zeros(len(v), bool) for k, v in truth.items()}
+    tp = np.zeros(len(boxes), bool)
+    for n, image_id in enumerate(image_ids):
+        gt = truth.get(image_id)
+        if gt is None or not len(gt):
             continue
-        iou = pairwise_iou(boxes[n], gt[image_id])[0]
+        iou = pairwise_iou(boxes[n], gt)[0]
         j = int(np.argmax(iou))
         if iou[j] > iou_thr and not used[image_id][j]:
             tp[n] = used[image_id][j] = True
     return tp
 
 
-def class_ap(truth: pd.DataFrame, detections: pd.DataFrame, class_id: int, iou_thr: float = 0.4) -> ClassAP:
-    """AP of one class (truth and detections already restricted to that class)."""
-    dets = detections.sort_values("score", ascending=False, kind="stable")
-    tp = match_detections(truth, dets, iou_thr)
+def ap_of(truth: dict[str, np.ndarray], image_ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+          iou_thr: float = 0.4) -> tuple[float, np.ndarray, np.ndarray]:
+    """(AP, precision, recall) of one class: detections ranked by score (stable), matched, VOC 2010 AP."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    tp = match_detections(truth, np.asarray(image_ids)[order], np.asarray(boxes, np.float64).reshape(-1, 4)[order],
+                          iou_thr)
     ctp, cfp = np.cumsum(tp), np.cumsum(~tp)
-    n_truth = len(truth)
+    n_truth = sum(len(v) for v in truth.values())
     recall = ctp / n_truth if n_truth else np.zeros(len(tp))
     precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
-    ap = voc_ap(recall, precision) if n_truth else float("nan")
-    return ClassAP(class_id, ap, n_truth, len(dets), precision, recall)
+    return (voc_ap(recall, precision) if n_truth else float("nan")), precision, recall
+
+
+def truth_by_image(truth: pd.DataFrame) -> dict[str, np.ndarray]:
+    """image_id -> truth boxes (xyxy) of one class's truth table."""
+    return {k: g[BOX_COLUMNS].to_numpy(np.float64) for k, g in truth.groupby("image_id")}
+
+
+def class_ap(truth: pd.DataFrame, detections: pd.DataFrame, class_id: int, iou_thr: float = 0.4) -> ClassAP:
+    """AP of one class (truth and detections already restricted to that class)."""
+    ap, precision, recall = ap_of(truth_by_image(truth), detections["image_id"].to_numpy(),
+                                  detections[BOX_COLUMNS].to_numpy(np.float64), detections["score"].to_numpy(), iou_thr)
+    return ClassAP(class_id, ap, len(truth), len(detections), precision, recall)
 
 
 def with_no_finding(truth: pd.DataFrame, image_ids: list[str], no_finding_id: int) -> pd.DataFrame:

@@ -4,8 +4,10 @@ Ground truth (``read_ground_truth``): a ``prepare`` cache, a dataset folder as r
 VinBigData ``train.csv`` (readers fused as the config says), an NIH ``BBox_List_2017.csv``,
 or an RSNA ``stage_2_train_labels.csv``. Predictions: a ``submission.csv``, or a localize /
 refine output folder (its ``submission.csv``, plus ``probabilities.csv`` for AUROC,
-``peaks.csv`` for the pointing game, and ``localize.json``, whose box settings the random-map
-control uses, so that the control cuts its maps as the model's maps were cut).
+``peaks.csv`` for the pointing game, ``maxboxacc.csv`` for MaxBoxAccV2, and ``localize.json``,
+whose box settings the random-map control uses, so that the control cuts its maps as the
+model's maps were cut). The control also gives an mAP: the same classifier's boxes cut from
+random maps (``control_map``).
 
 NIH boxes cover only some images and classes, so NIH detection metrics run on the images
 that have boxes; VinBigData and RSNA truth is complete, so every image counts and images
@@ -22,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from cxrcam.config import BoxConfig, Config, from_dict
-from cxrcam.boxes import points_in_boxes
+from cxrcam.boxes import BoxRules, points_in_boxes
 from cxrcam.data.sources import detect_dataset
 from cxrcam.data.tables import BOX_COLUMNS, target_columns
 from cxrcam.errors import CxrcamError
@@ -30,7 +32,7 @@ from cxrcam.evaluation.classification import auroc_per_class, mean_auroc
 from cxrcam.evaluation.coco import coco_ap
 from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
 from cxrcam.evaluation.rsna import rsna_score
-from cxrcam.evaluation.weak import accuracy_table, random_control
+from cxrcam.evaluation.weak import accuracy_table, random_control, random_detections
 from cxrcam.files import atomic_write_text, save_figure, write_csv, write_json
 from cxrcam.outputs.submission import read_submission
 from cxrcam.schemas import NIH, RSNA, SCHEMAS, Schema
@@ -113,12 +115,11 @@ def _pointing(truth: pd.DataFrame, peaks_csv: Path) -> pd.Series:
     return pd.Series(np.where(at["peak_x"].notna(), inside.astype(float), np.nan))
 
 
-def _box_settings(localize_json: Path | None, config: Config) -> BoxConfig:
-    """The box settings the predictions were made with (localize.json), for the random-map control."""
-    if localize_json is None:
-        return config.boxes
-    saved = json.loads(localize_json.read_text()).get("config", {}).get("boxes", {})
-    return from_dict(BoxConfig, saved, "boxes.") if saved else config.boxes
+def _box_settings(localize_json: Path | None, config: Config) -> BoxRules:
+    """The box settings the predictions were made with (localize.json: the config and any
+    calibration), for the random-map control."""
+    saved = json.loads(localize_json.read_text()).get("config", {}).get("boxes", {}) if localize_json else {}
+    return BoxRules.from_config(from_dict(BoxConfig, saved, "boxes.") if saved else config.boxes)
 
 
 def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config = Config(),
@@ -127,6 +128,7 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
     """All metrics that the inputs allow, as a dict; with ``out``, also metrics.json, metrics.md
     and the plots there."""
     submission, found_probs, peaks, settings = _prediction_files(Path(pred))
+    pred_dir = Path(pred) if Path(pred).is_dir() else None
     probs = Path(probs) if probs else found_probs
     truth = read_ground_truth(gt, config)
     schema = truth.schema
@@ -157,23 +159,35 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
     if fmt == "rsna":
         metrics["rsna_score"], metrics["rsna_images_scored"] = rsna_score(truth.boxes, dets, truth.image_ids)
 
+    prob_table = None
+    if probs is not None:
+        prob_table = pd.read_csv(probs, dtype={"image_id": str})
+        missing = [c for c in schema.findings if c not in prob_table.columns]
+        if missing:
+            raise CxrcamError(f"{probs}: missing class column(s) {', '.join(missing)}")
+        prob_table = prob_table[["image_id", *schema.findings]]
+
     weak = None
     if len(truth.boxes):
         points = _pointing(truth.boxes, peaks) if peaks is not None else None
         weak = accuracy_table(truth.boxes, dets, schema, points).assign(source="model")
         if control and truth.sizes:
-            boxes_cfg = _box_settings(settings, config)
-            metrics["control_threshold"] = boxes_cfg.threshold
-            ctrl = random_control(truth.boxes, truth.sizes, schema, boxes_cfg).assign(source="random map")
+            rules = _box_settings(settings, config)
+            metrics["control_threshold"] = rules.default.threshold
+            metrics["control_calibration"] = rules.default.calibration or None
+            ctrl = random_control(truth.boxes, truth.sizes, schema, rules).assign(source="random map")
             weak = pd.concat([weak, ctrl], ignore_index=True)
+            if prob_table is not None:  # the same classifier's boxes cut from random maps: the mAP control
+                random_dets = pd.concat([random_detections(prob_table, truth.sizes, rules),
+                                         dets[dets["class_id"] >= schema.num_findings]], ignore_index=True)
+                metrics["control_map"], control_ap = voc_map(voc_truth, random_dets, iou_thr)
+                metrics["control_ap"] = {schema.class_name(r.class_id): r.ap for r in control_ap}
         metrics["localization"] = weak.to_dict(orient="records")
+    if pred_dir is not None and (pred_dir / "maxboxacc.csv").is_file():
+        metrics["maxboxacc"] = pd.read_csv(pred_dir / "maxboxacc.csv").to_dict(orient="records")
 
-    if probs is not None and truth.labels is not None:
-        table = pd.read_csv(probs, dtype={"image_id": str})
-        missing = [c for c in schema.findings if c not in table.columns]
-        if missing:
-            raise CxrcamError(f"{probs}: missing class column(s) {', '.join(missing)}")
-        joined = truth.labels.merge(table, on="image_id")
+    if prob_table is not None and truth.labels is not None:
+        joined = truth.labels.merge(prob_table, on="image_id")
         per = auroc_per_class(joined[target_columns(schema)].to_numpy(), joined[list(schema.findings)].to_numpy())
         metrics["auroc"] = {c: float(v) for c, v in zip(schema.findings, per)}
         metrics["mean_auroc"] = mean_auroc(per)
@@ -212,8 +226,8 @@ def markdown(metrics: dict) -> str:
     lines = [f"**{metrics['dataset']}**: {metrics['images']} images, {metrics['truth_boxes']} truth boxes, "
              f"{metrics['predictions']} predictions", ""]
     head = [f"mAP@{metrics['iou_thr']} (VOC 2010) = {_fmt(metrics['map'])}"]
-    for key, label in [("coco_ap", "COCO AP@[.5:.95]"), ("coco_ap40", "COCO AP@.4"), ("rsna_score", "RSNA score"),
-                       ("mean_auroc", "mean AUROC")]:
+    for key, label in [("control_map", "random-map control mAP"), ("coco_ap", "COCO AP@[.5:.95]"),
+                       ("coco_ap40", "COCO AP@.4"), ("rsna_score", "RSNA score"), ("mean_auroc", "mean AUROC")]:
         if key in metrics:
             head.append(f"{label} = {_fmt(metrics[key])}")
     lines += ["; ".join(head), "", "| class | truth boxes | AP | AUROC |", "|---|---|---|---|"]
@@ -228,6 +242,12 @@ def markdown(metrics: dict) -> str:
         for row in metrics["localization"]:
             lines.append(f"| {row['source']} | {row['class']} | {row['n_boxes']} | "
                          + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    if "maxboxacc" in metrics:
+        lines += ["", "MaxBoxAccV2 (Choe et al. 2020: best box accuracy over thresholds, mean over IoU 0.3/0.5/0.7)", "",
+                  "| source | class | image-classes | MaxBoxAccV2 | best threshold at IoU 0.5 |", "|---|---|---|---|---|"]
+        for row in metrics["maxboxacc"]:
+            lines.append(f"| {row['source']} | {row['class']} | {row['n_pairs']} | {_fmt(row['maxboxacc_v2'])} | "
+                         f"{_fmt(row['best_t@0.5'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,6 @@
-"""Weakly supervised localisation metrics of the ChestX-ray8 paper (Wang et al., CVPR 2017).
+"""Weakly supervised localisation metrics: the ChestX-ray8 accuracies (Wang et al., CVPR 2017)
+and MaxBoxAccV2 (Choe et al., "Evaluating Weakly Supervised Object Localization Methods
+Right", CVPR 2020).
 
 Per truth box: hit at T(IoU) when some predicted box of its image and class has IoU > T, hit
 at T(IoBB) when some has intersection / predicted area > T; accuracy = share of truth boxes
@@ -8,20 +10,36 @@ of their class's heat map (from localize's ``peaks.csv``).
 The random-map control runs the same box extraction on random heat maps: uniform noise on a
 ``grid`` x ``grid`` lattice (a CAM's resolution), bilinearly upsampled and min-max scaled,
 ``repeats`` seeded draws per truth image and class; always report it next to the model.
+
+MaxBoxAccV2, per truth image and class: cut the class's map at every threshold ``t`` of
+:data:`CAM_THRESHOLDS`, take a box around every connected component, and keep the best IoU
+between any of them and any truth box of the class (:func:`best_ious`). BoxAcc(t, d) = share
+of pairs whose best IoU is >= d; MaxBoxAccV2 = mean over d in 0.3, 0.5, 0.7 of max over t.
+The maps are taken at :data:`CURVE_SIDE` pixels at most (IoU does not change with scale; a
+CAM is far coarser than that), and each pair's random-map control is seeded by the pair.
 """
 from __future__ import annotations
 
+import zlib
+
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cxrcam.boxes import cam_peak, cam_to_boxes, pairwise_iobb, pairwise_iou, points_in_boxes, scale_boxes
+from cxrcam.boxes import BoxRules, cam_peak, cam_to_boxes, components, pairwise_iobb, pairwise_iou, points_in_boxes, \
+    scale_boxes
+from cxrcam.boxes.from_cam import T, X0, Y1
 from cxrcam.config import BoxConfig
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS
 from cxrcam.schemas import Schema
 
 T_VALUES = tuple(np.round(np.arange(0.1, 0.91, 0.1), 1))
+CAM_THRESHOLDS = tuple(np.round(np.arange(0.0, 1.0, 0.01), 2))  # the WSOL benchmark's grid
+IOU_DELTAS = (0.3, 0.5, 0.7)
+CURVE_SIDE = 128
+CURVE_COLUMNS = [f"t{t:.2f}" for t in CAM_THRESHOLDS]
 
 
 def box_overlaps(truth: pd.DataFrame, detections: pd.DataFrame) -> pd.DataFrame:
@@ -55,22 +73,28 @@ def accuracy_table(truth: pd.DataFrame, detections: pd.DataFrame, schema: Schema
     return pd.DataFrame(rows)
 
 
+def random_maps(n: int, generator: torch.Generator, grid: int = 16, side: int = 256) -> np.ndarray:
+    """``n`` random heat maps (side x side in [0, 1]): uniform noise on a ``grid`` lattice, bilinearly upsampled."""
+    maps = F.interpolate(torch.rand(n, 1, grid, grid, generator=generator), size=(side, side),
+                         mode="bilinear", align_corners=False)[:, 0].numpy()
+    return (maps - maps.min((1, 2), keepdims=True)) / np.ptp(maps, axis=(1, 2), keepdims=True)
+
+
 def random_control(truth: pd.DataFrame, sizes: dict[str, tuple[float, float]], schema: Schema,
-                   config: BoxConfig = BoxConfig(), grid: int = 16, side: int = 256, repeats: int = 5,
+                   config: BoxConfig | BoxRules = BoxConfig(), grid: int = 16, side: int = 256, repeats: int = 5,
                    seed: int = 0) -> pd.DataFrame:
     """:func:`accuracy_table` of boxes (and peaks) from random heat maps, averaged over ``repeats``."""
+    rules = config if isinstance(config, BoxRules) else BoxRules(config)
     gen = torch.Generator().manual_seed(seed)
     keys = truth[["image_id", "class_id"]].drop_duplicates().itertuples(index=False)
     keys = [k for k in keys if k.image_id in sizes]
     tables = []
     for _ in range(repeats):
-        maps = F.interpolate(torch.rand(len(keys), 1, grid, grid, generator=gen), size=(side, side),
-                             mode="bilinear", align_corners=False)[:, 0].numpy()
-        maps = (maps - maps.min((1, 2), keepdims=True)) / np.ptp(maps, axis=(1, 2), keepdims=True)
+        maps = random_maps(len(keys), gen, grid, side)
         dets, peaks = [], {}
         for key, cam in zip(keys, maps):
             h, w = sizes[key.image_id]
-            boxes, scores = cam_to_boxes(cam, 1.0, config)
+            boxes, scores = cam_to_boxes(cam, 1.0, rules(key.class_id))
             for box, score in zip(scale_boxes(boxes, w / side, h / side), scores):
                 dets.append((key.image_id, key.class_id, score, *box))
             px, py = cam_peak(cam)
@@ -84,3 +108,98 @@ def random_control(truth: pd.DataFrame, sizes: dict[str, tuple[float, float]], s
     numeric = out.columns.drop(["class", "n_boxes"])
     out[numeric] = np.mean([t[numeric].to_numpy() for t in tables], axis=0)
     return out
+
+
+def best_ious(cam: np.ndarray, truth: np.ndarray, thresholds=CAM_THRESHOLDS) -> np.ndarray:
+    """At each threshold: the best IoU between any component box of ``cam >= t`` and any truth
+    box (map pixels), 0 where nothing is above ``t``."""
+    rows = components(cam, thresholds, statistics=False)
+    out = np.zeros(len(thresholds))
+    if len(rows) and len(truth):
+        np.maximum.at(out, rows[:, T].astype(np.int64), pairwise_iou(rows[:, X0:Y1 + 1], truth).max(1))
+    return out
+
+
+def pair_curves(cam: np.ndarray, truth: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`best_ious` of one class's map (input pixels) and of its random-map control, seeded by
+    ``key`` (the same draw in every run and process), at :data:`CURVE_SIDE` pixels at most."""
+    side = min(CURVE_SIDE, max(cam.shape))
+    factor = side / np.array(cam.shape[::-1], np.float64)
+    if max(cam.shape) > side:
+        cam = cv2.resize(np.asarray(cam, np.float32), (side, side), interpolation=cv2.INTER_AREA)
+    truth = scale_boxes(truth, factor[0], factor[1])
+    control = random_maps(1, torch.Generator().manual_seed(zlib.crc32(key.encode())), side=side)[0]
+    return best_ious(cam, truth), best_ious(control, truth)
+
+
+def box_accuracy(ious: np.ndarray, deltas=IOU_DELTAS) -> np.ndarray:
+    """BoxAcc(t, d): len(deltas) x thresholds, the share of pairs (rows of ``ious``) whose best IoU is >= d."""
+    ious = np.asarray(ious, np.float64).reshape(-1, len(CAM_THRESHOLDS))
+    return np.stack([(ious >= d).mean(0) if len(ious) else np.zeros(ious.shape[1]) for d in deltas])
+
+
+def maxboxacc_table(curves: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """Per source (model / random map) and class (and "all"): pairs, MaxBoxAccV2, and per IoU d
+    the best box accuracy and the threshold that reaches it. ``curves``: image_id, class_id,
+    source, CURVE_COLUMNS."""
+    rows = []
+    for source, by_source in curves.groupby("source", sort=False):
+        groups = [*((schema.class_name(int(c)), g) for c, g in by_source.groupby("class_id")), ("all", by_source)]
+        for name, group in groups:
+            acc = box_accuracy(group[CURVE_COLUMNS].to_numpy())
+            row = {"source": source, "class": name, "n_pairs": len(group), "maxboxacc_v2": float(acc.max(1).mean())}
+            for d, curve in zip(IOU_DELTAS, acc):
+                row[f"boxacc@{d}"] = float(curve.max())
+                row[f"best_t@{d}"] = float(CAM_THRESHOLDS[int(np.argmax(curve))])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def curve_table(curves: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """BoxAcc(t, d) in long form: source, class (and "all"), iou (d), threshold, accuracy."""
+    rows = []
+    for source, by_source in curves.groupby("source", sort=False):
+        groups = [*((schema.class_name(int(c)), g) for c, g in by_source.groupby("class_id")), ("all", by_source)]
+        for name, group in groups:
+            for d, curve in zip(IOU_DELTAS, box_accuracy(group[CURVE_COLUMNS].to_numpy())):
+                rows += [(source, name, d, t, float(a)) for t, a in zip(CAM_THRESHOLDS, curve)]
+    return pd.DataFrame(rows, columns=["source", "class", "iou", "threshold", "accuracy"])
+
+
+def plot_box_accuracy(curves: pd.DataFrame, path) -> None:
+    """Box accuracy against the map threshold over every pair, one line per IoU d, the random-map
+    control dashed: where the model's curve peaks is the threshold to use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cxrcam.files import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (source, group), style in zip(curves.groupby("source", sort=False), ("-", "--")):
+        for d, curve, colour in zip(IOU_DELTAS, box_accuracy(group[CURVE_COLUMNS].to_numpy()), ("C0", "C1", "C2")):
+            ax.plot(CAM_THRESHOLDS, curve, style, color=colour, label=f"{source}, IoU >= {d} (max {curve.max():.2f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="heat map threshold", ylabel="box accuracy (share of truth image-classes)",
+           title=f"Box accuracy over {len(curves) // max(1, curves['source'].nunique())} truth image-classes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    save_figure(fig, path, bbox_inches="tight")
+
+
+def random_detections(probs: pd.DataFrame, sizes: dict[str, tuple[float, float]], rules: BoxRules,
+                      side: int = 256) -> pd.DataFrame:
+    """The submission rows localize would write if every map were random: each image's classes
+    above ``min_prob`` (``probs``: image_id + one column per class id, in order) get boxes cut
+    from a random map seeded by the pair, scored with the classifier's probability as usual."""
+    rows = []
+    values = probs.drop(columns="image_id").to_numpy(np.float64)
+    for image_id, p in zip(probs["image_id"], values):
+        if image_id not in sizes:
+            continue
+        h, w = sizes[image_id]
+        for c in np.flatnonzero(p > rules.default.min_prob):
+            cam = random_maps(1, torch.Generator().manual_seed(zlib.crc32(f"{image_id}/{c}".encode())), side=side)[0]
+            boxes, scores = cam_to_boxes(cam, float(p[c]), rules(c))
+            rows += [(image_id, int(c), s, *b) for b, s in zip(scale_boxes(boxes, w / side, h / side), scores)]
+    return pd.DataFrame(rows, columns=DETECTION_COLUMNS)

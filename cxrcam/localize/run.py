@@ -8,12 +8,14 @@ unreadable image is listed in ``failures.csv`` and keeps an empty prediction in 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cxrcam.boxes import BoxRules
 from cxrcam.cam import create_cam
 from cxrcam.config import Config, config_to_dict
 from cxrcam.data.sources import ImageFiles, open_source
@@ -54,6 +56,14 @@ def _refiner(detector: str | Path | None, config: Config, device, schema: Schema
     return refiner
 
 
+def _check_calibration(rules: BoxRules, source, path: str) -> None:
+    """Thresholds calibrated on the images being scored flatter every figure: say so."""
+    seen = set(rules.calibrated_on) & set(source.images["image_id"])
+    if seen:
+        warnings.warn(f"{path} was calibrated on {len(seen)} of these {len(source.images)} images: their "
+                      f"localisation figures are optimistic; calibrate on a held-out fold", stacklevel=3)
+
+
 def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: Config = Config(),
              dataset: str | None = None, classes: list[str] | None = None, pictures: bool = True,
              progress: bool = True, detector: str | Path | None = None) -> LocalizeSummary | None:
@@ -71,8 +81,10 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
         raise CxrcamError(f"{checkpoint} predicts {schema.name} classes; {data} is a {source.schema.name} dataset")
     refiner = _refiner(detector, config, info.device, schema, checkpoint)
     truth = {k: (g[BOX_COLUMNS].to_numpy(np.float64), g["class_id"].to_numpy()) for k, g in source.truth.groupby("image_id")}
+    rules = BoxRules.from_config(config.boxes)
+    _check_calibration(rules, source, config.boxes.calibration)
     step = Step(create_cam(model, config.cam.method, config.cam.target_layer or None), config, truth,
-                parse_classes(classes, schema), pictures, refiner)
+                parse_classes(classes, schema), pictures, refiner, rules)
     out.mkdir(parents=True, exist_ok=True)
 
     shard = source.readable.iloc[info.rank::info.world_size].reset_index(drop=True)
@@ -80,7 +92,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     loader = DataLoader(ImageFiles(list(shard["path"]), size), batch_size=config.cam.batch_size,
                         num_workers=config.cam.workers, persistent_workers=False)
     collected = Collector(schema, refiner is not None)
-    painter = Painter(out, schema, config.boxes.threshold, truth, refiner is not None, pictures)
+    painter = Painter(out, schema, rules, truth, refiner is not None, pictures)
     bar = tqdm(total=len(shard), desc=("refine " if refiner else "localize ") + config.cam.method, unit="img",
                disable=not (progress and info.is_main))
     for x, idx, heights, widths, errors in loader:

@@ -2,9 +2,11 @@
 
 Per image the classifier's probabilities decide a :class:`Plan`: the *predicted* classes
 (above ``boxes.min_prob``, among ``--classes`` if given) get boxes, the *shown* ones are drawn,
-and the truth classes add their maps for the pointing game. One CAM call per batch computes
-only the maps some image needs; one call turns them into boxes; a refiner, when given, turns
-the CAM boxes into detections.
+and the truth classes add their maps for the pointing game and the box accuracy curves
+(MaxBoxAccV2, with a random-map control). One CAM call per batch computes only the maps some
+image needs; one call turns them into boxes, each class with its own settings
+(:class:`~cxrcam.boxes.BoxRules`: a calibration's, or the config's); a refiner, when given,
+turns the CAM boxes into detections.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cxrcam.boxes import Detections, cam_peak, maps_to_boxes
+from cxrcam.boxes import BoxRules, Detections, cam_peak, maps_to_boxes, scale_boxes
 from cxrcam.cam import BaseCAM
 from cxrcam.config import Config
+from cxrcam.evaluation.weak import pair_curves
 
 NO_TRUTH = (np.zeros((0, 4)), np.zeros(0, np.int64))  # (boxes, class ids) of an image without truth
 
@@ -36,6 +39,7 @@ class ImageResult:
     cam: Detections  # the CAM boxes, input pixels
     final: Detections  # the refined detections (or the CAM boxes), input pixels
     peaks: list[tuple[int, float, float]]  # (truth class, x, y) of its map's peak, original pixels
+    curves: list[tuple[int, np.ndarray, np.ndarray]]  # (truth class, best IoU per threshold: map, random map)
     maps: np.ndarray  # the shown classes' maps (pictures)
     plan: Plan
 
@@ -44,9 +48,10 @@ class Step:
     """Localise one batch; built once per run."""
 
     def __init__(self, cam: BaseCAM, config: Config, truth: dict[str, tuple[np.ndarray, np.ndarray]],
-                 classes: list[int] | None = None, pictures: bool = True, refiner=None):
+                 classes: list[int] | None = None, pictures: bool = True, refiner=None, rules: BoxRules | None = None):
         self.cam, self.config, self.truth = cam, config, truth
         self.classes, self.pictures, self.refiner = classes, pictures, refiner
+        self.rules = rules or BoxRules(config.boxes)
 
     def plan(self, p: np.ndarray, image_id: str) -> Plan:
         predicted = [c for c in (self.classes or range(len(p))) if p[c] > self.config.boxes.min_prob]
@@ -65,14 +70,17 @@ class Step:
         plans = [self.plan(p, i) for p, i in zip(probs, ids)]
         cams = out.cams.cpu().numpy()
         column = {c: k for k, c in enumerate(out.classes)}
-        cam_boxes = maps_to_boxes(cams, out.classes, [p.predicted for p in plans], probs, self.config.boxes)
+        cam_boxes = maps_to_boxes(cams, out.classes, [p.predicted for p in plans], probs, self.rules)
         final = self.refiner(x, [boxes for boxes, _, _ in cam_boxes], probs) if self.refiner else cam_boxes
         size = x.shape[-1]
         results = []
         for b, (image_id, (h, w), plan) in enumerate(zip(ids, sizes, plans)):
             sx, sy = size / w, size / h
             peaks = [(c, *np.divide(cam_peak(cams[b, column[c]]), (sx, sy))) for c in plan.truth]
-            results.append(ImageResult(image_id, probs[b], (sx, sy), cam_boxes[b], final[b], peaks,
+            truth_boxes, truth_classes = self.truth.get(image_id, NO_TRUTH)
+            curves = [(c, *pair_curves(cams[b, column[c]], scale_boxes(truth_boxes[truth_classes == c], sx, sy),
+                                       f"{image_id}/{c}")) for c in plan.truth]
+            results.append(ImageResult(image_id, probs[b], (sx, sy), cam_boxes[b], final[b], peaks, curves,
                                        cams[b, [column[c] for c in plan.shown]], plan))
         return results
 

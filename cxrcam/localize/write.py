@@ -3,7 +3,9 @@ then the tables, merged over torchrun ranks by rank 0.
 
 Tables: ``submission.csv`` (every input image once, the "No finding" group appended),
 ``cam_submission.csv`` (refine only: the CAM boxes), ``probabilities.csv``, ``peaks.csv`` (each
-truth class's map peak, for the pointing game), ``bb_results.csv`` and ``failures.csv``.
+truth class's map peak, for the pointing game), ``bb_results.csv`` and ``failures.csv``; where
+truth is known, ``maxboxacc.csv`` (MaxBoxAccV2 per class, with its random-map control),
+``box_accuracy.csv`` and ``box_accuracy.png`` (box accuracy against the map threshold).
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrcam.boxes import Detections, scale_boxes
+from cxrcam.boxes import BoxRules, Detections, scale_boxes
 from cxrcam.config import Config
 from cxrcam.data.sources import Source
 from cxrcam.data.tables import DETECTION_COLUMNS
 from cxrcam.evaluation.localization import match_boxes
+from cxrcam.evaluation.weak import CURVE_COLUMNS, curve_table, maxboxacc_table, plot_box_accuracy
 from cxrcam.files import write_csv
 from cxrcam.localize.step import NO_TRUTH, ImageResult
 from cxrcam.outputs.pictures import write_pictures
@@ -42,6 +45,8 @@ class LocalizeSummary:
     truth_boxes: int
     mean_iou: float  # over truth boxes, best prediction each
     hit_rate: float  # share of truth boxes with IoU > eval.iou_thr
+    maxboxacc: float  # MaxBoxAccV2 over every truth image and class (NaN: no truth)
+    maxboxacc_control: float  # the same for random maps
     seconds: float
     out: Path
 
@@ -49,8 +54,8 @@ class LocalizeSummary:
 class Painter:
     """Draws each image's four pictures in two background threads; at most 64 wait (flat memory)."""
 
-    def __init__(self, out: Path, schema: Schema, threshold: float, truth: dict, refined: bool, enabled: bool = True):
-        self.out, self.schema, self.threshold, self.truth, self.refined = out, schema, threshold, truth, refined
+    def __init__(self, out: Path, schema: Schema, rules: BoxRules, truth: dict, refined: bool, enabled: bool = True):
+        self.out, self.schema, self.rules, self.truth, self.refined = out, schema, rules, truth, refined
         self.pool = ThreadPoolExecutor(2) if enabled else None
         self.pending: deque = deque()
 
@@ -64,7 +69,7 @@ class Painter:
         self.pending.append(self.pool.submit(
             write_pictures, self.out, result.image_id, picture, self.schema,
             (scale_boxes(truth_boxes, sx, sy), truth_classes), tuple(a[drawn] for a in result.final), result.maps,
-            self.threshold, result.cam[:2] if self.refined else None))
+            [self.rules(c).threshold for c in result.plan.shown], result.cam[:2] if self.refined else None))
         while len(self.pending) > 64:
             self.pending.popleft().result()
 
@@ -81,7 +86,7 @@ class Collector:
     def __init__(self, schema: Schema, refined: bool):
         self.schema, self.refined = schema, refined
         self.rows: dict[str, list] = {"detections": [], "cam_detections": [], "probabilities": [], "peaks": [],
-                                      "failures": []}
+                                      "curves": [], "failures": []}
 
     def add(self, r: ImageResult) -> None:
         self.rows["detections"] += _rows(r.image_id, r.final, *r.scale)
@@ -89,6 +94,8 @@ class Collector:
             self.rows["cam_detections"] += _rows(r.image_id, r.cam, *r.scale)
         self.rows["probabilities"].append((r.image_id, *r.probs))
         self.rows["peaks"] += [(r.image_id, c, x, y) for c, x, y in r.peaks]
+        for c, model, control in r.curves:
+            self.rows["curves"] += [(r.image_id, c, "model", *model), (r.image_id, c, "random map", *control)]
 
     def fail(self, image_id: str, path: str, reason: str) -> None:
         self.rows["failures"].append((image_id, path, reason))
@@ -96,7 +103,7 @@ class Collector:
     def tables(self) -> dict[str, pd.DataFrame]:
         columns = {"detections": DETECTION_COLUMNS, "cam_detections": DETECTION_COLUMNS,
                    "probabilities": ["image_id", *self.schema.findings], "peaks": PEAK_COLUMNS,
-                   "failures": FAILURE_COLUMNS}
+                   "curves": ["image_id", "class_id", "source", *CURVE_COLUMNS], "failures": FAILURE_COLUMNS}
         return {name: pd.DataFrame(rows, columns=columns[name]) for name, rows in self.rows.items()}
 
 
@@ -145,10 +152,17 @@ def write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schema
     results = match_boxes(source.truth, detections, schema, config.eval.iou_thr, parts["peaks"])
     write_csv(out / "bb_results.csv", results)
     truth_rows = results[results["gt_x_min"].notna()]
+    wsol = {"model": float("nan"), "random map": float("nan")}
+    if len(parts["curves"]):
+        table = maxboxacc_table(parts["curves"], schema)
+        write_csv(out / "maxboxacc.csv", table)
+        write_csv(out / "box_accuracy.csv", curve_table(parts["curves"], schema))
+        plot_box_accuracy(parts["curves"], out / "box_accuracy.png")
+        wsol.update(table[table["class"] == "all"].set_index("source")["maxboxacc_v2"].to_dict())
     return LocalizeSummary(len(image_ids), len(failures), len(detections), len(truth_rows),
                            float(truth_rows["iou"].mean()) if len(truth_rows) else float("nan"),
                            float(truth_rows["hit"].mean()) if len(truth_rows) else float("nan"),
-                           time.perf_counter() - start, out)
+                           wsol["model"], wsol["random map"], time.perf_counter() - start, out)
 
 
 __all__ = ["LocalizeSummary", "Painter", "Collector", "merge_ranks", "write_outputs"]

@@ -69,12 +69,25 @@ def _hub_reachable() -> bool:
         return False
 
 
+def stride_kwargs(name: str, output_stride: int) -> dict[str, Any]:
+    """timm's ``output_stride`` argument (none at the default 32, which every model has)."""
+    if output_stride == 32:
+        return {}
+    try:
+        timm.create_model(name, pretrained=False, num_classes=0, output_stride=output_stride)
+    except TypeError:
+        raise CxrcamError(f"model.output_stride={output_stride}: timm's {name} cannot dilate its last stages; "
+                          f"use model.output_stride=32, or a model that can (resnet*, resnext*, efficientnet*, "
+                          f"regnet*, convnext*)") from None
+    return {"output_stride": output_stride}
+
+
 def _create_backbone(name: str, num_classes: int, in_chans: int, pretrained: bool | str,
-                     drop_rate: float) -> nn.Module:
-    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
-                                  global_pool="avg")
+                     drop_rate: float, output_stride: int = 32) -> nn.Module:
     if not (timm.is_model(name) or name.startswith(("hf-hub:", "local-dir:"))):
         raise CxrcamError(f"unknown timm model {name!r} (see timm.list_models())")
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                                  global_pool="avg", **stride_kwargs(name, output_stride))
     try:
         if pretrained is False or pretrained in ("", "false", "none"):
             return timm.create_model(name, pretrained=False, **kwargs)
@@ -106,14 +119,16 @@ def _create_backbone(name: str, num_classes: int, in_chans: int, pretrained: boo
 
 
 def create_classifier(name: str, num_classes: int, pretrained: bool | str = False, in_chans: int = 3,
-                      drop_rate: float = 0.0) -> Classifier:
+                      drop_rate: float = 0.0, output_stride: int = 32) -> Classifier:
     """A timm backbone ``name`` with a ``num_classes`` pooling + linear head.
 
     ``pretrained``: False (random init), True (ImageNet weights from the hub or its cache),
     or the path of a local weights file. ``in_chans`` 3 replicates the grey image (keeps
     ImageNet first-layer weights); 1 lets timm fold the first layer to one channel.
+    ``output_stride`` 16 or 8 dilates the last stage(s) instead of striding: the same weights,
+    heat maps 2x or 4x finer, at the cost of more computation in those stages.
     """
-    backbone = _create_backbone(name, num_classes, in_chans, pretrained, drop_rate)
+    backbone = _create_backbone(name, num_classes, in_chans, pretrained, drop_rate, output_stride)
     cfg = backbone.pretrained_cfg or {}
     return Classifier(backbone, *channel_stats(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), in_chans))
 
@@ -122,6 +137,6 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild a classifier from a self-contained checkpoint (loaded with ``weights_only=True``)."""
     ckpt = load_checkpoint(path, device, kind="classifier")
     model = create_classifier(ckpt["model_name"], len(ckpt["classes"]), pretrained=False,
-                              in_chans=ckpt["in_chans"])
+                              in_chans=ckpt["in_chans"], output_stride=ckpt.get("output_stride", 32))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -61,12 +62,13 @@ def _png(path: Path, image: np.ndarray) -> None:
 
 def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Schema,
                    truth: tuple[np.ndarray, np.ndarray], preds: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   cams: np.ndarray | None, threshold: float,
+                   cams: np.ndarray | None, threshold: float | Sequence[float],
                    cam_boxes: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Path]:
     """Write the four pictures of one image.
 
     image: H x W uint8; truth: (boxes N x 4, class ids); preds: (boxes, class ids, scores), all
-    boxes in the image's pixels; cams: K x H x W maps of the shown classes (None or K = 0: no map);
+    boxes in the image's pixels; cams: K x H x W maps of the shown classes (None or K = 0: no map),
+    cut at ``threshold`` (one value, or one per map) for the mask;
     cam_boxes: (boxes, class ids) the CAM proposed, when ``preds`` are refined detections."""
     paths = picture_paths(out, image_id)
     grey = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
@@ -84,7 +86,8 @@ def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Sc
         heat, mask = np.zeros(image.shape, np.float32), np.zeros_like(image)
     else:
         heat = np.max(cams, axis=0)
-        mask = np.where(heat >= threshold, image, 0).astype(np.uint8)
+        above = cams >= np.asarray(threshold, np.float32).reshape(-1, 1, 1)  # one threshold, or one per map
+        mask = np.where(above.any(0), image, 0).astype(np.uint8)
     pred = show_cam_on_image(grey.astype(np.float32) / 255, heat, use_rgb=False)
     if cam_boxes is not None:
         cbox, ccls = cam_boxes

@@ -139,7 +139,7 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
 
     # --- model, loss, optimiser, schedule
     model = create_classifier(config.model.name, len(classes), config.model.pretrained,
-                              config.model.in_chans, config.model.drop_rate).to(info.device)
+                              config.model.in_chans, config.model.drop_rate, config.model.output_stride).to(info.device)
     channels_last = cuda and tcfg.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -164,7 +164,8 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
     steps_per_epoch = max(1, len(sampler) // per_rank_batch if drop_last else math.ceil(len(sampler) / per_rank_batch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(tcfg, steps_per_epoch))
 
-    meta = {"model_name": config.model.name, "in_chans": config.model.in_chans, "classes": classes,
+    meta = {"model_name": config.model.name, "in_chans": config.model.in_chans,
+            "output_stride": config.model.output_stride, "classes": classes,
             "schema": cache.schema.name, "input_size": cache.size,
             "mean": raw_model.mean.flatten().tolist(), "std": raw_model.std.flatten().tolist(),
             "config": config_to_dict(config)}

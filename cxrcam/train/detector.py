@@ -144,7 +144,7 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    meta = {"backbone": dcfg.backbone, "classes": classes, "schema": cache.schema.name,
+    meta = {"backbone": dcfg.backbone, "output_stride": raw_model.output_stride, "classes": classes, "schema": cache.schema.name,
             "input_size": cache.size, "truth": source, "config": config_to_dict(config),
             "train_images": train_set.images["image_id"].tolist()}
     run = Run("detector", dcfg.backbone, model, raw_model, optimizer, scheduler, epoch_loader, batch_loss,

@@ -1,0 +1,170 @@
+"""Calibration, the WSOL metrics (MaxBoxAccV2 and its random-map control), per-class box rules,
+and output_stride."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import cxrcam
+from cxrcam.boxes import BoxRules, components, maps_to_boxes, pairwise_iou
+from cxrcam.calibrate.sweep import SWEEP
+from cxrcam.cam import create_cam
+from cxrcam.config import BoxConfig
+from cxrcam.errors import CxrcamError
+from cxrcam.evaluation.weak import (CAM_THRESHOLDS, CURVE_COLUMNS, IOU_DELTAS, best_ious, box_accuracy,
+                                    maxboxacc_table)
+from cxrcam.files import load_checkpoint
+from cxrcam.models import create_classifier, load_classifier
+from cxrcam.schemas import VINBIG
+
+
+def smooth_map(rng: np.random.Generator, side: int = 64) -> np.ndarray:
+    cam = cv2.resize(rng.random((6, 6)).astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+    return (cam - cam.min()) / np.ptp(cam)
+
+
+def reference_best_ious(cam: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Choe et al.'s multi-contour box evaluation, written from the paper with OpenCV contours:
+    at each threshold, a bounding box per contour, the best IoU with any truth box."""
+    out = []
+    for t in CAM_THRESHOLDS:
+        contours, _ = cv2.findContours((cam >= t).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in map(cv2.boundingRect, contours)], float)
+        out.append(pairwise_iou(boxes, truth).max() if len(boxes) else 0.0)
+    return np.array(out)
+
+
+def test_maxboxacc_v2_against_the_definition():
+    rng = np.random.default_rng(0)
+    rows, curves = [], []
+    for n in range(12):
+        cam = smooth_map(rng)
+        x, y = rng.integers(0, 40, 2)
+        truth = np.array([[x, y, x + rng.integers(8, 24), y + rng.integers(8, 24)]], float)
+        ours = best_ious(cam, truth)
+        assert ours == pytest.approx(reference_best_ious(cam, truth))
+        curves.append(ours)
+        rows.append((f"img{n}", n % 2, "model", *ours))
+    curves = np.array(curves)
+    table = maxboxacc_table(pd.DataFrame(rows, columns=["image_id", "class_id", "source", *CURVE_COLUMNS]), VINBIG)
+    overall = table[table["class"] == "all"].iloc[0]
+    # BoxAcc(t, d) = share of pairs with best IoU >= d; MaxBoxAccV2 = mean over d of max over t
+    expected = np.mean([max((curves[:, k] >= d).mean() for k in range(len(CAM_THRESHOLDS))) for d in IOU_DELTAS])
+    assert overall["maxboxacc_v2"] == pytest.approx(expected) and overall["n_pairs"] == 12
+    assert 0 < expected < 1
+    assert box_accuracy(curves).shape == (3, len(CAM_THRESHOLDS))
+    per_class = table[table["class"] != "all"]
+    assert sorted(per_class["n_pairs"]) == [6, 6]
+
+
+def test_contrast_and_every_statistic_of_a_component():
+    cam = np.zeros((40, 40), np.float32)
+    cam[10:20, 10:20] = 0.8
+    cam[14, 14] = 1.0
+    (row,) = components(cam, [0.5])
+    t, x0, y0, x1, y1, area, mean, peak, contrast = row
+    assert [x0, y0, x1, y1] == [10, 10, 20, 20] and area == pytest.approx(100 / 1600)
+    assert mean == pytest.approx((99 * 0.8 + 1.0) / 100) and peak == pytest.approx(1.0)
+    # the ring: the box grown by half its side (5 px) each way, minus the box: all zeros here
+    assert contrast == pytest.approx(mean)
+    cam[5:25, 5:25] += 0.3  # a brighter surrounding lowers the contrast by its mean
+    cam[10:20, 10:20] -= 0.3
+    (row,) = components(cam, [0.5])
+    assert row[8] == pytest.approx(mean - 0.3, abs=1e-5)
+
+
+def test_per_class_rules_from_a_calibration(tmp_path):
+    cam = np.zeros((1, 2, 32, 32), np.float32)
+    cam[0, :, 4:12, 4:12] = 0.5
+    cam[0, :, 6:10, 6:10] = 1.0
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"classes": {"Cardiomegaly": {"class_id": 3, "threshold": 0.9}}, "image_ids": ["a"]}))
+    rules = BoxRules.from_config(BoxConfig(threshold=0.4, calibration=str(path)))
+    assert rules(3).threshold == 0.9 and rules(5).threshold == 0.4 and rules.calibrated_on == ["a"]
+    ((boxes, classes, _),) = maps_to_boxes(cam, [3, 5], [[3, 5]], None, rules)
+    assert dict(zip(classes.tolist(), boxes.tolist())) == {3: [6, 6, 10, 10], 5: [4, 4, 12, 12]}
+    path.write_text("{}")
+    with pytest.raises(CxrcamError, match="not a calibration.json"):
+        BoxRules.from_config(BoxConfig(calibration=str(path)))
+
+
+def test_calibrate_then_localize_reproduces_its_ap(vinbig_model, tmp_path):
+    cache, ckpt = vinbig_model
+    cal = tmp_path / "calibration.json"
+    weak_model = ["cam.workers=0", "boxes.min_prob=0.1", "eval.iou_thr=0.1"]  # 2 x 2 maps: box more, count looser hits
+    result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(cal), "--fold", "all",
+                    "--min-boxes", "3", *weak_model)
+    assert result.returncode == 0, result.stderr
+    assert "MaxBoxAccV2" in result.stdout
+    saved = json.loads(cal.read_text())
+    assert saved["images"] == 160 and len(saved["image_ids"]) == 160
+    assert cal.with_suffix(".png").stat().st_size > 0 and (tmp_path / "calibration_box_accuracy.png").is_file()
+    classes = saved["classes"]
+    for e in classes.values():
+        assert e["threshold"] in SWEEP
+        assert e["ap_default"] == pytest.approx(e["curve"][SWEEP.index(0.65)])
+        if e["source"] == "class":  # its own best threshold, never worse than the default
+            assert e["ap"] == pytest.approx(max(e["curve"])) and e["ap"] >= e["ap_default"]
+    # localize with the file: the same boxes, so evaluate's AP per class is the calibration's
+    loc = tmp_path / "loc"
+    result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(loc), "--threshold",
+                    str(cal), "--no-images", *weak_model)
+    assert result.returncode == 0, result.stderr
+    assert "calibrated on 160 of these 160 images" in result.stderr  # scoring the calibration set is flagged
+    result = cxrcam("evaluate", "--pred", str(loc), "--gt", str(cache), "--out", str(loc / "eval"), "eval.iou_thr=0.1")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((loc / "eval" / "metrics.json").read_text())
+    for name, e in classes.items():
+        assert metrics["ap"][name] == pytest.approx(e["ap"], abs=0.02), name
+    assert any(e["ap"] > 0 for e in classes.values())
+    assert metrics["control_calibration"] == str(cal) and "control_map" in metrics
+    wsol = {(r["source"], r["class"]): r for r in metrics["maxboxacc"]}
+    assert wsol[("model", "all")]["n_pairs"] == wsol[("random map", "all")]["n_pairs"] > 0
+    for row in metrics["maxboxacc"]:
+        assert row["maxboxacc_v2"] == pytest.approx(np.mean([row[f"boxacc@{d}"] for d in IOU_DELTAS]))
+
+
+def test_threshold_option_errors(vinbig_model, tmp_path):
+    cache, ckpt = vinbig_model
+    for value, message in (("1.5", "not in [0, 1]"), ("nofile.json", "neither a number")):
+        result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(tmp_path),
+                        "--threshold", value)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(tmp_path / "o"),
+                    "--threshold", str(bad), "--no-images")
+    assert result.returncode == 1 and "not a calibration.json" in result.stderr and "Traceback" not in result.stderr
+    result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(tmp_path), "--out", str(tmp_path / "c.json"))
+    assert result.returncode == 1 and "Error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_output_stride_dilates_and_travels_with_the_checkpoint(vinbig_model, tmp_path):
+    from pytorch_grad_cam import GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", 4, output_stride=16).eval()
+    x = torch.rand(2, 1, 128, 128)
+    assert model.backbone.forward_features(model.normalize(x)).shape[-1] == 8  # 128 / 16
+    ours = create_cam(model, "gradcam++")(x, [0, 2]).cams.numpy()
+    engine = GradCAMPlusPlus(model=model, target_layers=[model.backbone.layer4])
+    theirs = np.stack([engine(input_tensor=x, targets=[ClassifierOutputTarget(c)] * 2) for c in (0, 2)], 1)
+    assert np.abs(ours - theirs).max() < 1e-4
+    with pytest.raises(CxrcamError, match="densenet121 cannot dilate.*output_stride=32"):
+        create_classifier("densenet121", 4, output_stride=8)
+    # the checkpoint records the stride; localize's and the detector's loaders honour it
+    ckpt = load_checkpoint(vinbig_model[1])
+    ckpt["output_stride"] = 8
+    path = tmp_path / "os8.pt"
+    torch.save(ckpt, path)
+    loaded, _ = load_classifier(path)
+    assert loaded.backbone.forward_features(loaded.normalize(torch.rand(1, 1, 64, 64))).shape[-1] == 8
+    from cxrcam.detection import create_detector
+
+    assert create_detector("resnet10t", 14, 64, init=path).output_stride == 8
