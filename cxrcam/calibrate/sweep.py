@@ -83,8 +83,11 @@ def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: B
     curve = ap_curve(pairs, by_image, config, iou_thr)
     default_t = min(SWEEP, key=lambda t: abs(t - config.threshold))
     threshold, ap = best_threshold(curve)
+    ap_default = float(curve[SWEEP.index(default_t)])
+    if ap <= ap_default + 1e-9:  # nothing beats the default: keep it rather than a point of a plateau
+        threshold, ap = float(default_t), ap_default
     result = {"class_id": class_id, "n_truth": len(truth), "threshold": threshold, "ap": ap,
-              "ap_default": float(curve[SWEEP.index(default_t)]), "curve": [float(v) for v in curve]}
+              "ap_default": ap_default, "curve": [float(v) for v in curve]}
     best = {"score": config.score, "min_area": config.min_area, "threshold": threshold, "ap": ap}
     for score in SCORES:
         for min_area in MIN_AREAS:
