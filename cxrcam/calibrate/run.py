@@ -20,7 +20,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
@@ -33,8 +32,7 @@ from cxrcam.config import Config
 from cxrcam.data.sources import ImageFiles, open_source
 from cxrcam.data.tables import BOX_COLUMNS
 from cxrcam.errors import CxrcamError
-from cxrcam.evaluation.weak import CAM_THRESHOLDS, CURVE_COLUMNS, CURVE_SIDE, maxboxacc_table, pair_curves, \
-    plot_box_accuracy
+from cxrcam.evaluation.weak import CURVE_COLUMNS, maxboxacc_table, pair_curves, plot_box_accuracy
 from cxrcam.files import save_figure, write_json
 from cxrcam.models import load_classifier
 from cxrcam.schemas import get_schema
@@ -92,18 +90,16 @@ def _collect(model, config: Config, images: pd.DataFrame, truth: pd.DataFrame, s
                 continue
             h, w = (hw[int(idx[b])] if hw is not None and np.isfinite(hw[int(idx[b])]).all()
                     else (float(heights[b]), float(widths[b])))
-            side = min(CURVE_SIDE, size)
             for k, c in enumerate(out.classes):
                 if not (probs[b, c] > min_prob or c in true[b]):
                     continue
-                m = maps[b, k] if side == size else cv2.resize(maps[b, k], (side, side), interpolation=cv2.INTER_AREA)
-                rows = components(m, CAM_THRESHOLDS)
-                rows[:, 1:5] = scale_boxes(rows[:, 1:5], w / side, h / side)
+                rows = components(maps[b, k], SWEEP)  # at the input size: the boxes localize cuts
+                rows[:, 1:5] = scale_boxes(rows[:, 1:5], w / size, h / size)
                 pairs.append(Pair(image_id, c, float(probs[b, c]), bool(probs[b, c] > min_prob),
                                   split_by_threshold(rows)))
                 if c in true[b]:
                     boxes, classes = by_image[image_id]
-                    model_ious, control = pair_curves(m, scale_boxes(boxes[classes == c], side / w, side / h),
+                    model_ious, control = pair_curves(maps[b, k], scale_boxes(boxes[classes == c], size / w, size / h),
                                                       f"{image_id}/{c}")
                     curves += [(image_id, c, "model", *model_ious), (image_id, c, "random map", *control)]
     return pairs, pd.DataFrame(curves, columns=["image_id", "class_id", "source", *CURVE_COLUMNS])

@@ -1,7 +1,8 @@
 """The threshold sweep behind ``cxrcam calibrate``: maps computed once, boxes re-cut in memory.
 
 Each (image, class) the calibration needs keeps its :func:`~cxrcam.boxes.components` at every
-threshold of the grid (boxes in original pixels with every box statistic), so that a box setting
+threshold of :data:`SWEEP`, cut from the map at the model's input size as ``localize`` cuts it
+(boxes in original pixels with every box statistic), so that a box setting
 (threshold, score, min_area) costs a filter and a sort, not a forward pass. For each class and
 setting, the boxes of the images where the class is predicted are scored with VinBigData's
 AP@0.4 (:func:`~cxrcam.evaluation.detection.ap_of`), exactly as ``localize`` +
@@ -26,7 +27,7 @@ SWEEP = tuple(t for t in CAM_THRESHOLDS if 0.05 <= t <= 0.95)  # 0.05, 0.06, ...
 COARSE = SWEEP[::5]  # 0.05, 0.10, ... 0.95: the grid the other box settings are tried on
 SCORES = ("mean", "max", "contrast", "none")
 MIN_AREAS = (0.0, 0.001, 0.01)
-_INDEX = {t: k for k, t in enumerate(CAM_THRESHOLDS)}
+_INDEX = {t: k for k, t in enumerate(SWEEP)}
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Pair:
     class_id: int
     prob: float
     predicted: bool  # the class gets boxes in localize (prob > boxes.min_prob)
-    by_threshold: dict[int, np.ndarray] = field(default_factory=dict)  # CAM_THRESHOLDS index -> components
+    by_threshold: dict[int, np.ndarray] = field(default_factory=dict)  # SWEEP index -> components
 
 
 def split_by_threshold(rows: np.ndarray) -> dict[int, np.ndarray]:
