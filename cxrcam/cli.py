@@ -154,9 +154,13 @@ def train_detector(data: Path, out: Path, resume: bool, config: Config) -> None:
     """Train a torchvision Faster R-CNN (ResNet-50 FPN or timm + FPN) on a cache's boxes.
 
     \b
+    Weak supervision: detector.pseudo_from=CLASSIFIER trains labelled images without boxes on its
+    CAM pseudo-boxes (weight detector.pseudo_weight); detector.box_images=K keeps the boxes of K
+    training images (none: of no image, the label-only detector); detector.cam_proposals_from=
+    CLASSIFIER teaches the RoI heads to correct CAM boxes (then refine with refine.proposals=cam|both).
     cxrcam train-detector --data cache/vinbig512 --out runs/frcnn detector.init=runs/r50/best.pt
     cxrcam train-detector --data cache/nih512 --out runs/frcnn_nih detector.pseudo_from=runs/d121/best.pt \\
-        detector.backbone=densenet121
+        detector.backbone=densenet121 detector.cam_proposals_from=runs/d121/best.pt
     """
     from cxrcam.train.detector import train_detector as run
 
@@ -292,11 +296,12 @@ def refine(classifier: Path, detector: Path, **kwargs) -> None:
     """Refine the CAM boxes with a Faster R-CNN: localize's outputs, with detections in submission.csv.
 
     \b
-    The CAM boxes join the RPN's proposals in the detector's RoI heads, which classify and regress
-    them; scores are multiplied by the classifier's probabilities (refine.gate), merged per class
-    (refine.fusion nms|wbf) and the refine.top_k best kept. Writes what localize writes, with
-    submission.csv and bb_results.csv from the refined boxes and cam_submission.csv from the CAM
-    boxes; pred_ pictures show both. refine.cam_proposals=false refine.gate=none is the plain detector.
+    The CAM proposals of the predicted classes join the RPN's proposals in the detector's RoI heads
+    (refine.proposals=both; cam: they alone; rpn: none), which classify and regress them; scores are
+    multiplied by the classifier's probabilities (refine.gate), merged per class (refine.fusion
+    nms|wbf) and the refine.top_k best kept. Writes what localize writes, with submission.csv and
+    bb_results.csv from the refined boxes and cam_submission.csv from the CAM boxes; pred_ pictures
+    show both. refine.proposals=rpn refine.gate=none is the plain detector.
     cxrcam refine --classifier runs/clf/best.pt --detector runs/det/best.pt --data cache/ --out refined/
     """
     _localize(classifier, detector, **kwargs)

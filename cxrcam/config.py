@@ -116,8 +116,18 @@ class DetectorConfig:
     backbone: str = "resnet50"  # resnet50: torchvision ResNet-50 FPN; any other timm name: timm features + FPN
     init: str = ""  # a classifier checkpoint whose backbone weights start the detector
     trainable_layers: int = 3  # backbone stages trained when starting from a classifier (0-5)
-    pseudo_from: str = ""  # a classifier checkpoint: train on its CAM boxes where the cache has none (NIH)
-    box_images: int = 0  # train on a seeded sample of this many training images (0 = all): boxes are scarce
+    # a classifier checkpoint: labelled images without boxes train on its CAM pseudo-boxes (NIH, and the
+    # images box_images withholds); without it they are left out
+    pseudo_from: str = ""
+    pseudo_weight: float = 1.0  # the loss weight of pseudo-box images against truth-box images (> 0)
+    # a classifier checkpoint: its CAM proposals (jittered) join the RoI heads' training proposals, so the
+    # box head learns to correct them (use with refine.proposals=cam or both)
+    cam_proposals_from: str = ""
+    proposal_jitter: float = 0.1  # each CAM proposal also appears twice with edges moved by up to this share
+    # boxes on a seeded sample of this many training-fold images (0 = all; "none" = no box anywhere:
+    # the label-only detector, which needs pseudo_from); the others train on pseudo-boxes, or are dropped
+    box_images: int | Literal["none"] = 0
+    augment: bool = False  # the classifier's affine + exposure augmentations, the boxes moving with the image
     epochs: int = 12
     batch_size: int = 8  # global: divided among processes under torchrun
     lr: float = 0.01
@@ -130,15 +140,18 @@ class DetectorConfig:
     workers: int = 2
     seed: int = 0
     rois_per_image: int = 512  # RoIs sampled per training image (torchvision's default; fewer is faster on CPU)
+    channels: int = 256  # FPN width of a timm backbone (torchvision's 256; 64 is several times faster on CPU)
+    head_size: int = 1024  # the box head's MLP width (torchvision's 1024)
     score_thresh: float = 0.01  # detections kept by the RoI heads
     detections_per_img: int = 100
 
 
 @dataclass
 class RefineConfig:
-    """refine: the detector's RoI heads re-score CAM boxes next to the RPN's proposals."""
+    """refine: the detector's RoI heads re-score CAM boxes next to (or instead of) the RPN's proposals."""
 
-    cam_proposals: bool = True  # add the CAM boxes to the RPN proposals (false: the plain detector)
+    # the RoIs: both = RPN + CAM proposals; cam = the CAM proposals alone; rpn = the plain detector's
+    proposals: Literal["both", "cam", "rpn"] = "both"
     gate: Literal["product", "none"] = "product"  # product: detector score x classifier probability
     fusion: Literal["nms", "wbf"] = "nms"  # how overlapping boxes of one class merge
     iou: float = 0.5  # NMS / WBF IoU

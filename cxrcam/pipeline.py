@@ -82,9 +82,9 @@ def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
         run_command(*refine, "--out", out / "refine", *no_images, *cfg, *common)
         results["refined"] = out / "refine"
         if s.plain:  # the ablations: the detector alone, and gated without CAM proposals
-            for name, cam_proposals, gate in (("plain", "false", "none"), ("gated", "false", "product")):
-                run_command(*refine, "--out", out / name, "--no-images", *cfg, *common,
-                            f"refine.cam_proposals={cam_proposals}", f"refine.gate={gate}")
+            for name, gate in (("plain", "none"), ("gated", "product")):
+                run_command(*refine, "--out", out / name, "--no-images", *cfg, *common, "refine.proposals=rpn",
+                            f"refine.gate={gate}")
                 results[name] = out / name
     metrics = {}
     for name, folder in results.items():

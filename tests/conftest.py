@@ -53,7 +53,7 @@ def _trained(root: Path, fmt: str, n_images: int, size: int, *overrides: str) ->
 
     synthesize(fmt, root / "data", n_images, seed=11, size=int(size * 2.5), progress=False)
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
-                         [f"prepare.size={size}", "train.workers=0", "cam.workers=0", *overrides])
+                         [f"prepare.size={size}", "train.workers=0", "cam.workers=0", "model.output_stride=32", *overrides])
     prepare(fmt, root / "data", root / "cache", config, progress=False)
     train_classifier(config, root / "cache", root / "run", progress=False)
     return root / "cache", root / "run" / "best.pt"
@@ -73,7 +73,7 @@ def nih_model(tmp_path_factory) -> tuple[Path, Path]:
 
 
 DETECTOR = ["detector.backbone=resnet10t", "detector.epochs=2", "detector.batch_size=16", "detector.workers=0",
-            "detector.warmup_iters=3", "detector.rois_per_image=32"]
+            "detector.warmup_iters=3", "detector.rois_per_image=32", "detector.channels=32", "detector.head_size=128"]
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torchvision.models.detection import FasterRCNN
 
 from conftest import cxrcam as run_cxrcam
 from cxrcam.config import RefineConfig
@@ -36,14 +37,14 @@ def by_class(dets) -> list[tuple]:
 
 
 def test_without_cam_proposals_or_gate_it_is_the_plain_detector(vinbig_model, vinbig_detector):
-    """The hand-run forward (transform, backbone, RPN, RoI heads, postprocess) is torchvision's."""
+    """proposals=rpn, gate=none: CamFasterRCNN's forward computes what torchvision's FasterRCNN does."""
     x = batch(vinbig_model[0])
-    refiner = Refiner(vinbig_detector / "best.pt", RefineConfig(cam_proposals=False, gate="none", top_k=0),
+    refiner = Refiner(vinbig_detector / "best.pt", RefineConfig(proposals="rpn", gate="none", top_k=0),
                       torch.device("cpu"))
     probs = np.full((len(x), 14), 0.5)
     ours = refiner(x, [np.zeros((0, 4))] * len(x), probs)
     with torch.no_grad():
-        theirs = refiner.model(to_detector_input(x))
+        theirs = FasterRCNN.forward(refiner.model, to_detector_input(x))
     assert sum(len(d[0]) for d in ours) > 0
     for mine, ref in zip(ours, theirs):
         expected = (ref["boxes"].numpy().astype(np.float64), ref["labels"].numpy() - 1,
@@ -56,13 +57,16 @@ def test_cam_boxes_join_the_proposals_and_scores_are_gated(vinbig_model, vinbig_
     cam_boxes = [np.array([[10.0, 12.0, 40.0, 50.0], [30.0, 5.0, 60.0, 30.0]]), np.array([[0.0, 0.0, 64.0, 64.0]])]
     seen = []
     gated = Refiner(vinbig_detector / "best.pt", RefineConfig(top_k=0), torch.device("cpu"))
+    gated.model.roi_heads.score_thresh = 0.0  # a 2-epoch detector: keep every box, so there is something to gate
     gated.model.roi_heads.box_roi_pool.register_forward_hook(lambda m, args, out: seen.append(args[1]))
     rng = np.random.default_rng(0)
     probs = rng.uniform(0.05, 1, (2, 14))
     with_gate = gated(x, cam_boxes, probs)
     for proposals, cam in zip(seen[0], cam_boxes):  # the CAM boxes are the last proposals of each image
+        assert len(proposals) > len(cam)  # the RPN's come first
         assert torch.allclose(proposals[-len(cam):], torch.tensor(cam, dtype=torch.float32))
     plain = Refiner(vinbig_detector / "best.pt", RefineConfig(gate="none", top_k=0), torch.device("cpu"))
+    plain.model.roi_heads.score_thresh = 0.0
     no_gate = plain(x, cam_boxes, probs)
     for (gb, gc, gs), (nb, nc, ns), p in zip(with_gate, no_gate, probs):
         expected = by_class((nb, nc, ns * p[nc]))
@@ -70,6 +74,22 @@ def test_cam_boxes_join_the_proposals_and_scores_are_gated(vinbig_model, vinbig_
     top1 = Refiner(vinbig_detector / "best.pt", RefineConfig(top_k=1), torch.device("cpu"))(x, cam_boxes, probs)
     for boxes, classes, _ in top1:
         assert len(classes) == len(set(classes.tolist()))  # one box per class
+
+
+def test_cam_proposals_alone(vinbig_model, vinbig_detector):
+    """proposals=cam: the RoI heads see the CAM boxes and nothing else; an image without CAM
+    boxes gets no detection, one with them only boxes regressed from them."""
+    x = batch(vinbig_model[0], 2)
+    cam_boxes = [np.array([[10.0, 12.0, 40.0, 50.0], [30.0, 5.0, 60.0, 30.0]]), np.zeros((0, 4))]
+    seen = []
+    refiner = Refiner(vinbig_detector / "best.pt", RefineConfig(proposals="cam", gate="none", top_k=0),
+                      torch.device("cpu"))
+    refiner.model.roi_heads.box_roi_pool.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    refiner.model.roi_heads.score_thresh = 0.0
+    found = refiner(x, cam_boxes, np.full((2, 14), 0.5))
+    assert torch.equal(seen[0][0], torch.tensor(cam_boxes[0], dtype=torch.float32)) and len(seen[0][1]) == 0
+    assert len(found[0][0]) > 0 and len(found[1][0]) == 0
+    assert len(found[0][0]) <= 2 * 14  # at most one box per (proposal, class)
 
 
 def test_wbf_merges_by_the_definition():

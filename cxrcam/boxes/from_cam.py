@@ -16,7 +16,8 @@ For one class of one image with probability ``p`` and a heat map scaled to [0, 1
 :func:`components` does steps 1-3 (and every statistic) at many thresholds at once, so that
 ``cxrcam calibrate`` sweeps thresholds, scores and areas over maps computed once;
 :func:`cam_to_boxes` is the same at one threshold, and ``maps_to_boxes`` runs it for a batch,
-each class with its own settings (:class:`BoxRules`).
+each class with its own settings (:class:`BoxRules`). :func:`cam_proposals` gives a detector
+the components of several thresholds at once (``cxrcam refine``, ``detector.cam_proposals_from``).
 """
 from __future__ import annotations
 
@@ -136,6 +137,30 @@ def maps_to_boxes(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Seq
             scores.append(sc)
             labels.append(np.full(len(bx), int(c), np.int64))
         out.append((np.concatenate(boxes), np.concatenate(labels), np.concatenate(scores)))
+    return out
+
+
+PROPOSAL_OFFSETS = (-0.15, 0.0, 0.15)  # cam_proposals cuts each map at its class's threshold + these
+
+
+def cam_proposals(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Sequence[int]],
+                  rules: BoxConfig | BoxRules = BoxConfig()) -> list[np.ndarray]:
+    """Each image's CAM proposals for a detector's RoI heads (map pixels, class-agnostic): every
+    component (>= ``min_area``) of each ``wanted`` class's map at the class's threshold and at
+    ``PROPOSAL_OFFSETS`` around it, duplicates removed, no NMS or top-k. Several thresholds
+    give the nested boxes a box head can choose among; as submission boxes they halve the mAP
+    (docs/BENCHMARKS.md, issue 14)."""
+    rules = rules if isinstance(rules, BoxRules) else BoxRules(rules)
+    column = {int(c): k for k, c in enumerate(classes)}
+    out = []
+    for b, chosen in enumerate(wanted):
+        boxes = [np.zeros((0, 4))]
+        for c in chosen:
+            rule = rules(c)
+            cuts = sorted({float(np.clip(rule.threshold + d, 0.01, 0.99)) for d in PROPOSAL_OFFSETS})
+            rows = components(cams[b, column[int(c)]], cuts, statistics=False)
+            boxes.append(rows[rows[:, AREA] >= rule.min_area, X0:Y1 + 1])
+        out.append(np.unique(np.concatenate(boxes), axis=0))
     return out
 
 

@@ -1,6 +1,11 @@
 """``create_detector(backbone, ...)``: torchvision Faster R-CNN over a ResNet-50 FPN or any timm
 backbone with a feature pyramid, optionally starting from a trained classifier's backbone.
 
+:class:`CamFasterRCNN` is torchvision's ``FasterRCNN`` with two additions to ``forward``: CAM
+boxes join the RPN's proposals (or replace them, ``rpn=False``), in training as at inference,
+so the RoI heads learn to classify and regress CAM-shaped boxes; and a per-image loss weight
+(``target["weight"]``), so CAM pseudo-boxes can count less than truth boxes.
+
 The detector takes the same grey [0, 1] images as the classifier (replicated to 3 channels);
 its transform normalises with the classifier's statistics and keeps the input size (no
 resizing: ``min_size = max_size = size``), so boxes stay in the input frame.
@@ -8,14 +13,18 @@ resizing: ``min_size = max_size = size``), so boxes stay in the input frame.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -29,15 +38,59 @@ from cxrcam.models import IMAGENET_MEAN, IMAGENET_STD, channel_stats, grey_to_ch
 class TimmFPN(nn.Module):
     """A timm backbone's last four stages + torchvision's FPN: the backbone FasterRCNN expects."""
 
-    def __init__(self, name: str, output_stride: int = 32):
+    def __init__(self, name: str, output_stride: int = 32, channels: int = 256):
         super().__init__()
         self.body = timm.create_model(name, features_only=True, out_indices=(1, 2, 3, 4), pretrained=False,
                                       **stride_kwargs(name, output_stride))
-        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), 256, extra_blocks=LastLevelMaxPool())
-        self.out_channels = 256
+        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = channels
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+class CamFasterRCNN(FasterRCNN):
+    """FasterRCNN whose RoI heads also see each image's CAM boxes (see the module docstring)."""
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
+                cam_boxes: Sequence[torch.Tensor | np.ndarray] | None = None, rpn: bool = True):
+        """torchvision's forward (losses in training, detections in eval) with ``cam_boxes``: per
+        image, N x 4 xyxy boxes in input pixels added to the proposals; ``rpn=False`` (eval only)
+        makes them the only proposals. Without either it computes exactly what FasterRCNN does."""
+        if self.training and targets is None:
+            raise ValueError("targets are needed in training mode")
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors)
+        extra = None
+        if cam_boxes is not None:
+            ref = batch.tensors
+            extra = [torch.as_tensor(b, dtype=ref.dtype, device=ref.device).reshape(-1, 4)
+                     * torch.tensor([w1 / w0, h1 / h0, w1 / w0, h1 / h0], dtype=ref.dtype, device=ref.device)
+                     for b, (h0, w0), (h1, w1) in zip(cam_boxes, original_sizes, batch.image_sizes)]
+        if not self.training:
+            proposals = self.rpn(batch, features)[0] if rpn else [batch.tensors.new_zeros((0, 4)) for _ in images]
+            if extra is not None:
+                proposals = [torch.cat([p, e]) for p, e in zip(proposals, extra)]
+            found, _ = self.roi_heads(features, proposals, batch.image_sizes)
+            return self.transform.postprocess(found, batch.image_sizes, original_sizes)
+        # training: the images of each loss weight go through the RPN and RoI heads together
+        weights = [float(t.get("weight", 1.0)) for t in targets]
+        total = sum(w for w in weights)
+        losses: dict[str, torch.Tensor] = {}
+        for w in sorted(set(weights)):
+            idx = [i for i, v in enumerate(weights) if v == w]
+            sub = ImageList(batch.tensors[idx], [batch.image_sizes[i] for i in idx])
+            feats = OrderedDict((k, v[idx]) for k, v in features.items())
+            sub_targets = [targets[i] for i in idx]
+            proposals, rpn_losses = self.rpn(sub, feats, sub_targets)
+            if extra is not None:
+                proposals = [torch.cat([p, extra[i].detach()]) for p, i in zip(proposals, idx)]
+            _, roi_losses = self.roi_heads(feats, proposals, sub.image_sizes, sub_targets)
+            share = w * len(idx) / total
+            for key, value in {**roi_losses, **rpn_losses}.items():
+                losses[key] = losses.get(key, 0) + share * value
+        return losses
 
 
 def _classifier_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple, tuple, str, int]:
@@ -50,14 +103,17 @@ def _classifier_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], tup
 
 def create_detector(backbone: str, num_classes: int, size: int, init: str | Path | None = None,
                     trainable_layers: int = 3, score_thresh: float = 0.01, detections_per_img: int = 100,
-                    rois_per_image: int = 512, output_stride: int | None = None) -> FasterRCNN:
+                    rois_per_image: int = 512, output_stride: int | None = None, channels: int = 256,
+                    head_size: int = 1024) -> CamFasterRCNN:
     """Faster R-CNN for ``num_classes`` findings (+ background) on ``size`` x ``size`` inputs.
 
     ``init``: a classifier checkpoint of the same backbone; its weights start the detector
     (timm's ResNet-50 and torchvision's share the layout), with frozen batch norm and the
     first ``5 - trainable_layers`` stages frozen. Without it the backbone starts at random.
     ``output_stride``: the backbone's dilation (default: the ``init`` classifier's, else 32);
-    the model records it as ``model.output_stride``."""
+    the model records it as ``model.output_stride``. ``channels`` (FPN width, timm backbones) and
+    ``head_size`` (the box head's MLP) default to torchvision's 256 and 1024; smaller ones make
+    a CPU detector several times faster."""
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     state, stride = None, output_stride or 32
     if init:
@@ -74,7 +130,7 @@ def create_detector(backbone: str, num_classes: int, size: int, init: str | Path
     else:
         if not timm.is_model(backbone):
             raise CxrcamError(f"unknown timm model {backbone!r} for detector.backbone")
-        body = TimmFPN(backbone, stride)
+        body = TimmFPN(backbone, stride, channels)
         target = body.body
     if state is not None:
         missing, _ = target.load_state_dict({k: v for k, v in state.items() if not k.startswith(("fc.", "head"))},
@@ -83,20 +139,24 @@ def create_detector(backbone: str, num_classes: int, size: int, init: str | Path
         if missing:
             raise CxrcamError(f"detector.init: {len(missing)} backbone weights missing in {init} (e.g. {missing[0]})")
     mean, std = channel_stats(mean, std, 3)
-    model = FasterRCNN(body, num_classes=num_classes + 1, min_size=size, max_size=size, image_mean=list(mean),
-                       image_std=list(std), box_score_thresh=score_thresh, box_detections_per_img=detections_per_img,
-                       box_batch_size_per_image=rois_per_image)
+    resolution = 7  # torchvision's RoI-align output side
+    model = CamFasterRCNN(body, min_size=size, max_size=size, image_mean=list(mean), image_std=list(std),
+                          box_score_thresh=score_thresh, box_detections_per_img=detections_per_img,
+                          box_batch_size_per_image=rois_per_image,
+                          box_head=TwoMLPHead(body.out_channels * resolution ** 2, head_size),
+                          box_predictor=FastRCNNPredictor(head_size, num_classes + 1))
     model.output_stride = stride
     return model
 
 
-def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[FasterRCNN, dict[str, Any]]:
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[CamFasterRCNN, dict[str, Any]]:
     """Rebuild a detector from its checkpoint (``weights_only=True``)."""
     ckpt = load_checkpoint(path, device, kind="detector")
     cfg = ckpt["config"]["detector"]
     model = create_detector(ckpt["backbone"], len(ckpt["classes"]), ckpt["input_size"],
                             score_thresh=cfg["score_thresh"], detections_per_img=cfg["detections_per_img"],
-                            output_stride=ckpt.get("output_stride", 32))
+                            output_stride=ckpt.get("output_stride", 32), channels=cfg.get("channels", 256),
+                            head_size=cfg.get("head_size", 1024))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 

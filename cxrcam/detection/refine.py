@@ -1,14 +1,15 @@
-"""Refinement: the CAM boxes become extra Faster R-CNN proposals, and the classifier gates the result.
+"""Refinement: the CAM boxes become Faster R-CNN proposals, and the classifier gates the result.
 
-torchvision's ``FasterRCNN.forward`` is transform -> backbone -> RPN -> RoI heads ->
-postprocess. ``Refiner`` runs those same steps and appends each image's CAM boxes to the
-RPN's proposals before the RoI heads, which classify and regress them like any other
-proposal. Each detection's score is then multiplied by the classifier's probability of its
+The detector (:class:`~cxrcam.detection.model.CamFasterRCNN`) puts each image's CAM proposals
+(:func:`~cxrcam.boxes.cam_proposals`) beside the RPN's (``refine.proposals=both``) or in their
+place (``cam``), and its RoI heads classify and regress them like any other proposal; a
+detector trained with ``detector.cam_proposals_from`` has learned to correct exactly these
+boxes. Each detection's score is then multiplied by the classifier's probability of its
 class (``refine.gate=product``): the classifier, trained on every image's labels, decides
 *whether* a finding is there, the detector *where*. Overlapping boxes of one class are merged
 by NMS (inside the RoI heads) or Weighted Boxes Fusion, and the ``top_k`` best per class stay.
 
-With ``cam_proposals=false`` and ``gate=none`` this is exactly the plain detector.
+With ``proposals=rpn`` and ``gate=none`` this is exactly the plain detector.
 """
 from __future__ import annotations
 
@@ -37,20 +38,11 @@ class Refiner:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, cam_boxes: list[np.ndarray], probs: np.ndarray) -> list[Detections]:
-        """x: B x 1 x S x S images in [0, 1]; cam_boxes: each image's CAM boxes (input pixels);
+        """x: B x 1 x S x S images in [0, 1]; cam_boxes: each image's CAM proposals (input pixels);
         probs: B x C classifier probabilities. Detections come back in input pixels."""
         model, cfg = self.model, self.config
-        images = to_detector_input(x)
-        original_sizes = [tuple(img.shape[-2:]) for img in images]
-        batch, _ = model.transform(images)
-        features = model.backbone(batch.tensors)
-        proposals, _ = model.rpn(batch, features)
-        if cfg.cam_proposals:
-            scale = batch.image_sizes[0][0] / x.shape[-2]  # the detector may run at another size
-            proposals = [torch.cat([p, torch.as_tensor(b * scale, dtype=p.dtype, device=p.device).reshape(-1, 4)])
-                         for p, b in zip(proposals, cam_boxes)]
-        found, _ = model.roi_heads(features, proposals, batch.image_sizes)
-        found = model.transform.postprocess(found, batch.image_sizes, original_sizes)
+        found = model(to_detector_input(x), cam_boxes=None if cfg.proposals == "rpn" else cam_boxes,
+                      rpn=cfg.proposals != "cam")
         results = []
         for d, p in zip(found, probs):
             boxes = d["boxes"].float().cpu().numpy().astype(np.float64)

@@ -6,7 +6,7 @@ and the truth classes add their maps for the pointing game and the box accuracy 
 (MaxBoxAccV2, with a random-map control). One CAM call per batch computes only the maps some
 image needs; one call turns them into boxes, each class with its own settings
 (:class:`~cxrcam.boxes.BoxRules`: a calibration's, or the config's); a refiner, when given,
-turns the CAM boxes into detections.
+turns the predicted classes' CAM proposals (:func:`~cxrcam.boxes.cam_proposals`) into detections.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cxrcam.boxes import BoxRules, Detections, cam_peak, maps_to_boxes, scale_boxes
+from cxrcam.boxes import BoxRules, Detections, cam_peak, cam_proposals, maps_to_boxes, scale_boxes
 from cxrcam.cam import BaseCAM
 from cxrcam.config import Config
 from cxrcam.evaluation.weak import pair_curves
@@ -71,7 +71,8 @@ class Step:
         cams = out.cams.cpu().numpy()
         column = {c: k for k, c in enumerate(out.classes)}
         cam_boxes = maps_to_boxes(cams, out.classes, [p.predicted for p in plans], probs, self.rules)
-        final = self.refiner(x, [boxes for boxes, _, _ in cam_boxes], probs) if self.refiner else cam_boxes
+        final = (self.refiner(x, cam_proposals(cams, out.classes, [p.predicted for p in plans], self.rules), probs)
+                 if self.refiner else cam_boxes)
         size = x.shape[-1]
         results = []
         for b, (image_id, (h, w), plan) in enumerate(zip(ids, sizes, plans)):

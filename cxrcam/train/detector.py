@@ -1,14 +1,18 @@
 """``cxrcam train-detector``: torchvision Faster R-CNN on a cache, read top to bottom.
 
-Setup only: truth (the cache's fused boxes, or CAM pseudo-boxes from a classifier,
-``detector.pseudo_from``), images without findings kept as negatives, the Faster R-CNN, SGD with
-momentum, linear warm-up and step decay. The epoch loop, AMP, checkpoints (``best.pt`` on
+Setup only: the supervision (:func:`_supervision`: the cache's fused boxes; CAM pseudo-boxes from
+a classifier, ``detector.pseudo_from``, for labelled images without boxes, at loss weight
+``detector.pseudo_weight``; images without findings as negatives), the CAM proposals that join
+the RoI heads' training proposals (``detector.cam_proposals_from``, jittered each step), the
+optional box-aware augmentation, the Faster R-CNN, SGD with momentum, linear warm-up and step
+decay. The epoch loop, AMP, checkpoints (``best.pt`` on
 validation VOC mAP@0.4, ``last.pt`` for ``--resume``) and ``metrics.csv`` are the engine's
 (:mod:`cxrcam.train.engine`), as for the classifier; DDP under torchrun.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +21,35 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from tqdm import tqdm
 
 from cxrcam.boxes import scale_boxes
-from cxrcam.config import Config, config_to_dict
+from cxrcam.config import AugmentConfig, Config, config_to_dict
 from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache, open_cache
-from cxrcam.data.dataset import image_tensor
+from cxrcam.data.dataset import image_tensor, train_transforms
 from cxrcam.data.images import read_image
 from cxrcam.data.splits import train_val_rows
-from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS
+from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, target_columns
 from cxrcam.detection.model import create_detector, to_detector_input
-from cxrcam.detection.pseudo import pseudo_boxes
+from cxrcam.detection.pseudo import PROPOSAL_COLUMNS, cam_training_boxes
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import voc_map
+from cxrcam.files import write_csv
 from cxrcam.runtime import dist
 from cxrcam.train.engine import Run, fit
 
 
 class DetectionDataset(Dataset):
-    """Cache rows -> (1 x S x S image in [0, 1], {"boxes": cache-frame xyxy, "labels": class + 1}, row)."""
+    """Cache rows -> (1 x S x S image in [0, 1], {"boxes": cache-frame xyxy, "labels": class + 1,
+    "weight": the image's loss weight}, position). ``pseudo``: the image ids whose boxes are CAM
+    pseudo-boxes, weighted ``pseudo_weight``; ``transform``: a v2 transform moving image and boxes."""
 
-    def __init__(self, cache: Cache, rows: np.ndarray, boxes: pd.DataFrame):
+    def __init__(self, cache: Cache, rows: np.ndarray, boxes: pd.DataFrame, pseudo: set[str] = frozenset(),
+                 pseudo_weight: float = 1.0, transform=None):
         self.images = cache.images.iloc[rows].reset_index(drop=True)
-        self.root = cache.root
+        self.root, self.transform = cache.root, transform
         groups = {k: g for k, g in boxes.groupby("image_id")}
         self.targets = []
         for image_id in self.images["image_id"]:
@@ -46,13 +57,40 @@ class DetectionDataset(Dataset):
             b = np.zeros((0, 4), np.float32) if g is None else g[CACHE_BOX_COLUMNS].to_numpy(np.float32)
             c = np.zeros(0, np.int64) if g is None else g["class_id"].to_numpy(np.int64) + 1
             keep = (b[:, 2] - b[:, 0] >= 1) & (b[:, 3] - b[:, 1] >= 1)  # no degenerate boxes
-            self.targets.append({"boxes": torch.from_numpy(b[keep]), "labels": torch.from_numpy(c[keep])})
+            weight = pseudo_weight if image_id in pseudo else 1.0
+            self.targets.append({"boxes": torch.from_numpy(b[keep]), "labels": torch.from_numpy(c[keep]),
+                                 "weight": torch.tensor(weight)})
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return image_tensor(read_image(self.root / self.images.at[i, "file"]).image), self.targets[i], i
+        x = image_tensor(read_image(self.root / self.images.at[i, "file"]).image)
+        target = self.targets[i]
+        if self.transform is not None:
+            boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=tuple(x.shape[-2:]))
+            image, moved = self.transform(tv_tensors.Image(x), {"boxes": boxes, "labels": target["labels"]})
+            x = image.as_subclass(torch.Tensor).clamp(0, 1)
+            target = {**target, "boxes": moved["boxes"].as_subclass(torch.Tensor), "labels": moved["labels"]}
+        return x, target, i
+
+
+def box_transforms(cfg: AugmentConfig) -> v2.Compose:
+    """The classifier's augmentations (:func:`train_transforms`), boxes included; boxes pushed
+    out of the image or below 1 pixel are dropped."""
+    return v2.Compose([train_transforms(cfg), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)])
+
+
+def jitter_boxes(boxes: torch.Tensor, share: float, size: int, copies: int = 2) -> torch.Tensor:
+    """``boxes`` and ``copies`` jittered copies of each, every edge moved by up to ``share`` of the
+    box's side (torch's RNG, so a resumed run draws the same), clipped to the image."""
+    if share <= 0 or len(boxes) == 0:
+        return boxes
+    side = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    moved = boxes.repeat(copies, 1) + (torch.rand(copies * len(boxes), 4) * 2 - 1) * share * side.repeat(copies, 1)
+    moved = moved.clamp(0, size)
+    moved = moved[(moved[:, 2] - moved[:, 0] >= 1) & (moved[:, 3] - moved[:, 1] >= 1)]
+    return torch.cat([boxes, moved])
 
 
 def _collate(batch):
@@ -85,13 +123,85 @@ def _validation(model, loader, val_set: DetectionDataset, truth: pd.DataFrame, i
     return validate
 
 
-def _training_boxes(cache: Cache, config: Config, device: torch.device) -> tuple[pd.DataFrame, str]:
-    """The cache's truth boxes, or CAM pseudo-boxes from ``detector.pseudo_from``."""
-    if config.detector.pseudo_from:
-        return pseudo_boxes(config.detector.pseudo_from, cache, config, device), "cam pseudo-boxes"
-    if cache.boxes.empty:
-        raise CxrcamError(f"{cache.root} has no boxes: set detector.pseudo_from to a classifier checkpoint")
-    return cache.boxes, "truth"
+@dataclass
+class Supervision:
+    """What each image trains on: truth boxes, CAM pseudo-boxes, or none (a negative)."""
+
+    train_rows: np.ndarray  # the training-fold rows the detector sees
+    boxes: pd.DataFrame  # truth and pseudo-boxes of every row that has them
+    pseudo: set[str]  # the image ids whose boxes are pseudo-boxes
+    proposals: dict[str, np.ndarray]  # image id -> CAM proposals (cache frame), detector.cam_proposals_from
+    source: str  # "truth", "cam pseudo-boxes" or "truth + cam pseudo-boxes"
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _supervision(cache: Cache, config: Config, info: dist.DistInfo, train_rows: np.ndarray, val_rows: np.ndarray,
+                 out: Path, resume: bool, progress: bool) -> Supervision:
+    """Which rows train on what. ``detector.box_images`` withholds boxes (a seeded sample of K
+    training images keeps them; "none": no image does, validation included); labelled images
+    without boxes take CAM pseudo-boxes from ``detector.pseudo_from``, or are left out; images
+    without findings are negatives."""
+    dcfg = config.detector
+    ids = cache.images["image_id"].to_numpy()
+    if isinstance(dcfg.box_images, int) and dcfg.box_images < 0:
+        raise CxrcamError(f"detector.box_images must be >= 0 or none, got {dcfg.box_images}")
+    if dcfg.pseudo_weight <= 0:
+        raise CxrcamError(f"detector.pseudo_weight must be > 0, got {dcfg.pseudo_weight}")
+    shown = np.ones(len(ids), bool)  # rows whose truth boxes the detector may see
+    if dcfg.box_images == "none":
+        shown[:] = False
+    elif 0 < dcfg.box_images < len(train_rows):  # the setting where boxes are scarce and image labels are not
+        sample = np.random.default_rng(dcfg.seed).choice(train_rows, dcfg.box_images, replace=False)
+        shown[train_rows] = False
+        shown[sample] = True
+    truth = cache.boxes[cache.boxes["image_id"].isin(set(ids[shown]))]
+    finding = (cache.images[target_columns(cache.schema)].to_numpy() >= 0.5).any(1)
+    unboxed = finding & ~np.isin(ids, truth["image_id"].unique())  # labelled, and no box to learn from
+    if dcfg.pseudo_from:
+        pseudo_rows = np.concatenate([train_rows, val_rows])
+        pseudo_rows = pseudo_rows[unboxed[pseudo_rows]]
+    else:
+        if truth.empty:
+            why = ("detector.box_images=none withholds every box" if dcfg.box_images == "none"
+                   else f"{cache.root} has no boxes")
+            raise CxrcamError(f"{why}: set detector.pseudo_from to a classifier checkpoint (CAM pseudo-boxes)")
+        train_rows = train_rows[shown[train_rows] & ~unboxed[train_rows]]  # the boxed images alone
+        pseudo_rows = train_rows[:0]
+    pseudo, proposals = _cam_boxes(cache, config, info, pseudo_rows, train_rows, out, resume, progress)
+    source = ("truth" if not len(pseudo_rows) else "cam pseudo-boxes" if truth.empty
+              else "truth + cam pseudo-boxes")
+    counts = {"truth": int((finding & ~unboxed)[train_rows].sum()), "pseudo": int(unboxed[train_rows].sum()),
+              "negative": int((~finding[train_rows]).sum())}
+    return Supervision(train_rows, pd.concat([truth, pseudo], ignore_index=True), set(ids[pseudo_rows]),
+                       proposals, source, counts)
+
+
+def _cam_boxes(cache: Cache, config: Config, info: dist.DistInfo, pseudo_rows: np.ndarray, proposal_rows: np.ndarray,
+               out: Path, resume: bool, progress: bool) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Pseudo-boxes of ``pseudo_rows`` (``detector.pseudo_from``) and CAM proposals of
+    ``proposal_rows`` (``detector.cam_proposals_from``): one pass per classifier, written to
+    ``out`` (``pseudo_boxes.csv``, ``cam_proposals.csv``) and read back by ``--resume``."""
+    dcfg = config.detector
+    ids = cache.images["image_id"].to_numpy()
+    files = {"pseudo": out / "pseudo_boxes.csv", "proposals": out / "cam_proposals.csv"}
+    source = {"pseudo": dcfg.pseudo_from if len(pseudo_rows) else "", "proposals": dcfg.cam_proposals_from}
+    rows = {"pseudo": pseudo_rows, "proposals": proposal_rows}
+    found = {part: pd.read_csv(files[part], dtype={"image_id": str})
+             for part in files if source[part] and resume and files[part].is_file()}
+    for classifier in sorted({source[p] for p in files if source[p] and p not in found}):
+        parts = [p for p in files if source[p] == classifier and p not in found]
+        both = cam_training_boxes(classifier, cache, config, info.device, np.union1d(*(rows[p] for p in parts)) if
+                                  len(parts) > 1 else rows[parts[0]], pseudo="pseudo" in parts,
+                                  proposals="proposals" in parts, progress=progress and info.is_main)
+        for part, frame in zip(files, both):
+            if part in parts:
+                found[part] = frame[frame["image_id"].isin(set(ids[rows[part]]))]
+                if info.is_main:
+                    out.mkdir(parents=True, exist_ok=True)
+                    write_csv(files[part], found[part])
+    pseudo = found.get("pseudo", pd.DataFrame(columns=cache.boxes.columns))
+    proposals = found.get("proposals", pd.DataFrame(columns=PROPOSAL_COLUMNS))
+    return pseudo, {k: g[CACHE_BOX_COLUMNS].to_numpy(np.float32) for k, g in proposals.groupby("image_id")}
 
 
 def train_detector(config: Config, data: str | Path, out: str | Path, resume: bool = False,
@@ -102,16 +212,19 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
     cuda = info.device.type == "cuda"
     torch.manual_seed(dcfg.seed)
 
-    # --- data: truth boxes, or CAM pseudo-boxes where the cache has none
+    # --- data: truth boxes, CAM pseudo-boxes where there are none, CAM proposals
     cache = open_cache(data)
-    truth, source = _training_boxes(cache, config, info.device)
     train_rows, val_rows = train_val_rows(cache.images["fold"].to_numpy(), config.split.val_fold, cache.root)
-    if dcfg.box_images < 0:
-        raise CxrcamError(f"detector.box_images must be >= 0, got {dcfg.box_images}")
-    if 0 < dcfg.box_images < len(train_rows):  # the setting where boxes are scarce and image labels are not
-        train_rows = np.sort(np.random.default_rng(dcfg.seed).choice(train_rows, dcfg.box_images, replace=False))
-    train_set = DetectionDataset(cache, train_rows, truth)
-    val_set = DetectionDataset(cache, val_rows, truth)
+    sup = _supervision(cache, config, info, train_rows, val_rows, Path(out), resume, progress)
+    if info.is_main and progress:
+        shown = ", ".join(f"{n} {k}" for k, n in sup.counts.items())
+        extra = f"; CAM proposals on {len(sup.proposals)} images" if dcfg.cam_proposals_from else ""
+        tqdm.write(f"detector training images: {shown} ({sup.source}){extra}")
+    train_set = DetectionDataset(cache, sup.train_rows, sup.boxes, sup.pseudo, dcfg.pseudo_weight,
+                                 box_transforms(config.augment) if dcfg.augment else None)
+    val_set = DetectionDataset(cache, val_rows, sup.boxes)
+    no_boxes = np.zeros((0, 4), np.float32)
+    proposals = [torch.from_numpy(sup.proposals.get(i, no_boxes)) for i in train_set.images["image_id"]]
     per_rank_batch = max(1, dcfg.batch_size // info.world_size)
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=dcfg.seed)
     val_loader = DataLoader(val_set, batch_size=per_rank_batch, num_workers=dcfg.workers, collate_fn=_collate)
@@ -124,15 +237,18 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
     # --- model, loss, optimiser, schedule
     classes = list(cache.schema.findings)
     model = create_detector(dcfg.backbone, len(classes), cache.size, dcfg.init or None, dcfg.trainable_layers,
-                            dcfg.score_thresh, dcfg.detections_per_img, dcfg.rois_per_image).to(info.device)
+                            dcfg.score_thresh, dcfg.detections_per_img, dcfg.rois_per_image,
+                            channels=dcfg.channels, head_size=dcfg.head_size).to(info.device)
     raw_model = model
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[info.local_rank] if cuda else None)
 
     def batch_loss(batch) -> tuple[dict[str, torch.Tensor], int]:
-        x, targets, _ = batch
+        x, targets, idx = batch
         targets = [{k: v.to(info.device) for k, v in t.items()} for t in targets]
-        return model(to_detector_input(torch.stack(x).to(info.device)), targets), len(x)
+        cam = ([jitter_boxes(proposals[i], dcfg.proposal_jitter, cache.size) for i in idx]
+               if dcfg.cam_proposals_from else None)
+        return model(to_detector_input(torch.stack(x).to(info.device)), targets, cam_boxes=cam), len(x)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=dcfg.lr, momentum=dcfg.momentum, weight_decay=dcfg.weight_decay)
@@ -145,13 +261,13 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
     meta = {"backbone": dcfg.backbone, "output_stride": raw_model.output_stride, "classes": classes, "schema": cache.schema.name,
-            "input_size": cache.size, "truth": source, "config": config_to_dict(config),
+            "input_size": cache.size, "truth": sup.source, "config": config_to_dict(config),
             "train_images": train_set.images["image_id"].tolist()}
     run = Run("detector", dcfg.backbone, model, raw_model, optimizer, scheduler, epoch_loader, batch_loss,
-              _validation(raw_model, val_loader, val_set, truth, config.eval.iou_thr, info), "val_map", dcfg.epochs,
+              _validation(raw_model, val_loader, val_set, sup.boxes, config.eval.iou_thr, info), "val_map", dcfg.epochs,
               dcfg.amp, 0.0, "detector.lr", meta,
               {"loss": "train_loss", f"val mAP@{config.eval.iou_thr}": "val_map"})
     return fit(run, out, info, resume, progress)
 
 
-__all__ = ["train_detector", "detect", "DetectionDataset"]
+__all__ = ["train_detector", "detect", "DetectionDataset", "jitter_boxes", "box_transforms"]
