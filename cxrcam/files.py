@@ -16,11 +16,28 @@ from typing import Any
 import pandas as pd
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` sets it, and
+    the picture-writing thread could create a file in between)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write through a temporary file + rename, with the mode a plain ``open`` would give
+    (0644 under the usual umask; ``mkstemp`` alone makes it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

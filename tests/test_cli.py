@@ -55,3 +55,23 @@ def test_synth_then_prepare_from_the_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     manifest = pd.read_csv(tmp_path / "c" / "manifest.csv")
     assert len(manifest) == 12 and set(manifest["fold"]) <= {-1, 0, 1, 2}
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_outputs_follow_the_umask(tmp_path, umask, mode):
+    """Atomic writes (mkstemp + rename) get the mode a plain open() would: colleagues and web
+    servers can read submission.csv, report.html and checkpoints under the usual umask."""
+    import os
+    import subprocess
+    import sys
+
+    data, out = tmp_path / "synth", tmp_path / "cache"
+    for args in (["synth", "--out", str(data), "--n-images", "6", "--size", "64"],
+                 ["prepare", "--dataset", "vinbig", "--root", str(data), "--out", str(out), "--size", "32",
+                  "split.n_folds=2"]):
+        result = subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True,
+                                timeout=300, umask=umask)
+        assert result.returncode == 0, result.stderr[-2000:]
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".csv" for p in written)
+    assert {oct(os.stat(p).st_mode & 0o777) for p in written} == {oct(mode)}
