@@ -132,11 +132,11 @@ def main() -> None:
                                 "train_s": seconds[run]})
                 per_class[f"{run} {variant}"] = aps
                 print(f"{label:>16} {name:<5} {variant:<16} findings mAP@0.4 {value:.3f}", flush=True)
-    table = pd.DataFrame(results)
-    table.to_csv(a.out / "results.csv", index=False)
-    classes = test.schema.findings
-    frame = pd.DataFrame({run: {classes[c]: ap for c, ap in aps.items()} for run, aps in per_class.items()})
-    frame.to_csv(a.out / "per_class.csv")
+                table = pd.DataFrame(results)  # written as it grows: an interrupted run keeps its cells
+                table.to_csv(a.out / "results.csv", index=False)
+                classes = test.schema.findings
+                pd.DataFrame({run: {classes[c]: ap for c, ap in aps.items()} for run, aps in per_class.items()}
+                             ).to_csv(a.out / "per_class.csv")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
     cam_map = float(np.mean(list(cam_ap.values())))
     lines = [f"command: {' '.join(sys.argv)}", f"device: {device}, torch {torch.__version__}",
