@@ -94,7 +94,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     classifier, calibration = a.base / "runs" / "classifier" / "best.pt", a.base / "calibration.json"
     common = [f"detector.backbone={a.model}", f"detector.epochs={a.epochs}", "detector.rois_per_image=128",
-              "detector.warmup_iters=20", "detector.channels=64", "detector.head_size=256", f"detector.init={classifier}", f"boxes.calibration={calibration}",
+              "detector.warmup_iters=20", "detector.channels=64", "detector.head_size=256",
+              f"detector.init={classifier}", f"boxes.calibration={calibration}",
               *a.overrides]
     train_cache = open_cache(a.base / "cache" / "train")
     config = load_config(a.config, common)
@@ -103,7 +104,8 @@ def main() -> None:
     # the test set once: images, calibrated CAM proposals of the predicted classes, probabilities
     test = open_cache(a.base / "cache" / "test")
     images = torch.stack([image_tensor(read_image(test.root / f).image) for f in test.images["file"]])
-    _, frame = cam_training_boxes(classifier, test, config, torch.device("cpu"), pseudo=False, proposals=True)
+    _, frame = cam_training_boxes(classifier, test, config, torch.device("cpu"),
+                                  proposal_rows=np.arange(len(test.images)))
     groups = {k: g[["cx_min", "cy_min", "cx_max", "cy_max"]].to_numpy() for k, g in frame.groupby("image_id")}
     proposals = [groups.get(i, np.zeros((0, 4))) for i in test.images["image_id"]]
     probs = pd.read_csv(a.base / "calibrated" / "probabilities.csv", dtype={"image_id": str}).set_index("image_id")

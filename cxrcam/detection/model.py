@@ -76,7 +76,7 @@ class CamFasterRCNN(FasterRCNN):
             return self.transform.postprocess(found, batch.image_sizes, original_sizes)
         # training: the images of each loss weight go through the RPN and RoI heads together
         weights = [float(t.get("weight", 1.0)) for t in targets]
-        total = sum(w for w in weights)
+        total = sum(weights)
         losses: dict[str, torch.Tensor] = {}
         for w in sorted(set(weights)):
             idx = [i for i, v in enumerate(weights) if v == w]

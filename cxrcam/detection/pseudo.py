@@ -35,27 +35,29 @@ PROPOSAL_COLUMNS = ["image_id", *CACHE_BOX_COLUMNS]
 
 @torch.no_grad()
 def cam_training_boxes(classifier: str | Path, cache: Cache, config: Config, device: torch.device,
-                       rows: np.ndarray | None = None, pseudo: bool = True, proposals: bool = False,
+                       pseudo_rows: np.ndarray = (), proposal_rows: np.ndarray = (),
                        progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(pseudo-boxes of the labelled classes, CAM proposals of the predicted classes) of the
-    cache ``rows`` (all by default); each part only when asked for, else an empty frame."""
+    """(pseudo-boxes of the labelled classes of the cache rows ``pseudo_rows``, CAM proposals of
+    the predicted classes of ``proposal_rows``), from one pass over the rows of either: each
+    image's maps are computed only for the classes its parts need."""
     model, _ = load_classifier(classifier, device)
     cam = create_cam(model, config.cam.method)
-    rows = np.arange(len(cache.images)) if rows is None else np.asarray(rows)
+    wants_pseudo, wants_proposals = set(np.asarray(pseudo_rows).tolist()), set(np.asarray(proposal_rows).tolist())
+    rows = np.array(sorted(wants_pseudo | wants_proposals), dtype=np.int64)
     labels = cache.images[target_columns(cache.schema)].to_numpy() >= 0.5
     pseudo_rules = BoxRules.from_config(replace(config.boxes, top_k=1))
     rules = BoxRules.from_config(config.boxes)
-    pseudo_rows, proposal_rows = [], []
+    pseudo_found, proposal_found = [], []
     loader = DataLoader(CacheDataset(cache, rows), batch_size=config.cam.batch_size, num_workers=config.cam.workers)
     for x, _, k in tqdm(loader, desc="CAM boxes for the detector", unit="batch", disable=not progress, leave=False):
         idx = rows[k.numpy()]
-        labelled = [np.flatnonzero(labels[i]).tolist() if pseudo else [] for i in idx]
+        labelled = [np.flatnonzero(labels[i]).tolist() if i in wants_pseudo else [] for i in idx]
         predicted: list[list[int]] = [[] for _ in idx]
 
         def needed(logits: torch.Tensor) -> list[int]:
-            if proposals:
-                p = torch.sigmoid(logits).cpu().numpy()
-                predicted[:] = [np.flatnonzero(row > config.boxes.min_prob).tolist() for row in p]
+            p = torch.sigmoid(logits).cpu().numpy()
+            predicted[:] = [np.flatnonzero(row > config.boxes.min_prob).tolist() if i in wants_proposals else []
+                            for i, row in zip(idx, p)]
             return sorted({c for w in (*labelled, *predicted) for c in w})
 
         out = cam(x, needed)  # one CAM call per batch, for the classes some image needs
@@ -63,20 +65,20 @@ def cam_training_boxes(classifier: str | Path, cache: Cache, config: Config, dev
             continue
         maps = out.cams.cpu().numpy()
         for i, (boxes, classes, _) in zip(idx, maps_to_boxes(maps, out.classes, labelled, None, pseudo_rules)):
-            pseudo_rows += [(cache.images.at[i, "image_id"], int(c), *box) for box, c in zip(boxes, classes)]
+            pseudo_found += [(cache.images.at[i, "image_id"], int(c), *box) for box, c in zip(boxes, classes)]
         for i, boxes in zip(idx, cam_proposals(maps, out.classes, predicted, rules)):
-            proposal_rows += [(cache.images.at[i, "image_id"], *box) for box in boxes]
-    frame = pd.DataFrame(pseudo_rows, columns=["image_id", "class_id", *CACHE_BOX_COLUMNS])
+            proposal_found += [(cache.images.at[i, "image_id"], *box) for box in boxes]
+    frame = pd.DataFrame(pseudo_found, columns=["image_id", "class_id", *CACHE_BOX_COLUMNS])
     scales = frame.merge(cache.images[["image_id", "scale_x", "scale_y"]], on="image_id", how="left")
     frame[BOX_COLUMNS] = scale_boxes(frame[CACHE_BOX_COLUMNS].to_numpy(), 1 / scales["scale_x"].to_numpy(),
                                      1 / scales["scale_y"].to_numpy())
     frame["rad_id"] = "cam"
-    return frame, pd.DataFrame(proposal_rows, columns=PROPOSAL_COLUMNS)
+    return frame, pd.DataFrame(proposal_found, columns=PROPOSAL_COLUMNS)
 
 
 def pseudo_boxes(classifier: str | Path, cache: Cache, config: Config, device: torch.device) -> pd.DataFrame:
     """One pseudo-box per (image, labelled class) of the whole cache."""
-    return cam_training_boxes(classifier, cache, config, device)[0]
+    return cam_training_boxes(classifier, cache, config, device, pseudo_rows=np.arange(len(cache.images)))[0]
 
 
 __all__ = ["cam_training_boxes", "pseudo_boxes", "PROPOSAL_COLUMNS"]

@@ -70,8 +70,9 @@ class Step:
         plans = [self.plan(p, i) for p, i in zip(probs, ids)]
         cams = out.cams.cpu().numpy()
         column = {c: k for k, c in enumerate(out.classes)}
-        cam_boxes = maps_to_boxes(cams, out.classes, [p.predicted for p in plans], probs, self.rules)
-        final = (self.refiner(x, cam_proposals(cams, out.classes, [p.predicted for p in plans], self.rules), probs)
+        predicted = [p.predicted for p in plans]
+        cam_boxes = maps_to_boxes(cams, out.classes, predicted, probs, self.rules)
+        final = (self.refiner(x, cam_proposals(cams, out.classes, predicted, self.rules), probs)
                  if self.refiner else cam_boxes)
         size = x.shape[-1]
         results = []

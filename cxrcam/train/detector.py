@@ -182,7 +182,6 @@ def _cam_boxes(cache: Cache, config: Config, info: dist.DistInfo, pseudo_rows: n
     ``proposal_rows`` (``detector.cam_proposals_from``): one pass per classifier, written to
     ``out`` (``pseudo_boxes.csv``, ``cam_proposals.csv``) and read back by ``--resume``."""
     dcfg = config.detector
-    ids = cache.images["image_id"].to_numpy()
     files = {"pseudo": out / "pseudo_boxes.csv", "proposals": out / "cam_proposals.csv"}
     source = {"pseudo": dcfg.pseudo_from if len(pseudo_rows) else "", "proposals": dcfg.cam_proposals_from}
     rows = {"pseudo": pseudo_rows, "proposals": proposal_rows}
@@ -190,12 +189,13 @@ def _cam_boxes(cache: Cache, config: Config, info: dist.DistInfo, pseudo_rows: n
              for part in files if source[part] and resume and files[part].is_file()}
     for classifier in sorted({source[p] for p in files if source[p] and p not in found}):
         parts = [p for p in files if source[p] == classifier and p not in found]
-        both = cam_training_boxes(classifier, cache, config, info.device, np.union1d(*(rows[p] for p in parts)) if
-                                  len(parts) > 1 else rows[parts[0]], pseudo="pseudo" in parts,
-                                  proposals="proposals" in parts, progress=progress and info.is_main)
+        both = cam_training_boxes(classifier, cache, config, info.device,
+                                  pseudo_rows=rows["pseudo"] if "pseudo" in parts else (),
+                                  proposal_rows=rows["proposals"] if "proposals" in parts else (),
+                                  progress=progress and info.is_main)
         for part, frame in zip(files, both):
             if part in parts:
-                found[part] = frame[frame["image_id"].isin(set(ids[rows[part]]))]
+                found[part] = frame
                 if info.is_main:
                     out.mkdir(parents=True, exist_ok=True)
                     write_csv(files[part], found[part])
@@ -260,7 +260,8 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    meta = {"backbone": dcfg.backbone, "output_stride": raw_model.output_stride, "classes": classes, "schema": cache.schema.name,
+    meta = {"backbone": dcfg.backbone, "output_stride": raw_model.output_stride, "classes": classes,
+            "schema": cache.schema.name,
             "input_size": cache.size, "truth": sup.source, "config": config_to_dict(config),
             "train_images": train_set.images["image_id"].tolist()}
     run = Run("detector", dcfg.backbone, model, raw_model, optimizer, scheduler, epoch_loader, batch_loss,
