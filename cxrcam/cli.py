@@ -7,6 +7,7 @@ keys) print one ``Error:`` line and exit 1, never a traceback.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import click
@@ -17,10 +18,16 @@ from cxrcam.errors import CxrcamError
 from cxrcam.schemas import PLAIN, SCHEMAS
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line for the user, not the source line that raised it."""
+    return f"warning: {message}\n"
+
+
 class _Group(click.Group):
     """Turns cxrcam's user errors into one readable line and a non-zero exit."""
 
     def invoke(self, ctx):
+        warnings.formatwarning = _warning_line
         try:
             return super().invoke(ctx)
         except (CxrcamError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
@@ -50,7 +57,7 @@ class ThresholdParam(click.ParamType):
 def config_options(func):
     """``--config FILE`` and trailing ``section.key=value`` overrides -> ``config: Config``."""
 
-    @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="YAML settings (see configs/); defaults are built in.")
     @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
     @functools.wraps(func)
@@ -77,17 +84,20 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--size", type=click.IntRange(min=64), default=512, show_default=True,
               help="Typical image side in pixels (VinBigData images vary around it).")
-def synth(fmt: str, out: Path, n_images: int, seed: int, size: int) -> None:
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="vinbig: train.csv + train/, or a labelled held-out set as test.csv + test/.")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already in --out (refused otherwise).")
+def synth(fmt: str, out: Path, n_images: int, seed: int, size: int, split: str, overwrite: bool) -> None:
     """Write a synthetic chest X-ray dataset in a real dataset layout."""
     from cxrcam.data.synth import synthesize
 
-    synthesize(fmt, out, n_images, seed=seed, size=size)
+    synthesize(fmt, out, n_images, seed=seed, size=size, split=split, overwrite=overwrite)
     click.echo(f"wrote {n_images} {fmt} images to {out}")
 
 
 @main.command()
 @click.option("--dataset", type=click.Choice(list(SCHEMAS)), required=True)
-@click.option("--root", type=click.Path(path_type=Path), required=True,
+@click.option("--root", type=click.Path(exists=True, path_type=Path), required=True,
               help="Dataset folder as released (e.g. train.csv + train/*.dicom).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
 @click.option("--size", type=click.IntRange(min=16), help="Cached image side in pixels [config: prepare.size, 512].")
@@ -109,12 +119,13 @@ def prepare(dataset: str, root: Path, out: Path, size: int | None, workers: int 
 
 
 @main.command("train-classifier")
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="A `cxrcam prepare` cache.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), required=True, help="A `cxrcam prepare` cache.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: best.pt, last.pt, metrics.csv, curves.png.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--overwrite", is_flag=True, help="Start a new run in an --out that holds one (refused otherwise).")
 @config_options
-def train_classifier(data: Path, out: Path, resume: bool, config: Config) -> None:
+def train_classifier(data: Path, out: Path, resume: bool, overwrite: bool, config: Config) -> None:
     """Fine-tune a timm multi-label classifier (BCE) on a cache; torchrun for several GPUs.
 
     \b
@@ -123,14 +134,21 @@ def train_classifier(data: Path, out: Path, resume: bool, config: Config) -> Non
     """
     from cxrcam.train.classifier import train_classifier as run
 
-    metrics = run(config, data, out, resume=resume)
+    _done(run(config, data, out, resume=resume, overwrite=overwrite), "val_mean_auroc", "validation mean AUROC", out)
+
+
+def _done(metrics: dict, key: str, label: str, out: Path) -> None:
+    """The end of a training run: the epoch saved as best.pt, then the last one."""
     if metrics:
-        click.echo(f"done: epoch {metrics['epoch']}, validation mean AUROC {metrics['val_mean_auroc']:.3f} -> {out}")
+        best = metrics["best"]
+        click.echo(f"done: best.pt = epoch {best['epoch']}, {label} {best.get(key, float('nan')):.3f}; "
+                   f"last.pt = epoch {metrics['epoch']}, {metrics.get(key, float('nan')):.3f} -> {out}")
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="best.pt or last.pt of a run.")
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="A `cxrcam prepare` cache.")
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), required=True,
+              help="best.pt or last.pt of a run, or the run folder (its best.pt).")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), required=True, help="A `cxrcam prepare` cache.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV to write.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
@@ -145,12 +163,13 @@ def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: i
 
 
 @main.command("train-detector")
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="A `cxrcam prepare` cache.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), required=True, help="A `cxrcam prepare` cache.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: best.pt, last.pt, metrics.csv.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--overwrite", is_flag=True, help="Start a new run in an --out that holds one (refused otherwise).")
 @config_options
-def train_detector(data: Path, out: Path, resume: bool, config: Config) -> None:
+def train_detector(data: Path, out: Path, resume: bool, overwrite: bool, config: Config) -> None:
     """Train a torchvision Faster R-CNN (ResNet-50 FPN or timm + FPN) on a cache's boxes.
 
     \b
@@ -164,15 +183,14 @@ def train_detector(data: Path, out: Path, resume: bool, config: Config) -> None:
     """
     from cxrcam.train.detector import train_detector as run
 
-    metrics = run(config, data, out, resume=resume)
-    if metrics:
-        click.echo(f"done: epoch {metrics['epoch']}, validation mAP@{config.eval.iou_thr} {metrics['val_map']:.3f} -> {out}")
+    _done(run(config, data, out, resume=resume, overwrite=overwrite), "val_map",
+          f"validation mAP@{config.eval.iou_thr}", out)
 
 
 def localize_options(func):
     """The input, output and heat map options localize and refine share."""
     options = [
-        click.option("--data", type=click.Path(path_type=Path), required=True,
+        click.option("--data", type=click.Path(exists=True, path_type=Path), required=True,
                      help="A `cxrcam prepare` cache, a dataset folder as released, or any folder of DICOM/PNG/JPEG."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."),
         click.option("--threshold", type=ThresholdParam(),
@@ -184,6 +202,8 @@ def localize_options(func):
                      help="Layout of a --data folder; default: recognised by its label table, else plain images."),
         click.option("--classes", help="Comma-separated class names or ids to localise and draw (default: the predicted)."),
         click.option("--no-images", is_flag=True, help="Skip the per-image pictures (faster)."),
+        click.option("--picture-size", type=click.IntRange(min=64), default=512, show_default=True,
+                     help="Long side of the pictures at least, in pixels (small model inputs are upsampled)."),
         click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch [config: cam.batch_size, 16]."),
     ]
     for option in reversed(options):
@@ -192,8 +212,8 @@ def localize_options(func):
 
 
 def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, threshold: float | Path | None,
-              method: str | None, dataset: str | None, classes: str | None, no_images: bool, batch_size: int | None,
-              config: Config) -> None:
+              method: str | None, dataset: str | None, classes: str | None, no_images: bool, picture_size: int,
+              batch_size: int | None, config: Config, show_proposals: bool = False) -> None:
     from cxrcam.localize import localize as run
 
     if isinstance(threshold, Path):
@@ -206,7 +226,7 @@ def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, th
         config.cam.batch_size = batch_size
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     summary = run(checkpoint, data, out, config, dataset=dataset, classes=names, pictures=not no_images,
-                  detector=detector)
+                  detector=detector, picture_size=picture_size, show_proposals=show_proposals)
     if summary is None:
         return
     click.echo(f"{'refined' if detector else 'localized'} {summary.images} images ({summary.failed} failed) "
@@ -223,7 +243,8 @@ def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, th
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Classifier best.pt/last.pt.")
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Classifier best.pt/last.pt, or its run folder.")
 @localize_options
 def localize(checkpoint: Path, **kwargs) -> None:
     """Turn a classifier's heat maps into boxes, pictures, bb_results.csv and submission.csv.
@@ -239,8 +260,9 @@ def localize(checkpoint: Path, **kwargs) -> None:
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Classifier best.pt/last.pt.")
-@click.option("--data", type=click.Path(path_type=Path), required=True,
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Classifier best.pt/last.pt, or its run folder.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), required=True,
               help="Boxed images: a `cxrcam prepare` cache (its validation fold by default) or a dataset folder.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("calibration.json"),
               show_default=True, help="The calibration file; its plots are written next to it.")
@@ -289,10 +311,13 @@ def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, m
 
 
 @main.command()
-@click.option("--classifier", type=click.Path(path_type=Path), required=True, help="Classifier best.pt/last.pt.")
-@click.option("--detector", type=click.Path(path_type=Path), required=True, help="`train-detector` best.pt/last.pt.")
+@click.option("--classifier", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Classifier best.pt/last.pt, or its run folder.")
+@click.option("--detector", type=click.Path(exists=True, path_type=Path), required=True,
+              help="`train-detector` best.pt/last.pt, or its run folder.")
+@click.option("--show-proposals", is_flag=True, help="Draw the CAM proposals, faint, under the detections in pred_.")
 @localize_options
-def refine(classifier: Path, detector: Path, **kwargs) -> None:
+def refine(classifier: Path, detector: Path, show_proposals: bool, **kwargs) -> None:
     """Refine the CAM boxes with a Faster R-CNN: localize's outputs, with detections in submission.csv.
 
     \b
@@ -300,24 +325,25 @@ def refine(classifier: Path, detector: Path, **kwargs) -> None:
     (refine.proposals=both; cam: they alone; rpn: none), which classify and regress them; scores are
     multiplied by the classifier's probabilities (refine.gate), merged per class (refine.fusion
     nms|wbf) and the refine.top_k best kept. Writes what localize writes, with submission.csv and
-    bb_results.csv from the refined boxes and cam_submission.csv from the CAM boxes; pred_ pictures
-    show both. refine.proposals=rpn refine.gate=none is the plain detector.
+    bb_results.csv from the refined boxes and cam_submission.csv from the CAM boxes; pictures show
+    the refined detections (--show-proposals: the CAM boxes too). refine.proposals=rpn refine.gate=none
+    is the plain detector.
     cxrcam refine --classifier runs/clf/best.pt --detector runs/det/best.pt --data cache/ --out refined/
     """
-    _localize(classifier, detector, **kwargs)
+    _localize(classifier, detector, show_proposals=show_proposals, **kwargs)
 
 
 @main.command()
-@click.option("--pred", type=click.Path(path_type=Path), required=True,
+@click.option("--pred", type=click.Path(exists=True, path_type=Path), required=True,
               help="submission.csv, or a localize/refine output folder (adds probabilities.csv, bb_results.csv).")
-@click.option("--gt", type=click.Path(path_type=Path), required=True,
+@click.option("--gt", type=click.Path(exists=True, path_type=Path), required=True,
               help="Truth: a cache, a dataset folder, VinBigData train.csv, NIH BBox_List_2017.csv or RSNA labels.")
 @click.option("--format", "fmt", type=click.Choice(["vinbig", "rsna", "coco"]), default="vinbig", show_default=True,
               help="vinbig: VOC 2010 mAP@0.4 with No finding; coco: adds COCO AP (pycocotools); rsna: the RSNA score.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write metrics here.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for metrics.json/.md, ap_per_class.png, pr_curves.png [default: the --json folder].")
-@click.option("--probs", type=click.Path(path_type=Path), help="probabilities.csv for per-class AUROC.")
+@click.option("--probs", type=click.Path(exists=True, path_type=Path), help="probabilities.csv for per-class AUROC.")
 @click.option("--lenient", is_flag=True, help="Skip malformed submission rows with a warning instead of stopping.")
 @click.option("--no-control", is_flag=True, help="Skip the random heat map control of the localisation table.")
 @config_options
@@ -349,7 +375,7 @@ def evaluate(pred: Path, gt: Path, fmt: str, json_path: Path | None, out: Path |
 
 
 @main.command()
-@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Folder to report on: a demo/bench folder, or any folder holding caches, runs, localize/evaluate outputs.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="HTML file to write.")
 @click.option("--embed", is_flag=True, help="Embed the gallery pictures too (one file to send; larger).")
@@ -370,32 +396,40 @@ def report(run_dir: Path, out: Path, embed: bool, max_pictures: int) -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True)
-@click.option("--n-images", type=click.IntRange(min=20), default=200, show_default=True,
-              help="Synthetic training images; the held-out test set has half as many.")
-@click.option("--size", type=click.IntRange(min=64), default=96, show_default=True, help="Cached image side.")
-@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True, help="Classifier epochs.")
-@click.option("--detector-epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--n-images", type=click.IntRange(min=20), default=600, show_default=True,
+              help="Synthetic training images (a fifth of them validate).")
+@click.option("--n-test", type=click.IntRange(min=10), default=200, show_default=True,
+              help="Held-out synthetic test images (another seed), where every figure is measured.")
+@click.option("--size", type=click.IntRange(min=64), default=128, show_default=True, help="Cached image side.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Classifier epochs.")
+@click.option("--detector-epochs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Faster R-CNN epochs (the slowest stage on a CPU).")
 @click.option("--model", default="resnet10t", show_default=True, help="timm name of the classifier and detector backbone.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.argument("overrides", nargs=-1)
-def demo(out: Path, n_images: int, size: int, epochs: int, detector_epochs: int, model: str, seed: int,
+def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector_epochs: int, model: str, seed: int,
          overrides: tuple[str, ...]) -> None:
-    """Run the whole pipeline on built-in synthetic data (offline; a few minutes on a CPU).
+    """Run the whole pipeline on built-in synthetic data (offline; about 6 minutes on 2 CPU cores).
 
     \b
     Every stage is the real command, printed before it runs: synth (train + held-out test set),
     prepare, train-classifier, calibrate (per-class thresholds on the validation fold), localize
-    --threshold 0.65 and --threshold calibration.json, train-detector (from the classifier),
-    refine, evaluate. Ends with the tables (classifier AUROC, CAM-only and refined mAP@0.4, CAM
-    localisation beside its random-map control) and where the pictures and submission.csv are. Larger on a GPU:
+    --threshold 0.65 and --threshold calibration.json, train-detector (from the classifier, its
+    RoI heads also trained on the calibrated CAM proposals), refine, evaluate, report. Ends with
+    the tables (classifier AUROC, CAM-only and refined mAP@0.4, CAM localisation beside its
+    random-map control) and the file to open first. Larger on a GPU:
     cxrcam demo --out demo512 --size 512 --n-images 2000 --epochs 20 --detector-epochs 12 --model resnet50
     """
-    from cxrcam.pipeline import PipelineSettings, run_pipeline, summary_table
+    from cxrcam.pipeline import PipelineSettings, run_command, run_pipeline, summary_table
 
     summary = run_pipeline(PipelineSettings(out, n_images, size, epochs, detector_epochs, seed, model,
-                                            overrides=list(overrides)))
-    click.echo(f"\ndemo finished in {summary['seconds'] / 60:.1f} min; test set held out from training\n")
+                                            overrides=list(overrides), n_test=n_test))
+    report = out / "report.html"
+    run_command("report", "--run", out, "--out", report)
+    click.echo(f"\ndemo finished in {summary['seconds'] / 60:.1f} min; every figure is on the {n_test} held-out "
+               f"test images\n")
     click.echo(summary_table(summary))
     click.echo("")
     for name, path in summary["paths"].items():
         click.echo(f"  {name + ':':<18} {path}")
+    click.echo(f"\nopen first: {report} (summary, per-class metrics, then the pictures)")

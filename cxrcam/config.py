@@ -7,6 +7,7 @@ schema does not know is an error that names it, so a typo never silently does no
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -178,6 +179,42 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# Allowed values of numeric keys, (lowest, highest) inclusive, None = unbounded; POSITIVE keys must
+# be above zero. Checked once, when a config is loaded, so a bad value stops a run before it starts.
+UNIT = (0.0, 1.0)
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "fusion.iou_thr": UNIT, "fusion.skip_box_thr": UNIT, "split.n_folds": (2, None), "split.val_fold": (-1, None),
+    "prepare.size": (16, None), "prepare.workers": (0, None), "model.in_chans": (1, 3), "model.drop_rate": UNIT,
+    "augment.degrees": (0, 180), "augment.translate": UNIT, "augment.scale": UNIT, "augment.brightness": UNIT,
+    "augment.contrast": UNIT, "train.epochs": (1, None), "train.batch_size": (1, None),
+    "train.weight_decay": (0, None), "train.momentum": UNIT, "train.warmup_epochs": (0, None),
+    "train.step_size": (1, None), "train.gamma": UNIT, "train.grad_clip": (0, None), "train.workers": (0, None),
+    "cam.batch_size": (1, None), "cam.workers": (0, None), "boxes.threshold": UNIT, "boxes.min_prob": UNIT,
+    "boxes.min_area": UNIT, "boxes.top_k": (0, None), "boxes.nms_iou": UNIT, "detector.trainable_layers": (0, 5),
+    "detector.proposal_jitter": UNIT, "detector.box_images": (0, None), "detector.epochs": (1, None),
+    "detector.batch_size": (1, None), "detector.momentum": UNIT, "detector.weight_decay": (0, None),
+    "detector.step_size": (1, None), "detector.gamma": UNIT, "detector.warmup_iters": (0, None),
+    "detector.workers": (0, None), "detector.rois_per_image": (1, None), "detector.channels": (1, None),
+    "detector.head_size": (1, None), "detector.score_thresh": UNIT, "detector.detections_per_img": (1, None),
+    "refine.iou": UNIT, "refine.top_k": (0, None), "eval.iou_thr": UNIT,
+}
+POSITIVE = {"train.lr", "detector.lr", "detector.pseudo_weight"}
+
+
+def check_ranges(config: Config) -> None:
+    """One readable line for the first value outside its range (``cam.batch_size=0``, ``prepare.workers=-2``)."""
+    for key, (low, high) in [*RANGES.items(), *((k, (None, None)) for k in POSITIVE)]:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if isinstance(value, str) or isinstance(value, bool):  # "none", or a flag: not numeric
+            continue
+        if key in POSITIVE and not value > 0:
+            raise CxrcamError(f"config key {key!r}: {value!r} must be above 0")
+        if not ((low is None or value >= low) and (high is None or value <= high)):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise CxrcamError(f"config key {key!r}: {value!r} must be {bounds}")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -222,7 +259,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise CxrcamError(f"unknown config key {prefix + str(key)!r}")
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = (f"; did you mean {prefix + close[0]!r}?" if close
+                    else f"; {prefix or 'sections'}: {', '.join(sorted(names))}")
+            raise CxrcamError(f"unknown config key {prefix + str(key)!r}{hint}")
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
@@ -267,6 +307,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             raise CxrcamError(f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise CxrcamError(f"config file {path} is not a text (YAML) file") from None
         except yaml.YAMLError as exc:
             raise CxrcamError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
@@ -274,7 +316,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         data = _merge(data, loaded)
     for text in overrides:
         data = _merge(data, parse_override(text))
-    return from_dict(Config, data)
+    config = from_dict(Config, data)
+    check_ranges(config)
+    return config
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -6,12 +6,14 @@ leaves either the old file or the new one, never half of one. Checkpoints say wh
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -87,6 +89,33 @@ def checkpoint_kind(ckpt: dict[str, Any]) -> str | None:
     return ckpt.get("kind") or ("classifier" if "model_name" in ckpt else None)
 
 
+def _load_error(exc: Exception) -> str:
+    """torch's reason for refusing a file, without its advice to retry with ``weights_only=False``
+    (which would run the code a refused pickle carries)."""
+    text = str(exc)
+    if "weights_only" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return f"it calls {found.group(1) if found else 'code'} when loaded; refused"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def checkpoint_contents(path: str | Path) -> Iterator[None]:
+    """Around rebuilding a model from a loaded checkpoint: a missing entry, or weights that do not
+    fit the model it describes (a hand-made or foreign file), is one line naming the file."""
+    from cxrcam.errors import CxrcamError
+
+    try:
+        yield
+    except CxrcamError:
+        raise
+    except KeyError as exc:
+        raise CxrcamError(f"{path}: the checkpoint has no {exc.args[0]!r} entry; was it written by cxrcam?") from None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise CxrcamError(f"{path}: its weights do not fit the model it describes "
+                          f"({str(exc).strip().splitlines()[0][:300]})") from None
+
+
 def load_checkpoint(path: str | Path, device: Any = "cpu", kind: str | None = None) -> dict[str, Any]:
     """A cxrcam checkpoint as a dict, loaded with ``weights_only=True`` (no code runs).
 
@@ -97,14 +126,16 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", kind: str | None = No
     from cxrcam.errors import CxrcamError
 
     path = Path(path)
-    if path.is_dir() and (path / "best.pt").is_file():
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise CxrcamError(f"{path} is a folder without best.pt: name the checkpoint file (e.g. {path}/last.pt)")
         path = path / "best.pt"
     if not path.is_file():
         raise CxrcamError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise CxrcamError(f"{path}: not a readable cxrcam checkpoint ({exc})") from None
+        raise CxrcamError(f"{path}: not a readable cxrcam checkpoint ({_load_error(exc)})") from None
     if not isinstance(ckpt, dict):
         raise CxrcamError(f"{path}: not a cxrcam checkpoint")
     found = checkpoint_kind(ckpt)

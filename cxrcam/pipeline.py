@@ -3,8 +3,9 @@
 ``cxrcam demo`` and ``scripts/bench_quality.py`` both call :func:`run_pipeline`: a synthetic
 VinBigData-layout train set and a held-out test set (another seed), prepare, train the
 classifier, calibrate its thresholds on the training cache's validation fold, localize the test
-set at 0.65 and calibrated, train the detector (started from the classifier), refine, evaluate,
-and one table. Each stage is a subprocess ``python -m cxrcam ...`` whose command line
+set at 0.65 and calibrated, train the detector (started from the classifier, its RoI heads also
+trained on the calibrated CAM proposals), refine with the calibrated thresholds, evaluate, and
+one table. Each stage is a subprocess ``python -m cxrcam ...`` whose command line
 is printed first and whose progress bars show, so what the demo does is what a user types.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrcam.errors import CxrcamError
+from cxrcam.evaluation.evaluate import findings_map, headline
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -39,6 +41,8 @@ class PipelineSettings:
     n_test: int = 0  # held-out test images; 0 = half as many as n_images (at least 10)
     cam_only: bool = False  # stop after the CAM rows (no detector)
     reuse: bool = False  # keep the data, caches and classifier already in ``out``
+    # the detector learns to correct the classifier's calibrated CAM proposals (detector.cam_proposals_from)
+    cam_proposals: bool = True
 
 
 def run_command(*args: Any) -> None:
@@ -54,19 +58,18 @@ def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
     out, start = Path(s.out), time.perf_counter()
     cfg = ["--config", s.config]
     common = [f"model.name={s.model}", f"train.epochs={s.epochs}", f"detector.backbone={s.model}",
-              f"detector.epochs={s.detector_epochs}", "detector.rois_per_image=128", "detector.warmup_iters=20",
-              *s.overrides]
+              f"detector.epochs={s.detector_epochs}", *s.overrides]
     n_test = s.n_test or max(10, s.n_images // 2)
     classifier, detector = out / "runs" / "classifier", out / "runs" / "detector"
     train, test = out / "cache" / "train", out / "cache" / "test"
     for split, n, seed in (("train", s.n_images, s.seed), ("test", n_test, s.seed + 1000)):
         if not (s.reuse and (out / "cache" / split / "cache.json").is_file()):
             run_command("synth", "--out", out / "data" / split, "--n-images", n, "--seed", seed,
-                        "--size", int(s.size * 1.5))
+                        "--size", int(s.size * 1.5), "--split", split, "--overwrite")
             run_command("prepare", "--dataset", "vinbig", "--root", out / "data" / split, "--out", out / "cache" / split,
                         "--size", s.size, *cfg, *common)
     if not (s.reuse and (classifier / "best.pt").is_file()):
-        run_command("train-classifier", "--data", train, "--out", classifier, *cfg, *common)
+        run_command("train-classifier", "--data", train, "--out", classifier, "--overwrite", *cfg, *common)
     no_images = [] if s.pictures else ["--no-images"]
     calibration = out / "calibration.json"
     run_command("calibrate", "--checkpoint", classifier / "best.pt", "--data", train, "--out", calibration,
@@ -76,9 +79,11 @@ def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
     run_command(*localize, "--out", out / "calibrated", "--threshold", calibration, "--no-images", *cfg, *common)
     results = {"cam": out / "localize", "calibrated": out / "calibrated"}
     if not s.cam_only:
-        run_command("train-detector", "--data", train, "--out", detector, *cfg, *common,
-                    f"detector.init={classifier / 'best.pt'}")
-        refine = ["refine", "--classifier", classifier / "best.pt", "--detector", detector / "best.pt", "--data", test]
+        weak = [f"detector.cam_proposals_from={classifier / 'best.pt'}"] if s.cam_proposals else []
+        run_command("train-detector", "--data", train, "--out", detector, "--overwrite", *cfg, *common,
+                    f"detector.init={classifier / 'best.pt'}", f"boxes.calibration={calibration}", *weak)
+        refine = ["refine", "--classifier", classifier / "best.pt", "--detector", detector / "best.pt", "--data", test,
+                  "--threshold", calibration]
         run_command(*refine, "--out", out / "refine", *no_images, *cfg, *common)
         results["refined"] = out / "refine"
         if s.plain:  # the ablations: the detector alone, and gated without CAM proposals
@@ -101,36 +106,15 @@ def _summary(metrics: dict[str, dict], out: Path, seconds: float) -> dict[str, A
     return {
         "mean_auroc": cam.get("mean_auroc"), "auroc": cam.get("auroc", {}),
         "map": {name: m["map"] for name, m in metrics.items()},
-        "map_findings": {name: _findings_map(m["ap"]) for name, m in metrics.items()},
+        "map_findings": {name: findings_map(m["ap"]) for name, m in metrics.items()},
         "ap": {name: m["ap"] for name, m in metrics.items()},
-        "cam_rows": {name: _cam_row(m) for name, m in metrics.items() if name in ("cam", "calibrated")},
+        "cam_rows": {name: headline(m) for name, m in metrics.items() if name in ("cam", "calibrated")},
         "seconds": seconds,
         "paths": {"pictures": str(out / "localize"), "refined pictures": str(out / "refine"),
                   "submission": str(out / "refine" / "submission.csv"),
                   "CAM submission": str(out / "localize" / "submission.csv"),
                   "calibration": str(out / "calibration.json")},
     }
-
-
-def _cam_row(m: dict) -> dict[str, tuple[float | None, float | None]]:
-    """(model, random-map control) of each CAM figure in one evaluate's metrics."""
-    overall = {row["source"]: row for row in m.get("localization", []) if row["class"] == "all"}
-    wsol = {row["source"]: row for row in m.get("maxboxacc", []) if row["class"] == "all"}
-    model, control = overall.get("model", {}), overall.get("random map", {})
-    row = {"findings mAP@0.4": (_findings_map(m["ap"]), _findings_map(m.get("control_ap", {})) if "control_ap" in m
-                                else None),
-           "MaxBoxAccV2": (wsol.get("model", {}).get("maxboxacc_v2"), wsol.get("random map", {}).get("maxboxacc_v2"))}
-    for key, label in (("iou@0.1", "T(IoU)=0.1"), ("iou@0.5", "T(IoU)=0.5"), ("iobb@0.5", "T(IoBB)=0.5"),
-                       ("pointing", "pointing game")):
-        row[label] = (model.get(key), control.get(key))
-    return row
-
-
-def _findings_map(ap: dict[str, float | None]) -> float | None:
-    """mAP over the 14 findings alone: "No finding" is scored from the same p_normal in every
-    submission, so it only dilutes a comparison of boxes."""
-    values = [v for name, v in ap.items() if name != "No finding" and v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def _fmt(v: float | None) -> str:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Tableau-20-like palette (RGB); class i of any schema draws in PALETTE[i % 20].
+# Tableau-20-like palette (RGB); class i of any schema draws in PALETTE[i % 20]. Its olive and pale
+# yellow are replaced (magenta, dark green): truth boxes are yellow.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (255, 0, 255), (23, 190, 207),
     (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+    (196, 156, 148), (247, 182, 210), (199, 199, 199), (0, 110, 0), (158, 218, 229),
 )
 
 
@@ -25,7 +26,7 @@ class Schema:
     findings: tuple[str, ...]
     no_finding: str | None = None
     aliases: dict[str, str] = field(default_factory=dict)
-    label_table: str = ""  # glob of the label table that marks a folder of this dataset as released
+    label_tables: tuple[str, ...] = ()  # globs of the label tables that mark a folder of this dataset as released
 
     @property
     def num_findings(self) -> int:
@@ -60,7 +61,7 @@ VINBIG = Schema(
      "ILD", "Infiltration", "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion",
      "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis"),
     no_finding="No finding",
-    label_table="train.csv",
+    label_tables=("train.csv", "test.csv"),  # test.csv + test/: a labelled held-out split
 )
 
 NIH = Schema(
@@ -70,10 +71,10 @@ NIH = Schema(
      "Hernia"),
     no_finding="No Finding",
     aliases={"Infiltrate": "Infiltration"},  # BBox_List_2017.csv spells it this way
-    label_table="Data_Entry_2017*.csv",
+    label_tables=("Data_Entry_2017*.csv",),
 )
 
-RSNA = Schema("rsna", ("Lung Opacity",), label_table="stage_2_train_labels.csv")
+RSNA = Schema("rsna", ("Lung Opacity",), label_tables=("stage_2_train_labels.csv",))
 
 # the datasets cxrcam reads, by name: the command line's choices, the readers and the folder markers
 SCHEMAS: dict[str, Schema] = {s.name: s for s in (VINBIG, NIH, RSNA)}

@@ -59,7 +59,8 @@ def train(base: Path, out: Path, name: str, config: Path, overrides: list[str]) 
     if done.is_file() and epochs and len(pd.read_csv(done)) == int(epochs):
         return float(json.loads((run / "seconds.json").read_text())["seconds"])
     start = time.perf_counter()
-    run_command("train-detector", "--data", base / "cache" / "train", "--out", run, "--config", config, *overrides)
+    run_command("train-detector", "--data", base / "cache" / "train", "--out", run, "--overwrite", "--config", config,
+                *overrides)
     seconds = time.perf_counter() - start
     (run / "seconds.json").write_text(json.dumps({"seconds": seconds}))
     return seconds

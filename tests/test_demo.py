@@ -14,12 +14,12 @@ from cxrcam.outputs.submission import read_submission
 def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "cxrcam", "demo", "--out", str(out), "--n-images", "40",
-                             "--size", "64", "--epochs", "2", "--detector-epochs", "1", "train.workers=0",
+                             "--n-test", "20", "--size", "64", "--epochs", "2", "--detector-epochs", "1", "train.workers=0",
                              "cam.workers=0", "detector.workers=0"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("synth", "prepare", "train-classifier", "calibrate", "localize", "train-detector", "refine",
-                  "evaluate"):
+                  "evaluate", "report"):
         assert f"$ cxrcam {stage} " in result.stdout, stage  # each stage is the command a user would type
     summary = json.loads((out / "summary.json").read_text())
     for name, folder in (("cam", "localize"), ("calibrated", "calibrated"), ("refined", "refine")):
@@ -34,3 +34,8 @@ def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
     assert set(read_submission(out / "refine" / "submission.csv")["image_id"]) == test_images
     assert str(out / "refine" / "submission.csv") in result.stdout
     assert len(list((out / "localize").glob("gtimage_*.png"))) == 20
+    # honest folder names: the held-out images are not in a folder named train
+    assert sorted(p.name for p in (out / "data" / "test").iterdir()) == ["test", "test.csv"]
+    # it ends with the report, summary first, and says to open it
+    assert f"open first: {out / 'report.html'}" in result.stdout
+    assert '<section id="summary">' in (out / "report.html").read_text()

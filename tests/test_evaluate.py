@@ -269,10 +269,43 @@ def test_bad_submissions(vinbig_model, tmp_path):
     strict = cxrcam("evaluate", "--pred", str(tmp_path / "bad.csv"), "--gt", str(cache), "--no-control")
     assert strict.returncode == 1 and strict.stderr.count("\n") == 1
     assert f"row 5 ({ids[3]}): x_max < x_min" in strict.stderr
-    lenient = cxrcam("evaluate", "--pred", str(tmp_path / "bad.csv"), "--gt", str(cache), "--lenient", "--no-control")
+    lenient = cxrcam("evaluate", "--pred", str(tmp_path / "bad.csv"), "--gt", str(cache), "--lenient", "--no-control",
+                     "--json", str(tmp_path / "lenient.json"))
     assert lenient.returncode == 0 and "warning:" in lenient.stderr and "row skipped" in lenient.stderr
+    assert json.loads((tmp_path / "lenient.json").read_text())["rows_skipped"] == 1  # counted, not 0
+    # a header-only or partial submission scores, with a warning counting the images it leaves out
+    pd.DataFrame({"image_id": ids[:5], "PredictionString": rows[:3] + rows[4:6]}).to_csv(tmp_path / "part.csv",
+                                                                                       index=False)
+    (tmp_path / "header.csv").write_text("image_id,PredictionString\n")
+    for name, unlisted, said in (("part.csv", len(ids) - 5, f"{len(ids) - 5} of {len(ids)} ground-truth images have "
+                                  "no row"), ("header.csv", len(ids), "has no rows")):
+        result = cxrcam("evaluate", "--pred", str(tmp_path / name), "--gt", str(cache), "--no-control",
+                        "--json", str(tmp_path / "m.json"))
+        assert result.returncode == 0 and said in result.stderr
+        assert json.loads((tmp_path / "m.json").read_text())["images_not_listed"] == unlisted
+    # empty files, as submission or truth: one line, no traceback
+    (tmp_path / "empty.csv").write_bytes(b"")
+    for pred, gt in ((tmp_path / "empty.csv", cache), (tmp_path / "header.csv", tmp_path / "empty.csv")):
+        result = cxrcam("evaluate", "--pred", str(pred), "--gt", str(gt))
+        assert result.returncode == 1 and "empty.csv: empty file" in result.stderr and "Traceback" not in result.stderr
     pd.DataFrame({"image_id": ["nope"], "PredictionString": [""]}).to_csv(tmp_path / "unknown.csv", index=False)
     unknown = cxrcam("evaluate", "--pred", str(tmp_path / "unknown.csv"), "--gt", str(cache))
     assert unknown.returncode == 1 and "image id not in the ground truth" in unknown.stderr
     missing = cxrcam("evaluate", "--pred", str(tmp_path / "none.csv"), "--gt", str(cache))
-    assert missing.returncode == 1 and "submission not found" in missing.stderr
+    assert missing.returncode == 2 and "none.csv' does not exist" in missing.stderr  # before anything is imported
+
+
+def test_pr_curves_only_for_classes_with_a_hit(tmp_path):
+    """No empty plots: a class whose boxes all missed (AP 0) is named in the title, not drawn."""
+    from cxrcam.evaluation.detection import ClassAP
+    from cxrcam.evaluation.evaluate import _plots
+
+    hit = ClassAP(3, 0.5, 2, 2, np.array([1.0, 0.5]), np.array([0.5, 0.5]))
+    missed = [ClassAP(c, 0.0, 3, 4, np.zeros(4), np.zeros(4)) for c in (0, 1, 2)]
+    _plots([hit, *missed], VINBIG, tmp_path)
+    one = cv2.imread(str(tmp_path / "pr_curves.png"))
+    _plots([hit, ClassAP(5, 0.25, 2, 2, np.array([0.5]), np.array([0.5])), *missed], VINBIG, tmp_path)
+    two = cv2.imread(str(tmp_path / "pr_curves.png"))
+    assert one.shape[1] < 0.7 * two.shape[1]  # one panel, then two: no panel for the three missed classes
+    _plots(missed, VINBIG, tmp_path)
+    assert not (tmp_path / "pr_curves.png").exists()  # nothing to draw: no file (an old one removed)

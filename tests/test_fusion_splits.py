@@ -99,3 +99,17 @@ def test_too_few_images_for_folds():
                            **{f"y_{i}": 0 for i in range(14)}})
     with pytest.raises(CxrcamError, match="2 images into 5 folds"):
         assign_folds(images, NIH, 5)
+
+
+@pytest.mark.parametrize("n_folds", [5, 2])
+def test_small_dataset_falls_back_to_a_seeded_split(n_folds):
+    """Six images, each with its own finding: no class can fill every fold, so stratifying is
+    impossible (sklearn raises); the folds are drawn at random by patient, with a warning."""
+    images = pd.DataFrame({"image_id": list("abcdef"), "patient_id": ["1", "1", "2", "3", "4", "5"], "fold": 0,
+                           **{f"y_{i}": [int(k == i) for k in range(6)] for i in range(14)}})
+    with pytest.warns(UserWarning, match=f"no finding .* {n_folds} folds .* at random by patient"):
+        a = assign_folds(images, NIH, n_folds, seed=3)
+    assert set(a["fold"]) == set(range(n_folds))
+    assert a.groupby("patient_id")["fold"].nunique().max() == 1  # patient 1's two images stay together
+    with pytest.warns(UserWarning):
+        assert a["fold"].equals(assign_folds(images, NIH, n_folds, seed=3)["fold"])

@@ -103,6 +103,21 @@ def test_8_bit_dicom(tmp_path):
     assert np.array_equal(img, pixels)
 
 
+def test_rgb_dicom_is_converted_like_an_rgb_png(tmp_path):
+    """A colour (secondary capture) DICOM reads as the grey a PNG of the same pixels gives."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    rgb[..., 1] = rgb[..., 0] // 2  # channels differ, so the conversion weights matter
+    ds = dicom_dataset(rgb[..., 0], 8)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(tmp_path / "colour.dcm", enforce_file_format=True)
+    cv2.imwrite(str(tmp_path / "colour.png"), rgb[..., ::-1])  # OpenCV writes BGR
+    dicom, png = read_image(tmp_path / "colour.dcm"), read_image(tmp_path / "colour.png")
+    assert (dicom.orig_height, dicom.orig_width) == (40, 56)
+    assert np.abs(dicom.image.astype(int) - png.image.astype(int)).max() <= 1
+
+
 def test_constant_image_has_no_nan(tmp_path):
     path = make_dicom(tmp_path / "c.dcm", np.full((40, 30), 1234, np.uint16), 12)
     with warnings.catch_warnings():

@@ -19,7 +19,8 @@ from cxrcam.data.cache import open_cache
 from cxrcam.data.tables import BOX_COLUMNS
 from cxrcam.errors import CxrcamError
 from cxrcam.localize import localize
-from cxrcam.outputs.pictures import KINDS, picture_paths
+from cxrcam.outputs.pictures import KINDS, _label_best, _Labels, picture_paths
+from cxrcam.schemas import VINBIG
 from cxrcam.outputs.submission import read_submission
 from cxrcam.train.classifier import predict
 
@@ -112,13 +113,16 @@ def test_pictures_are_drawn_where_the_boxes_are(cache_run):
     for image_id, boxes in cache.boxes.groupby("image_id"):
         paths = picture_paths(out, image_id)
         original = cv2.imread(str(paths["original"]), cv2.IMREAD_GRAYSCALE)
-        assert np.array_equal(original, cache.load(image_id))
+        small = cache.load(image_id)  # the model's input, drawn at the 512 px picture size
+        assert max(original.shape) == 512 and original.shape[0] * small.shape[1] == original.shape[1] * small.shape[0]
+        assert np.array_equal(original, cv2.resize(small, original.shape[::-1], interpolation=cv2.INTER_CUBIC))
+        factor = original.shape[1] / small.shape[1]
         gt = cv2.imread(str(paths["gtimage"]))
-        for box in boxes[["cx_min", "cy_min", "cx_max", "cy_max"]].to_numpy():
+        for box in boxes[["cx_min", "cy_min", "cx_max", "cy_max"]].to_numpy() * factor:
             assert edge_share(gt, box) > 0.9
             x0, y0, x1, y1 = (int(round(v)) for v in box)
             if len(boxes) == 1:  # outline only (several truth boxes may cross each other)
-                assert not yellow(gt[y0 + 2:y1 - 2, x0 + 2:x1 - 2]).any()
+                assert not yellow(gt[y0 + 4:y1 - 4, x0 + 4:x1 - 4]).any()
             checked += 1
         assert not yellow(cv2.imread(str(paths["original"]))).any()
         mask = cv2.imread(str(paths["mask"]), cv2.IMREAD_GRAYSCALE)
@@ -144,8 +148,8 @@ def test_real_nih_images_and_their_boxes(nih_model, tmp_path):
     assert "Infiltration" in set(truth["class_name"])
     for r in truth.itertuples():
         gt = cv2.imread(str(picture_paths(tmp_path, r.image_id)["gtimage"]))
-        assert gt.shape[:2] == (64, 64)
-        frame = np.array([r.gt_x_min, r.gt_y_min, r.gt_x_max, r.gt_y_max]) * 64 / 1024
+        assert gt.shape[:2] == (512, 512)  # the 64 px input, drawn at the picture size
+        frame = np.array([r.gt_x_min, r.gt_y_min, r.gt_x_max, r.gt_y_max]) * 512 / 1024
         assert edge_share(gt, frame) > 0.9
     sub = pd.read_csv(tmp_path / "submission.csv", keep_default_na=False)
     assert len(sub) == 47 and sub["PredictionString"].str.contains(" 0 0 1 1").all()
@@ -227,3 +231,19 @@ def test_torchrun_shards_and_merges_one_submission(vinbig_model, tmp_path):
         assert len(a) == len(b) > 0
         pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
     assert not (tmp_path / "two" / ".parts").exists()
+
+
+def test_picture_labels_one_per_class_inside_and_apart():
+    """Crowded boxes at the picture's edge: one label per class (its best box), every label wholly
+    inside the picture, no two labels on top of each other."""
+    canvas = np.zeros((512, 512, 3), np.uint8)
+    boxes = np.array([[420, 0, 512, 40]] * 6 + [[400, 5, 512, 50], [0, 480, 60, 512]], float)
+    classes = np.array([3] * 6 + [12, 10])
+    labels = [f"{VINBIG.class_name(c)} 0.{k}" for k, c in enumerate(classes)]
+    placer = _Labels(canvas)
+    _label_best(placer, boxes, classes, labels, [(0, 0, 255)] * len(boxes), np.arange(len(boxes)) / 10)
+    assert len(placer.placed) == 3
+    for k, (x0, y0, x1, y1) in enumerate(placer.placed):
+        assert 0 <= x0 < x1 <= 512 and 0 <= y0 < y1 <= 512
+        for a0, b0, a1, b1 in placer.placed[k + 1:]:
+            assert x1 <= a0 or a1 <= x0 or y1 <= b0 or b1 <= y0

@@ -81,8 +81,11 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     buffer = io.BytesIO()
     torch.save({"model_name": "x", "evil": Payload()}, buffer)
     (tmp_path / "evil.pt").write_bytes(buffer.getvalue())
-    with pytest.raises(CxrcamError, match="not a readable cxrcam checkpoint"):
+    with pytest.raises(CxrcamError, match="not a readable cxrcam checkpoint") as refused:
         load_classifier(tmp_path / "evil.pt")
+    # the reason (the global it would call), without torch's advice to retry with weights_only=False
+    assert "print" in str(refused.value) and "weights_only" not in str(refused.value)
+    assert "likely succeed" not in str(refused.value)
 
 
 def test_checkpoints_say_what_they_are(tmp_path):
@@ -101,3 +104,13 @@ def test_checkpoints_say_what_they_are(tmp_path):
         load_classifier(tmp_path / "det.pt")
     with pytest.raises(CxrcamError, match="not a cxrcam detector checkpoint"):
         load_checkpoint(tmp_path / "old.pt", kind="detector")
+    # hand-made checkpoints: an entry missing, or weights of another shape: one line naming the file
+    save_checkpoint(tmp_path / "noclasses.pt", {k: v for k, v in meta.items() if k != "classes"})
+    with pytest.raises(CxrcamError, match="noclasses.pt: the checkpoint has no 'classes' entry"):
+        load_classifier(tmp_path / "noclasses.pt")
+    save_checkpoint(tmp_path / "shapes.pt", {**meta, "classes": ["a", "b"]})  # a 14-class head, 2 classes said
+    with pytest.raises(CxrcamError, match="shapes.pt: its weights do not fit the model it describes"):
+        load_classifier(tmp_path / "shapes.pt")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(CxrcamError, match="empty_run is a folder without best.pt"):
+        load_checkpoint(tmp_path / "empty_run")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -74,21 +75,40 @@ def test_rerun_skips_and_other_size_refused(synth_nih, tmp_path):
         prepare("nih", synth_nih, tmp_path / "c", load_config(overrides=["prepare.size=128"]), progress=False)
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
 def test_interrupted_run_resumes(tmp_path):
-    """Kill a real `cxrcam prepare` half way; the next run finishes only what is left."""
+    """SIGKILL a real `cxrcam prepare` half way (the main process only, as the OOM killer does):
+    its decoding workers and the resource tracker exit with it; the next run finishes only what
+    is left."""
     from cxrcam.data.synth import synthesize
 
     root = synthesize("vinbig", tmp_path / "data", 150, seed=3, size=384, progress=False)
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "cxrcam", "prepare", "--dataset", "vinbig", "--root", str(root),
-           "--out", str(out), "--size", "128", "--workers", "1"]
+           "--out", str(out), "--size", "128", "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log = out / "progress.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 20):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    helpers = _children(proc.pid)
+    assert len(helpers) >= 3  # two workers and the resource tracker
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in helpers):
+        time.sleep(0.1)
+    assert not [p for p in helpers if _alive(p)], "workers outlived the killed prepare"
     done_before = {json.loads(line)["id"] for line in log.read_text().splitlines() if line.endswith("}")}
     assert 20 <= len(done_before) < 150, "kill landed before or after the run"
     assert not (out / "manifest.csv").exists()
@@ -111,3 +131,18 @@ def test_real_nih_images(tmp_path):
     raw = pd.read_csv(shared("nih", "BBox_List_2017.csv"))
     box = cache.boxes.iloc[0]
     assert box["cx_min"] == pytest.approx(raw.iloc[0, 2] / 4)
+
+
+def test_corrupt_cache_files_are_one_line(tmp_path):
+    (tmp_path / "cache.json").write_text("{corrupt")
+    with pytest.raises(CxrcamError, match="cache.json: corrupt cache description.*prepare` again"):
+        open_cache(tmp_path)
+    (tmp_path / "cache.json").write_text('{"schema": "vinbig", "size": 64}')
+    (tmp_path / "manifest.csv").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(CxrcamError, match="manifest.csv: not a readable CSV table"):
+        open_cache(tmp_path)
+    (tmp_path / "manifest.csv").write_text("image_id,width\na,3\n")
+    for name in ("boxes.csv", "failures.csv"):
+        (tmp_path / name).write_text("image_id\n")
+    with pytest.raises(CxrcamError, match="manifest.csv: missing column.*file, fold"):
+        open_cache(tmp_path)

@@ -139,3 +139,29 @@ def test_unknown_nih_label_names_row():
                           "Patient ID": [1, 2]})
     with pytest.raises(CxrcamError, match="row 3.*Pneumonitis"):
         nih_from_tables(entry)
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("class_id", "abc", "row 2: class_id 'abc' is not a number"),
+    ("class_id", None, "row 2: class_id is empty"),
+    ("class_id", 15, "row 2: class_id 15 is not one of 0..14"),
+    ("class_id", 2.5, "row 2: class_id 2.5 is not one of 0..14"),
+    ("x_min", "left", "row 2: x_min 'left' is not a number"),
+])
+def test_vinbig_bad_cells_name_their_row(vinbig_table, column, value, message):
+    table = vinbig_table[vinbig_table["class_id"] < 14].head(5).astype({column: object}).reset_index(drop=True)
+    table.loc[0, column] = value
+    with pytest.raises(CxrcamError, match=f"train.csv {message}"):
+        vinbig_from_table(table)
+
+
+def test_nih_bbox_bad_cells_name_their_row():
+    entry = pd.DataFrame({"Image Index": ["a.png"], "Finding Labels": ["Mass"], "Patient ID": [1]})
+    bbox = pd.DataFrame({"Image Index": ["a.png", "a.png"], "Finding Label": ["Mass", "Tumour"],
+                         "Bbox [x": [1.0, 2], "y": [1.0, 2], "w": [5.0, 5], "h]": [5.0, 5]})
+    with pytest.raises(CxrcamError, match="BBox_List_2017.csv row 3: unknown NIH finding 'Tumour'"):
+        nih_from_tables(entry, bbox)
+    bbox = bbox.astype({"w": object})
+    bbox.loc[1, "Finding Label"], bbox.loc[1, "w"] = "Mass", "wide"
+    with pytest.raises(CxrcamError, match="BBox_List_2017.csv row 3: w 'wide' is not a number"):
+        nih_from_tables(entry, bbox)

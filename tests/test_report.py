@@ -2,6 +2,7 @@
 and its class / outcome filters pick the right cards."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -62,6 +63,15 @@ def test_report_renders_with_gallery_and_filters(run_dir, tmp_path):
     assert 'data-broken="0"' in body  # every picture and plot loaded, the gallery's through relative links
     for heading in ("Dataset overview", "Training", "Per-class metrics", "Gallery"):
         assert f"<h2>{heading}</h2>" in dom
+    # results first: the summary, then per-class metrics, the gallery; the overview collapsed at the end
+    order = re.findall(r'<section id="([^"]+)"', dom)
+    assert order == ["summary", "per-class-metrics", "gallery", "training", "dataset-overview"]
+    assert re.search(r'<section id="dataset-overview"><details>', dom)  # collapsed (no "open")
+    summary = dom[dom.index('id="summary"'):dom.index('id="per-class-metrics"')]
+    metrics = json.loads((run_dir / "localize" / "eval" / "metrics.json").read_text())
+    assert f"<td>{metrics['map']:.3f}</td>" in summary  # the headline mAP
+    assert re.search(r"MaxBoxAccV2.*\(\d\.\d{3}\)", summary, re.S)  # beside its random-map control
+    assert '<a href="../../' in summary and "submission.csv</a>" in summary  # where the submission is
     shown = cards(dom)
     bb = pd.read_csv(run_dir / "localize" / "bb_results.csv")
     assert len(shown) == 160  # every image has pictures

@@ -8,6 +8,7 @@ import pytest
 
 from cxrcam.data.readers import read_dataset
 from cxrcam.data.synth import LOOKS, render_normal, synthesize
+from cxrcam.errors import CxrcamError
 
 
 def test_vinbig_layout_and_variety(synth_vinbig):
@@ -31,6 +32,21 @@ def test_vinbig_layout_and_variety(synth_vinbig):
     assert tables.images["path"].notna().all()
     inside = tables.boxes.merge(tables.images[["image_id", "width", "height"]], on="image_id")
     assert (inside["x_max"] <= inside["width"]).all() and (inside["y_max"] <= inside["height"]).all()
+
+
+def test_held_out_split_and_no_silent_overwrite(tmp_path):
+    """A labelled held-out set is test.csv + test/ (no folder named train), read as VinBigData;
+    writing into a folder that holds a dataset is refused unless asked."""
+    synthesize("vinbig", tmp_path / "held", 4, seed=5, size=64, progress=False, split="test")
+    assert sorted(p.name for p in tmp_path.joinpath("held").iterdir()) == ["test", "test.csv"]
+    tables = read_dataset("vinbig", tmp_path / "held")
+    assert len(tables.images) == 4 and tables.images["path"].str.contains("/test/").all()
+    before = (tmp_path / "held" / "test.csv").read_bytes()
+    with pytest.raises(CxrcamError, match="already holds a dataset.*--overwrite"):
+        synthesize("vinbig", tmp_path / "held", 6, seed=6, size=64, progress=False, split="test")
+    assert (tmp_path / "held" / "test.csv").read_bytes() == before
+    synthesize("vinbig", tmp_path / "held", 6, seed=6, size=64, progress=False, split="test", overwrite=True)
+    assert pd.read_csv(tmp_path / "held" / "test.csv")["image_id"].nunique() == 6
 
 
 def test_nih_layout(synth_nih):

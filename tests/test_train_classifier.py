@@ -22,6 +22,7 @@ from cxrcam.errors import CxrcamError
 from cxrcam.files import save_checkpoint
 from cxrcam.models import load_classifier
 from cxrcam.train.classifier import train_classifier
+from cxrcam.train.engine import best_epoch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NO_AUGMENT = ["augment.degrees=0", "augment.translate=0", "augment.scale=0", "augment.brightness=0",
@@ -54,6 +55,7 @@ def test_run_folder_and_predict(cache, tmp_path):
     assert ckpt["model_name"] == "test_resnet" and ckpt["input_size"] == 48 and len(ckpt["classes"]) == 14
     assert ckpt["mean"] == pytest.approx(model.mean.flatten().tolist()) and ckpt["config"]["train"]["epochs"] == 2
     assert ckpt["metrics"]["val_mean_auroc"] == pytest.approx(table["val_mean_auroc"].max())
+    assert metrics["best"]["epoch"] == ckpt["epoch"] + 1  # what the command prints is the epoch in best.pt
     curves = cv2.imread(str(tmp_path / "run" / "curves.png"))
     assert curves is not None and curves.shape[0] > 200 and curves.std() > 10
     # predict from the command line equals the model applied to the cached images
@@ -133,7 +135,21 @@ def test_user_errors(cache, tmp_path):
     with pytest.raises(CxrcamError, match="trained a resnet50 classifier; the config asks for test_resnet"):
         train_classifier(load_config(overrides=tiny()), cache, tmp_path / "r", resume=True, progress=False)
     out = cxrcam("train-classifier", "--data", str(tmp_path / "nocache"), "--out", str(tmp_path / "r"))
-    assert out.returncode == 1 and "not a cxrcam cache" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "nocache' does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(cache, tmp_path):
+    """Training into a used run folder would replace last.pt and could leave the old best.pt
+    beside the new run: refused, files untouched; --overwrite starts afresh."""
+    old = tmp_path / "old"
+    save_checkpoint(old / "best.pt", {"kind": "classifier", "arch": "resnet50", "epoch": 30})
+    save_checkpoint(old / "last.pt", {"kind": "classifier", "arch": "resnet50", "epoch": 30})
+    before = (old / "best.pt").read_bytes()
+    refused = cxrcam("train-classifier", "--data", str(cache), "--out", str(old), *tiny())
+    assert refused.returncode == 1 and "holds a run (best.pt, last.pt): pass --resume" in refused.stderr
+    assert (old / "best.pt").read_bytes() == before
+    train_classifier(load_config(overrides=tiny("train.epochs=1")), cache, old, progress=False, overwrite=True)
+    assert torch.load(old / "best.pt", weights_only=True)["arch"] == "test_resnet"
 
 
 @pytest.mark.slow
@@ -167,3 +183,11 @@ def test_sgd_step_run(cache, tmp_path):
     state = torch.load(tmp_path / "sgd" / "last.pt", weights_only=True)
     assert "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
     assert load_classifier(tmp_path / "sgd" / "best.pt")[0].in_chans == 1
+
+
+def test_best_epoch_is_the_one_saved_as_best():
+    nan = float("nan")
+    history = [{"epoch": 1, "s": 0.6}, {"epoch": 2, "s": 0.8}, {"epoch": 3, "s": 0.8}, {"epoch": 4, "s": 0.7}]
+    assert best_epoch(history, "s")["epoch"] == 2  # the first with the highest score, not the last
+    assert best_epoch([{"epoch": 1, "s": nan}, {"epoch": 2, "s": nan}], "s")["epoch"] == 1
+    assert best_epoch([{"epoch": 1, "s": nan}, {"epoch": 2, "s": 0.5}], "s")["epoch"] == 2

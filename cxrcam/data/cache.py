@@ -14,9 +14,11 @@ Box coordinates map back exactly: original = cache / scale (both stored in full 
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from cxrcam.boxes import scale_boxes
 from cxrcam.config import Config, config_to_dict
 from cxrcam.data.images import read_image
-from cxrcam.data.tables import BOX_COLUMNS
+from cxrcam.data.tables import BOX_COLUMNS, read_table, require_columns
 from cxrcam.errors import CxrcamError, ImageReadError
 from cxrcam.files import atomic_write_bytes, write_csv, write_json
 from cxrcam.schemas import Schema, get_schema
@@ -62,8 +64,21 @@ def _convert(job: tuple[str, str, str, int]) -> tuple[str, int | None, int | Non
         return image_id, None, None, f"{src}: {type(exc).__name__}: {exc}"
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     cv2.setNumThreads(1)  # one process per core; no oversubscription
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel ends this worker when the process that started it dies, so a prepare
+    killed with SIGKILL leaves no decoding processes behind (nor, once they are gone, the
+    resource tracker that waits on them)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown is all there is
+        return
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 def _read_progress(path: Path) -> dict[str, tuple[int, int]]:
@@ -131,7 +146,8 @@ def prepare(dataset: str, root: str | Path, out: str | Path, config: Config = Co
                 record(_convert(job))
         else:
             ctx = multiprocessing.get_context("spawn")  # safe whatever threads the parent runs
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(os.getpid(),)) as pool:
                 for result in pool.map(_convert, jobs, chunksize=max(1, min(32, len(jobs) // (workers * 8)))):
                     record(result)
     bar.close()
@@ -185,8 +201,14 @@ def open_cache(root: str | Path) -> Cache:
     meta_path = root / "cache.json"
     if not meta_path.is_file():
         raise CxrcamError(f"{root} is not a cxrcam cache (no cache.json); run `cxrcam prepare` first")
-    meta = json.loads(meta_path.read_text())
-    images = pd.read_csv(root / "manifest.csv", dtype={"image_id": str, "patient_id": str})
-    boxes = pd.read_csv(root / "boxes.csv", dtype={"image_id": str, "rad_id": str})
-    failures = pd.read_csv(root / "failures.csv", dtype=str)
-    return Cache(root, get_schema(meta["schema"]), int(meta["size"]), images, boxes, failures)
+    broken = "; run `cxrcam prepare` again into a new folder"
+    try:
+        meta = json.loads(meta_path.read_text())
+        schema, size = get_schema(meta["schema"]), int(meta["size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CxrcamError(f"{meta_path}: corrupt cache description ({exc!r}){broken}") from None
+    images = read_table(root / "manifest.csv", dtype={"image_id": str, "patient_id": str})
+    boxes = read_table(root / "boxes.csv", dtype={"image_id": str, "rad_id": str})
+    failures = read_table(root / "failures.csv", dtype=str)
+    require_columns(images, ["image_id", "file", "fold"], str(root / "manifest.csv"))
+    return Cache(root, schema, size, images, boxes, failures)

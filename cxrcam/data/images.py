@@ -142,6 +142,12 @@ def _dicom_to_unit(path: Path, target: tuple[int, int] | None) -> tuple[np.ndarr
         stored = ds.pixel_array
     if stored.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
         stored = stored[0]  # multi-frame: the first frame is the radiograph
+    if ds.get("SamplesPerPixel", 1) == 3 and stored.ndim in (3, 4):  # colour (pydicom gives RGB): as PNGs are
+        rgb = stored[0] if stored.ndim == 4 else stored
+        top = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.dtype == np.uint8 else \
+            cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY)
+        return _resize((grey.astype(np.float32) / top), target), grey.shape
     if stored.ndim != 2:
         raise ImageReadError(f"{path}: expected a greyscale image, got shape {stored.shape}")
     shape = stored.shape

@@ -17,7 +17,7 @@ from cxrcam.config import FusionConfig
 from cxrcam.data.fusion import fuse_boxes
 from cxrcam.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, image_size
 from cxrcam.data.tables import (BOX_COLUMNS, BOX_TABLE_COLUMNS, DatasetTables, empty_boxes,
-                                require_columns, soft_columns, target_columns)
+                                numeric, read_table, require_columns, soft_columns, target_columns)
 from cxrcam.errors import CxrcamError
 from cxrcam.schemas import NIH, RSNA, SCHEMAS, VINBIG, Schema
 
@@ -33,15 +33,6 @@ def read_dataset(kind: str, root: str | Path, fusion: FusionConfig = FusionConfi
     if not root.is_dir():
         raise CxrcamError(f"dataset folder not found: {root}")
     return readers[kind](root, fusion=fusion)
-
-
-def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
-    if not path.is_file():
-        raise CxrcamError(f"table not found: {path}")
-    try:
-        return pd.read_csv(path, **kwargs)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise CxrcamError(f"{path}: not a readable CSV table ({exc})") from None
 
 
 def index_images(folder: Path | None) -> dict[str, Path]:
@@ -95,21 +86,24 @@ def _fill_sizes(images: pd.DataFrame) -> None:
 
 def read_vinbig(root: Path, fusion: FusionConfig = FusionConfig(),
                 table: Path | None = None) -> DatasetTables:
-    """``root/train.csv`` + ``root/train/<image_id>.dicom`` (or ``.dcm``/``.png``, or files in root)."""
-    table = table or root / "train.csv"
-    df = _read_csv(table)
-    return vinbig_from_table(df, index_images(_first_dir(root / "train", root)), fusion, str(table))
+    """``root/train.csv`` + ``root/train/<image_id>.dicom`` (or ``.dcm``/``.png``, or files in root);
+    a labelled held-out split is ``test.csv`` + ``test/``."""
+    table = table or next((root / n for n in VINBIG.label_tables if (root / n).is_file()), root / "train.csv")
+    df = read_table(table)
+    return vinbig_from_table(df, index_images(_first_dir(root / table.stem, root)), fusion, str(table))
 
 
 def vinbig_from_table(df: pd.DataFrame, paths: dict[str, Path] | None = None,
                       fusion: FusionConfig = FusionConfig(), source: str = "train.csv") -> DatasetTables:
     require_columns(df, VINBIG_COLUMNS, source)
     schema = VINBIG
-    df = df.assign(image_id=df["image_id"].astype(str), class_id=df["class_id"].astype(int))
-    bad = ~df["class_id"].between(0, schema.num_findings)
+    class_id = numeric(df, ["class_id"], source, blank=False)["class_id"]
+    bad = ~class_id.between(0, schema.num_findings) | (class_id != class_id.round())
     if bad.any():
-        raise CxrcamError(f"{source}: class_id {df.loc[bad, 'class_id'].iloc[0]} out of range 0..14 "
-                          f"(row {int(np.flatnonzero(bad)[0]) + 2})")
+        raise CxrcamError(f"{source} row {int(np.flatnonzero(bad)[0]) + 2}: class_id {class_id[bad].iloc[0]:g} "
+                          f"is not one of 0..{schema.num_findings}")
+    df = df.assign(image_id=df["image_id"].astype(str), class_id=class_id.astype(int),
+                   **numeric(df, BOX_COLUMNS, source))
     ids = pd.Index(df["image_id"].unique())
     findings = df[df["class_id"] != schema.no_finding_id]
     # soft target = share of the image's readers who marked the class
@@ -131,7 +125,7 @@ def read_nih(root: Path, fusion: FusionConfig = FusionConfig()) -> DatasetTables
         raise CxrcamError(f"{root}: no Data_Entry_2017*.csv label table")
     bbox = root / "BBox_List_2017.csv"
     test_list = root / "test_list.txt"
-    return nih_from_tables(_read_csv(entries[-1]), _read_csv(bbox) if bbox.is_file() else None,
+    return nih_from_tables(read_table(entries[-1]), read_table(bbox) if bbox.is_file() else None,
                            index_images(_first_dir(root / "images", root)),
                            test_list.read_text().split() if test_list.is_file() else None)
 
@@ -157,19 +151,27 @@ def nih_from_tables(entry: pd.DataFrame, bbox: pd.DataFrame | None = None,
     if bbox is not None:
         if bbox.shape[1] < 6:
             raise CxrcamError("BBox_List_2017.csv: expected columns Image Index, Finding Label, x, y, w, h")
-        xyxy = xywh_to_xyxy(bbox.iloc[:, 2:6].to_numpy(np.float64))
+        xyxy = xywh_to_xyxy(numeric(bbox, list(bbox.columns[2:6]), "BBox_List_2017.csv", blank=False).to_numpy())
         boxes = pd.DataFrame(xyxy, columns=BOX_COLUMNS)
-        boxes.insert(0, "class_id", [schema.class_id(n) for n in bbox.iloc[:, 1].astype(str)])
+        boxes.insert(0, "class_id", [_nih_class(n, row) for row, n in enumerate(bbox.iloc[:, 1].astype(str))])
         boxes.insert(0, "image_id", bbox.iloc[:, 0].astype(str).to_numpy())
         boxes["rad_id"] = "nih"
     return DatasetTables(schema, images, boxes)
+
+
+def _nih_class(name: str, row: int) -> int:
+    try:
+        return NIH.class_id(name.strip())
+    except KeyError:
+        raise CxrcamError(f"BBox_List_2017.csv row {row + 2}: unknown NIH finding {name!r} "
+                          f"(one of {', '.join(NIH.findings)})") from None
 
 
 def read_rsna(root: Path, fusion: FusionConfig = FusionConfig()) -> DatasetTables:
     """``root/stage_2_train_labels.csv`` + ``<patientId>.dcm`` in ``stage_2_train_images/`` or root."""
     table = root / "stage_2_train_labels.csv"
     paths = index_images(_first_dir(root / "stage_2_train_images", root))
-    return rsna_from_table(_read_csv(table), paths)
+    return rsna_from_table(read_table(table), paths)
 
 
 def rsna_from_table(df: pd.DataFrame, paths: dict[str, Path] | None = None) -> DatasetTables:

@@ -41,7 +41,7 @@ class Source:
 
 def detect_dataset(folder: Path) -> str | None:
     """The dataset whose label table lies in ``folder`` (None: none does)."""
-    return next((name for name, s in SCHEMAS.items() if any(folder.glob(s.label_table))), None)
+    return next((name for name, s in SCHEMAS.items() if any(any(folder.glob(t)) for t in s.label_tables)), None)
 
 
 def open_source(data: str | Path, dataset: str | None = None, config: Config = Config()) -> Source:

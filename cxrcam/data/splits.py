@@ -33,11 +33,18 @@ def assign_folds(images: pd.DataFrame, schema: Schema, n_folds: int = 5, seed: i
     key = np.where(y.any(axis=1), rarity.argmin(axis=1), schema.num_findings)
     patient = out["patient_id"].where(out["patient_id"].notna(), out["image_id"]).astype(str).to_numpy()
     folds = np.full(len(out), -1, dtype=np.int64)
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # small classes with fewer members than folds are fine
-        warnings.simplefilter("ignore", UserWarning)
-        for k, (_, held) in enumerate(splitter.split(pool, key, groups=patient[pool])):
-            folds[pool[held]] = k
+    if np.bincount(key).max() < n_folds:  # no class fills every fold: stratifying is impossible
+        warnings.warn(f"{len(pool)} images: no finding (or normal) has {n_folds} images to stratify {n_folds} folds "
+                      f"by; folds drawn at random by patient (seed {seed})", stacklevel=2)
+        groups, index = np.unique(patient[pool], return_inverse=True)
+        order = np.random.default_rng(seed).permutation(len(groups))
+        folds[pool] = (np.argsort(order) % n_folds)[index]
+    else:
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():  # small classes with fewer members than folds are fine
+            warnings.simplefilter("ignore", UserWarning)
+            for k, (_, held) in enumerate(splitter.split(pool, key, groups=patient[pool])):
+                folds[pool[held]] = k
     out["fold"] = folds
     return out
 

@@ -357,20 +357,29 @@ def write_dicom(path: Path, density: np.ndarray, rng: np.random.Generator) -> No
 
 
 def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: int = 512,
-               progress: bool = True) -> Path:
-    """Write a dataset of ``n_images`` phantoms in the real layout of ``fmt`` (vinbig, nih)."""
+               progress: bool = True, split: str = "train", overwrite: bool = False) -> Path:
+    """Write a dataset of ``n_images`` phantoms in the real layout of ``fmt`` (vinbig, nih).
+    VinBigData ``split="test"``: a labelled held-out set, ``test.csv`` + ``test/``. A folder that
+    already holds a dataset is refused unless ``overwrite`` (its tables would no longer match)."""
     if fmt not in LOOKS:
         raise CxrcamError(f"unknown synthetic format {fmt!r}; choose vinbig or nih")
     if n_images < 1:
         raise CxrcamError("--n-images must be at least 1")
     out = Path(out)
-    write = _write_vinbig if fmt == "vinbig" else _write_nih
-    write(out, n_images, seed, size, progress)
+    table = out / (f"{split}.csv" if fmt == "vinbig" else "Data_Entry_2017.csv")
+    if table.exists() and not overwrite:
+        raise CxrcamError(f"{table} exists: {out} already holds a dataset; choose another --out or pass --overwrite")
+    if split not in ("train", "test") or (split == "test" and fmt != "vinbig"):
+        raise CxrcamError(f"split {split!r}: vinbig writes train or test, nih writes its released layout")
+    if fmt == "vinbig":
+        _write_vinbig(out, n_images, seed, size, progress, split)
+    else:
+        _write_nih(out, n_images, seed, size, progress)
     return out
 
 
-def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool) -> None:
-    (out / "train").mkdir(parents=True, exist_ok=True)
+def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split: str) -> None:
+    (out / split).mkdir(parents=True, exist_ok=True)
     readers = [f"R{i}" for i in range(1, 18)]
     rows = []
     for i in tqdm(range(n), desc="synth vinbig", disable=not progress, unit="img"):
@@ -379,7 +388,7 @@ def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool) -> No
         h = int(w * rng.uniform(1.0, 1.3))  # portrait, non-square, like most VinBigData films
         img = synth_image("vinbig", h, w, rng)
         image_id = _image_id(seed, i)
-        write_dicom(out / "train" / f"{image_id}.dicom", img.density, rng)
+        write_dicom(out / split / f"{image_id}.dicom", img.density, rng)
         rads = rng.choice(readers, size=3, replace=False)
         if not img.findings:
             rows += [(image_id, "No finding", 14, r, "", "", "", "") for r in rads]
@@ -392,7 +401,7 @@ def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool) -> No
         for k, rad in enumerate(rads):
             for cid, box in (f for f, m in zip(img.findings, marked[k]) if m):
                 rows.append((image_id, VINBIG.findings[cid], cid, rad, *_jitter(box, rng, w, h)))
-    with open(out / "train.csv", "w", newline="") as f:
+    with open(out / f"{split}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"])
         writer.writerows(rows)

@@ -9,7 +9,9 @@ boxes: one row per box in original pixels: ``image_id, class_id, x_min, y_min, x
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cxrcam.schemas import Schema
@@ -58,3 +60,34 @@ def require_columns(df: pd.DataFrame, columns: list[str], source: str) -> None:
 
         raise CxrcamError(f"{source}: missing column(s) {', '.join(missing)} "
                           f"(found: {', '.join(map(str, df.columns))})")
+
+
+def numeric(df: pd.DataFrame, columns: list[str], source: str, blank: bool = True) -> pd.DataFrame:
+    """``columns`` as floats. Text, or an empty cell unless ``blank``, is a user error naming the
+    file, the row (as a spreadsheet numbers it: header = 1) and the column."""
+    values = df[columns].apply(pd.to_numeric, errors="coerce")
+    bad = (values.isna() & (df[columns].notna() if blank else True)).to_numpy()
+    if bad.any():
+        from cxrcam.errors import CxrcamError
+
+        row, col = np.argwhere(bad)[0]
+        cell = df[columns[col]].iloc[row]
+        what = "is empty" if pd.isna(cell) else f"{cell!r} is not a number"
+        raise CxrcamError(f"{source} row {row + 2}: {columns[col]} {what}")
+    return values
+
+
+def read_table(path: str | Path, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose failures (missing, empty, binary, malformed) are one line naming the file."""
+    from cxrcam.errors import CxrcamError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CxrcamError(f"table not found: {path}")
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise CxrcamError(f"{path}: empty file, not a CSV table") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise CxrcamError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
+

@@ -31,7 +31,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cxrcam.errors import CxrcamError
-from cxrcam.files import load_checkpoint
+from cxrcam.files import checkpoint_contents, load_checkpoint
 from cxrcam.models import IMAGENET_MEAN, IMAGENET_STD, channel_stats, grey_to_channels, load_classifier, stride_kwargs
 
 
@@ -152,12 +152,13 @@ def create_detector(backbone: str, num_classes: int, size: int, init: str | Path
 def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[CamFasterRCNN, dict[str, Any]]:
     """Rebuild a detector from its checkpoint (``weights_only=True``)."""
     ckpt = load_checkpoint(path, device, kind="detector")
-    cfg = ckpt["config"]["detector"]
-    model = create_detector(ckpt["backbone"], len(ckpt["classes"]), ckpt["input_size"],
-                            score_thresh=cfg["score_thresh"], detections_per_img=cfg["detections_per_img"],
-                            output_stride=ckpt.get("output_stride", 32), channels=cfg.get("channels", 256),
-                            head_size=cfg.get("head_size", 1024))
-    model.load_state_dict(ckpt["model"])
+    with checkpoint_contents(path):
+        cfg = ckpt["config"]["detector"]
+        model = create_detector(ckpt["backbone"], len(ckpt["classes"]), ckpt["input_size"],
+                                score_thresh=cfg["score_thresh"], detections_per_img=cfg["detections_per_img"],
+                                output_stride=ckpt.get("output_stride", 32), channels=cfg.get("channels", 256),
+                                head_size=cfg.get("head_size", 1024))
+        model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
 

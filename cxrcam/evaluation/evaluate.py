@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import pandas as pd
 from cxrcam.config import BoxConfig, Config, from_dict
 from cxrcam.boxes import BoxRules, points_in_boxes
 from cxrcam.data.sources import detect_dataset
-from cxrcam.data.tables import BOX_COLUMNS, target_columns
+from cxrcam.data.tables import BOX_COLUMNS, read_table, target_columns
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.classification import auroc_per_class, mean_auroc
 from cxrcam.evaluation.coco import coco_ap
@@ -62,11 +63,11 @@ def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTrut
     if path.is_dir():
         if not (path / "cache.json").is_file() and detect_dataset(path) is None:
             raise CxrcamError(f"{path}: not a cache, and no label table "
-                              f"({', '.join(s.label_table for s in SCHEMAS.values())})")
+                              f"({', '.join(t for s in SCHEMAS.values() for t in s.label_tables)})")
         source = open_source(path, config=config)
         schema, images, boxes = source.schema, source.images, source.truth
     else:
-        table = pd.read_csv(path)
+        table = read_table(path)
         columns = set(table.columns)
         if {"image_id", "class_id", "rad_id", "x_min"} <= columns:
             tables = vinbig_from_table(table, fusion=config.fusion, source=str(path))
@@ -138,11 +139,19 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
     dets = read_submission(submission, n_classes, set(truth.image_ids) if truth.complete else None, lenient,
                            "rsna" if fmt == "rsna" else "vinbig")
     ignored = int((~dets["image_id"].isin(set(truth.image_ids))).sum())
+    listed, skipped = dets.attrs.get("rows", set()), dets.attrs.get("skipped_rows", 0)
     dets = dets[dets["image_id"].isin(set(truth.image_ids))]
+    unlisted = len(set(truth.image_ids) - listed)
+    if not listed:
+        warnings.warn(f"{submission} has no rows: every image is scored as predicting nothing", stacklevel=2)
+    elif unlisted:
+        warnings.warn(f"{unlisted} of {len(truth.image_ids)} ground-truth images have no row in {submission}: "
+                      f"scored as predicting nothing", stacklevel=2)
     iou_thr = config.eval.iou_thr
     metrics: dict = {"format": fmt, "ground_truth": str(gt), "submission": str(submission), "dataset": schema.name,
                      "images": len(truth.image_ids), "truth_boxes": len(truth.boxes), "predictions": len(dets),
-                     "predictions_ignored": ignored, "iou_thr": iou_thr,
+                     "predictions_ignored": ignored, "rows_skipped": skipped, "images_not_listed": unlisted,
+                     "iou_thr": iou_thr,
                      "images_without_prediction": len(set(truth.image_ids) - set(dets["image_id"]))}
 
     voc_truth = truth.boxes
@@ -161,7 +170,7 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
 
     prob_table = None
     if probs is not None:
-        prob_table = pd.read_csv(probs, dtype={"image_id": str})
+        prob_table = read_table(probs, dtype={"image_id": str})
         missing = [c for c in schema.findings if c not in prob_table.columns]
         if missing:
             raise CxrcamError(f"{probs}: missing class column(s) {', '.join(missing)}")
@@ -204,6 +213,28 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
     return metrics
 
 
+def headline(m: dict) -> dict[str, tuple[float | None, float | None]]:
+    """The headline figures of one evaluate's metrics, each as (model, random-map control); None
+    where not measured (the control needs a localize folder, the CAM figures its maps)."""
+    overall = {row["source"]: row for row in m.get("localization", []) if row["class"] == "all"}
+    wsol = {row["source"]: row for row in m.get("maxboxacc", []) if row["class"] == "all"}
+    model, control = overall.get("model", {}), overall.get("random map", {})
+    row = {"findings mAP@0.4": (findings_map(m["ap"]), findings_map(m.get("control_ap", {})) if "control_ap" in m
+                                else None),
+           "MaxBoxAccV2": (wsol.get("model", {}).get("maxboxacc_v2"), wsol.get("random map", {}).get("maxboxacc_v2"))}
+    for key, label in (("iou@0.1", "T(IoU)=0.1"), ("iou@0.5", "T(IoU)=0.5"), ("iobb@0.5", "T(IoBB)=0.5"),
+                       ("pointing", "pointing game")):
+        row[label] = (model.get(key), control.get(key))
+    return row
+
+
+def findings_map(ap: dict[str, float | None]) -> float | None:
+    """mAP over the 14 findings alone: "No finding" is scored from the same p_normal in every
+    submission, so it only dilutes a comparison of boxes."""
+    values = [v for name, v in ap.items() if name != "No finding" and v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _clean(value):
     """NaN -> None, numpy scalars -> Python: valid JSON."""
     if isinstance(value, dict):
@@ -223,8 +254,12 @@ def _fmt(v) -> str:
 
 def markdown(metrics: dict) -> str:
     """The per-class table (AP, truth boxes, AUROC) and the headline numbers."""
+    counts = [f"{metrics[k]} {label}" for k, label in (("predictions_ignored", "predictions of unknown images ignored"),
+                                                        ("rows_skipped", "malformed rows skipped"),
+                                                        ("images_not_listed", "images missing from the submission"))
+              if metrics.get(k)]
     lines = [f"**{metrics['dataset']}**: {metrics['images']} images, {metrics['truth_boxes']} truth boxes, "
-             f"{metrics['predictions']} predictions", ""]
+             f"{metrics['predictions']} predictions" + "".join(f"; {c}" for c in counts), ""]
     head = [f"mAP@{metrics['iou_thr']} (VOC 2010) = {_fmt(metrics['map'])}"]
     for key, label in [("control_map", "random-map control mAP"), ("coco_ap", "COCO AP@[.5:.95]"),
                        ("coco_ap40", "COCO AP@.4"), ("rsna_score", "RSNA score"), ("mean_auroc", "mean AUROC")]:
@@ -252,7 +287,7 @@ def markdown(metrics: dict) -> str:
 
 
 def _plots(per_class: list[ClassAP], schema: Schema, out: Path) -> None:
-    """ap_per_class.png (bar chart) and pr_curves.png (precision-recall per class)."""
+    """ap_per_class.png (bar chart) and pr_curves.png (precision-recall of each class with a hit)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,12 +303,19 @@ def _plots(per_class: list[ClassAP], schema: Schema, out: Path) -> None:
     ax.set_title(f"AP per class (mAP {np.mean([r.ap for r in scored]) if scored else float('nan'):.3f})")
     save_figure(fig, out / "ap_per_class.png", bbox_inches="tight")
 
-    cols = 4
-    rows = max(1, math.ceil(len(scored) / cols))
+    curves = [r for r in scored if r.ap > 0]  # a class with no hit has no curve to see: named, not drawn
+    (out / "pr_curves.png").unlink(missing_ok=True)
+    if not curves:
+        return
+    cols = min(4, len(curves))
+    rows = math.ceil(len(curves) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat[len(scored):]:
+    for ax in axes.flat[len(curves):]:
         ax.axis("off")
-    for ax, r in zip(axes.flat, scored):
+    missing = [schema.class_name(r.class_id) for r in scored if r.ap == 0]
+    if missing:
+        fig.suptitle("no box hit (AP 0): " + ", ".join(missing), fontsize=9, wrap=True)
+    for ax, r in zip(axes.flat, curves):
         precision = np.maximum.accumulate(r.precision[::-1])[::-1] if len(r.precision) else r.precision
         ax.step(r.recall, precision, where="post", color=np.array(schema.colour(r.class_id)) / 255)
         ax.set(xlim=(0, 1), ylim=(0, 1.02), title=f"{schema.class_name(r.class_id)} AP {r.ap:.2f}",
@@ -282,4 +324,4 @@ def _plots(per_class: list[ClassAP], schema: Schema, out: Path) -> None:
     save_figure(fig, out / "pr_curves.png", bbox_inches="tight")
 
 
-__all__ = ["evaluate", "read_ground_truth", "GroundTruth", "markdown"]
+__all__ = ["evaluate", "read_ground_truth", "GroundTruth", "markdown", "headline", "findings_map"]

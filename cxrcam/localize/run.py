@@ -25,6 +25,7 @@ from cxrcam.files import write_json
 from cxrcam.localize.step import Step
 from cxrcam.localize.write import Collector, LocalizeSummary, Painter, merge_ranks, write_outputs
 from cxrcam.models import load_classifier
+from cxrcam.outputs.pictures import PICTURE_SIZE
 from cxrcam.runtime import dist
 from cxrcam.schemas import Schema, get_schema
 
@@ -66,12 +67,15 @@ def _check_calibration(rules: BoxRules, source, path: str) -> None:
 
 def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: Config = Config(),
              dataset: str | None = None, classes: list[str] | None = None, pictures: bool = True,
-             progress: bool = True, detector: str | Path | None = None) -> LocalizeSummary | None:
+             progress: bool = True, detector: str | Path | None = None, picture_size: int = PICTURE_SIZE,
+             show_proposals: bool = False) -> LocalizeSummary | None:
     """Localise every image of ``data`` with the classifier ``checkpoint``; outputs in ``out``.
 
     ``detector``: a ``train-detector`` checkpoint that refines the CAM boxes (``cxrcam refine``,
     see :mod:`cxrcam.detection.refine`); ``submission.csv`` then holds the refined detections and
-    ``cam_submission.csv`` the CAM boxes. Returns the summary on rank 0 (None on other ranks)."""
+    ``cam_submission.csv`` the CAM boxes. Pictures are ``picture_size`` px on the long side at least;
+    ``show_proposals`` adds the CAM boxes, faint, to refine's. Returns the summary on rank 0 (None on
+    other ranks)."""
     start, out = time.perf_counter(), Path(out)
     info = dist.setup()
     model, ckpt = load_classifier(checkpoint, info.device)
@@ -92,7 +96,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     loader = DataLoader(ImageFiles(list(shard["path"]), size), batch_size=config.cam.batch_size,
                         num_workers=config.cam.workers, persistent_workers=False)
     collected = Collector(schema, refiner is not None)
-    painter = Painter(out, schema, rules, truth, refiner is not None, pictures)
+    painter = Painter(out, schema, rules, truth, refiner is not None and show_proposals, pictures, picture_size)
     bar = tqdm(total=len(shard), desc=("refine " if refiner else "localize ") + config.cam.method, unit="img",
                disable=not (progress and info.is_main))
     for x, idx, heights, widths, errors in loader:
@@ -118,7 +122,8 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
         summary = write_outputs(parts, source, schema, config, out, start, refined=refiner is not None)
         write_json(out / "localize.json", {"checkpoint": str(checkpoint), "detector": detector and str(detector),
                                            "data": str(data), "classes": classes,
-                                           "pictures": pictures, "config": config_to_dict(config)})
+                                           "pictures": pictures, "picture_size": picture_size,
+                                           "config": config_to_dict(config)})
     dist.cleanup()
     return summary
 

@@ -28,7 +28,7 @@ from cxrcam.evaluation.localization import match_boxes
 from cxrcam.evaluation.weak import CURVE_COLUMNS, curve_table, maxboxacc_table, plot_box_accuracy
 from cxrcam.files import write_csv
 from cxrcam.localize.step import NO_TRUTH, ImageResult
-from cxrcam.outputs.pictures import write_pictures
+from cxrcam.outputs.pictures import PICTURE_SIZE, write_pictures
 from cxrcam.outputs.submission import normal_scores, write_submission
 from cxrcam.runtime import dist
 from cxrcam.schemas import Schema
@@ -52,10 +52,13 @@ class LocalizeSummary:
 
 
 class Painter:
-    """Draws each image's four pictures in two background threads; at most 64 wait (flat memory)."""
+    """Draws each image's four pictures in two background threads; at most 64 wait (flat memory).
+    ``proposals``: refine pictures also show the CAM boxes, faint, under the detections."""
 
-    def __init__(self, out: Path, schema: Schema, rules: BoxRules, truth: dict, refined: bool, enabled: bool = True):
-        self.out, self.schema, self.rules, self.truth, self.refined = out, schema, rules, truth, refined
+    def __init__(self, out: Path, schema: Schema, rules: BoxRules, truth: dict, proposals: bool = False,
+                 enabled: bool = True, size: int = PICTURE_SIZE):
+        self.out, self.schema, self.rules, self.truth, self.proposals = out, schema, rules, truth, proposals
+        self.size = size
         self.pool = ThreadPoolExecutor(2) if enabled else None
         self.pending: deque = deque()
 
@@ -69,7 +72,8 @@ class Painter:
         self.pending.append(self.pool.submit(
             write_pictures, self.out, result.image_id, picture, self.schema,
             (scale_boxes(truth_boxes, sx, sy), truth_classes), tuple(a[drawn] for a in result.final), result.maps,
-            [self.rules(c).threshold for c in result.plan.shown], result.cam[:2] if self.refined else None))
+            [self.rules(c).threshold for c in result.plan.shown], result.cam[:2] if self.proposals else None,
+            self.size))
         while len(self.pending) > 64:
             self.pending.popleft().result()
 

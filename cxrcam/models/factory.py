@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cxrcam.errors import CxrcamError
-from cxrcam.files import load_checkpoint
+from cxrcam.files import checkpoint_contents, load_checkpoint
 
 HUB_HOST = "huggingface.co"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -136,7 +136,8 @@ def create_classifier(name: str, num_classes: int, pretrained: bool | str = Fals
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
     """Rebuild a classifier from a self-contained checkpoint (loaded with ``weights_only=True``)."""
     ckpt = load_checkpoint(path, device, kind="classifier")
-    model = create_classifier(ckpt["model_name"], len(ckpt["classes"]), pretrained=False,
-                              in_chans=ckpt["in_chans"], output_stride=ckpt.get("output_stride", 32))
-    model.load_state_dict(ckpt["model"])
+    with checkpoint_contents(path):
+        model = create_classifier(ckpt["model_name"], len(ckpt["classes"]), pretrained=False,
+                                  in_chans=ckpt["in_chans"], output_stride=ckpt.get("output_stride", 32))
+        model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -1,12 +1,14 @@
 """``cxrcam report``: one HTML page of everything under a run folder, for a browser.
 
-It finds, anywhere under the folder: ``prepare`` caches (``cache.json``) -> a dataset overview
-(findings per class, box size per class as a share of the image, where each finding lies as a
-heat map over the mean chest); training runs (``metrics.csv`` next to ``last.pt``) -> curves;
-``evaluate`` outputs (``metrics.json``) -> per-class metrics and PR curves; ``localize`` /
+It finds, anywhere under the folder, and shows in this order, results first:
+``evaluate`` outputs (``metrics.json``) -> a summary (each submission's headline figures beside
+the random-map control, and a link to it), then per-class metrics and PR curves; ``localize`` /
 ``refine`` folders (``localize.json``) -> a gallery of the ``gtimage_`` and ``pred_`` pictures,
-filtered in the page by class and by hit / miss (``bb_results.csv``). A ``#class=<id>&outcome=
-hit|miss`` address fragment sets the filters, so a filtered view can be shared.
+filtered in the page by class and by hit / miss (``bb_results.csv``); training runs
+(``metrics.csv`` next to ``last.pt``) -> curves; ``prepare`` caches (``cache.json``) -> a dataset
+overview (findings per class, box size per class, where each finding lies over the mean chest).
+The last two are collapsed. A ``#class=<id>&outcome=hit|miss`` address fragment sets the
+gallery's filters, so a filtered view can be shared.
 
 Plots are matplotlib PNGs embedded in the page; the gallery's pictures are linked relative to
 the page (``embed=True`` inlines them too, for a single file to mail).
@@ -40,10 +42,11 @@ def write_report(run: str | Path, out: str | Path, embed: bool = False, max_pict
     predictions = sorted(p.parent for p in run.rglob("localize.json"))
     if not (caches or runs or evals or predictions):
         raise CxrcamError(f"nothing to report under {run}: no cache, training run, evaluate or localize output")
-    sections = [_section("Dataset overview", [_dataset(c, run) for c in caches[:3]]),
-                _section("Training", [_training(r, run) for r in runs]),
+    sections = [_section("Summary", [_summary(evals, run, out.parent)]),
                 _section("Per-class metrics", [_evaluation(e, run) for e in evals]),
-                _section("Gallery", [_gallery(p, run, out.parent, embed, max_pictures) for p in predictions])]
+                _section("Gallery", [_gallery(p, run, out.parent, embed, max_pictures) for p in predictions]),
+                _section("Training", [_training(r, run) for r in runs], collapsed=True),
+                _section("Dataset overview", [_dataset(c, run) for c in caches[:3]], collapsed=True)]
     page = PAGE.format(title=html.escape(f"cxrcam report: {run.resolve().name}"), body="\n".join(s for s in sections if s))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
@@ -57,9 +60,49 @@ def _json(path: Path) -> dict:
         return {}
 
 
-def _section(title: str, parts: list[str]) -> str:
+def _section(title: str, parts: list[str], collapsed: bool = False) -> str:
+    """A titled section; ``collapsed`` ones open on a click (what a reader needs first stays on top)."""
     parts = [p for p in parts if p]
-    return f"<section><h2>{title}</h2>{''.join(parts)}</section>" if parts else ""
+    if not parts:
+        return ""
+    slug = title.lower().replace(" ", "-")
+    if collapsed:
+        return (f'<section id="{slug}"><details><summary><h2>{title}</h2></summary>{"".join(parts)}'
+                f"</details></section>")
+    return f'<section id="{slug}"><h2>{title}</h2>{"".join(parts)}</section>'
+
+
+def _summary(evals: list[Path], run: Path, page_dir: Path) -> str:
+    """One row per evaluated submission: its headline figures beside the random-map control, and a
+    link to the submission itself."""
+    from cxrcam.evaluation.evaluate import headline
+
+    rows, labels = [], []
+    for path in evals:
+        m = _json(path)
+        figures = headline(m) if "ap" in m else {}
+        labels = labels or [k for k in figures]
+        submission = Path(m.get("submission", ""))
+        link = (f'<a href="{html.escape(_src(submission, page_dir, False))}">{html.escape(submission.name)}</a>'
+                if submission.is_file() else "-")
+        cells = "".join(f"<td>{_pair(*figures.get(k, (None, None)))}</td>" for k in labels)
+        rows.append(f"<tr><td>{html.escape(str(path.parent.relative_to(run)))}</td><td>{_num(m.get('map'))}</td>"
+                    f"{cells}<td>{_num(m.get('mean_auroc'))}</td><td>{link}</td></tr>")
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in labels)
+    return ("<p>Each evaluated submission on its ground truth. In brackets: the same figure for random heat maps "
+            "(the control a localisation method must beat); - where not measured.</p>"
+            f"<table><tr><th>evaluation</th><th>mAP@0.4</th>{head}<th>mean AUROC</th><th>submission</th></tr>"
+            f"{''.join(rows)}</table>")
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _pair(model, control) -> str:
+    return _num(model) + (f" <small>({_num(control)})</small>" if control is not None else "")
 
 
 def _data_uri(png: bytes) -> str:
@@ -153,9 +196,9 @@ def _training(run_dir: Path, run: Path) -> str:
         axes[0, 0].plot(metrics["epoch"], metrics[c], marker="o", ms=3, label=c)
     axes[0, 0].set(xlabel="epoch", title="loss")
     axes[0, 0].legend(fontsize=7)
-    if score:
+    if score:  # both scores lie in [0, 1]: a fixed axis, not one zoomed onto noise near 0
         axes[0, 1].plot(metrics["epoch"], metrics[score], marker="o", ms=3, color="C3")
-        axes[0, 1].set(xlabel="epoch", title=score.replace("val_", "validation "))
+        axes[0, 1].set(xlabel="epoch", title=score.replace("val_", "validation "), ylim=(0, 1.02))
     kind = "detector" if "val_map" in metrics.columns else "classifier"
     return f"<h3>{html.escape(str(run_dir.relative_to(run)))} ({kind})</h3>" + _figure(fig)
 
@@ -206,8 +249,7 @@ def _gallery(folder: Path, run: Path, page_dir: Path, embed: bool, max_pictures:
         pred = sorted(set(g.loc[g["pred_x_min"].notna(), "class_id"].astype(int)))
         caption = ", ".join([*(f"&#10003; {schema.class_name(c)}" for c in hit),
                              *(f"&#10007; {schema.class_name(c)}" for c in miss)]) or "no truth boxes"
-        imgs = "".join(f'<img alt="{kind}" src="{_src(paths[kind], page_dir, embed)}">'
-                       for kind in ("gtimage", "pred"))
+        imgs = "".join(_thumbnail(paths[kind], kind, page_dir, embed) for kind in ("gtimage", "pred"))
         cards.append(f'<figure class="card" data-truth="{" ".join(map(str, sorted({*hit, *miss})))}" '
                      f'data-hit="{" ".join(map(str, hit))}" data-miss="{" ".join(map(str, miss))}" '
                      f'data-pred="{" ".join(map(str, pred))}">{imgs}<figcaption><code>{html.escape(image_id)}'
@@ -223,6 +265,13 @@ def _gallery(folder: Path, run: Path, page_dir: Path, embed: bool, max_pictures:
             f'outcome <select class="outcome"><option value="">all</option><option value="hit">hit (IoU &gt; '
             f'threshold)</option><option value="miss">missed truth box</option><option value="pred">predicted'
             f'</option></select> <span class="shown"></span></div><div class="cards">{"".join(cards)}</div></div>')
+
+
+def _thumbnail(path: Path, kind: str, page_dir: Path, embed: bool) -> str:
+    """A gallery picture; linked pictures open full size on a click."""
+    src = _src(path, page_dir, embed)
+    image = f'<img alt="{kind}" src="{src}">'
+    return image if embed else f'<a href="{src}">{image}</a>'
 
 
 def _schema_of(folder: Path) -> Schema:
@@ -247,8 +296,9 @@ img.plot {{ max-width: 100%; display: block; margin: .5em 0; }}
 table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
 td:first-child {{ text-align: left; }}
 .cards {{ display: flex; flex-wrap: wrap; gap: 8px; }}
-.card {{ margin: 0; border: 1px solid #ccc; padding: 4px; width: 340px; }}
-.card img {{ width: 165px; image-rendering: pixelated; }}
+.card {{ margin: 0; border: 1px solid #ccc; padding: 4px; width: 520px; }}
+.card img {{ width: 256px; }}
+summary h2 {{ display: inline; }} summary {{ cursor: pointer; margin: 1em 0; }}
 .card[hidden] {{ display: none; }}
 figcaption {{ font-size: 12px; }}
 .filters {{ margin: .5em 0; }}

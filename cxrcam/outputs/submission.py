@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cxrcam.boxes import xywh_to_xyxy
-from cxrcam.data.tables import DETECTION_COLUMNS, empty_boxes, no_finding_rows
+from cxrcam.data.tables import DETECTION_COLUMNS, empty_boxes, no_finding_rows, read_table
 from cxrcam.errors import CxrcamError
 from cxrcam.files import write_csv
 
@@ -59,11 +59,11 @@ def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str]
     """Parse a submission (``fmt`` vinbig or rsna) into DETECTION_COLUMNS, boxes as xyxy.
     A malformed row (odd token count, non-number, x_max < x_min, class outside
     0..num_classes-1, image not in ``image_ids``) is an error naming the row, or is skipped
-    with a warning when ``lenient``."""
+    with a warning when ``lenient``. ``attrs``: ``rows`` (the ids listed) and ``skipped_rows``."""
     path = Path(path)
     if not path.is_file():
         raise CxrcamError(f"submission not found: {path}")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = read_table(path, dtype=str, keep_default_na=False)
     if not {"image_id", "PredictionString"} <= set(table.columns):
         id_col = next((c for c in ("patientId", "image_id") if c in table.columns), None)
         if id_col is None or "PredictionString" not in table.columns:
@@ -71,7 +71,7 @@ def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str]
                               f"(found: {', '.join(table.columns)})")
         table = table.rename(columns={id_col: "image_id"})
     _check_unique_ids(table["image_id"], path, lenient)
-    records = []
+    records, skipped = [], 0
     for row, (image_id, text) in enumerate(zip(table["image_id"], table["PredictionString"]), start=2):
         try:
             records.extend(_parse(image_id, text, num_classes, image_ids, fmt == "rsna"))
@@ -80,9 +80,10 @@ def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str]
             if not lenient:
                 raise CxrcamError(message + " (use --lenient to skip such rows)") from None
             warnings.warn(message + "; row skipped", stacklevel=2)
-    if not records:
-        return empty_boxes(DETECTION_COLUMNS)
-    return pd.DataFrame(records, columns=DETECTION_COLUMNS)
+            skipped += 1
+    found = pd.DataFrame(records, columns=DETECTION_COLUMNS) if records else empty_boxes(DETECTION_COLUMNS)
+    found.attrs.update(rows=set(table["image_id"]), skipped_rows=skipped)  # for evaluate's counts
+    return found
 
 
 def _check_unique_ids(ids: pd.Series, path: Path, lenient: bool) -> None:

@@ -28,7 +28,7 @@ from cxrcam.evaluation.classification import auroc_per_class, mean_auroc
 from cxrcam.files import save_figure
 from cxrcam.models import create_classifier, load_classifier
 from cxrcam.runtime import dist
-from cxrcam.train.engine import Run, fit
+from cxrcam.train.engine import Run, check_run_folder, fit
 
 
 def _schedule(cfg, steps_per_epoch: int):
@@ -105,9 +105,11 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def train_classifier(config: Config, data: str | Path, out: str | Path, resume: bool = False,
-                     progress: bool = True) -> dict[str, Any]:
-    """Train on the cache at ``data``; write checkpoints and logs to ``out``. Returns the last epoch's metrics."""
+                     progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train on the cache at ``data``; write checkpoints and logs to ``out`` (a folder
+    holding a run needs ``resume`` or ``overwrite``). Returns the last epoch's metrics."""
     info = dist.setup()
+    check_run_folder(out, resume, overwrite, info)
     tcfg = config.train
     cuda = info.device.type == "cuda"
     torch.manual_seed(tcfg.seed)

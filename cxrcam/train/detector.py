@@ -38,7 +38,7 @@ from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import voc_map
 from cxrcam.files import write_csv
 from cxrcam.runtime import dist
-from cxrcam.train.engine import Run, fit
+from cxrcam.train.engine import Run, check_run_folder, fit
 
 
 class DetectionDataset(Dataset):
@@ -205,9 +205,11 @@ def _cam_boxes(cache: Cache, config: Config, info: dist.DistInfo, pseudo_rows: n
 
 
 def train_detector(config: Config, data: str | Path, out: str | Path, resume: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
-    """Train on the cache at ``data``; write checkpoints and logs to ``out``. Returns the last epoch's metrics."""
+                   progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train on the cache at ``data``; write checkpoints and logs to ``out`` (a folder
+    holding a run needs ``resume`` or ``overwrite``). Returns the last epoch's metrics."""
     info = dist.setup()
+    check_run_folder(out, resume, overwrite, info)
     dcfg = config.detector
     cuda = info.device.type == "cuda"
     torch.manual_seed(dcfg.seed)

@@ -125,6 +125,24 @@ def save_epoch(run: Run, out: Path, epoch: int, metrics: dict[str, Any], history
     return best
 
 
+RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "curves.png", "pseudo_boxes.csv", "cam_proposals.csv")
+
+
+def check_run_folder(out: str | Path, resume: bool, overwrite: bool, info: dist.DistInfo) -> None:
+    """A new run into a folder that holds one would replace its last.pt and could leave its old
+    best.pt beside the new run: refused unless ``overwrite``, which removes the old run's files."""
+    out = Path(out)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if resume or not {"best.pt", "last.pt"} & set(found):
+        return
+    if not overwrite:
+        raise CxrcamError(f"{out} holds a run ({', '.join(found)}): pass --resume to continue it, or --overwrite "
+                          f"to start a new one there")
+    if info.is_main:
+        for name in found:
+            (out / name).unlink(missing_ok=True)
+
+
 def restore_last(run: Run, out: Path, scaler, device: torch.device) -> tuple[int, float, list[dict[str, Any]]]:
     """Restore ``out/last.pt`` into the run, which must be of its kind and architecture.
     Returns (first epoch to run, best score, history)."""
@@ -144,7 +162,8 @@ def restore_last(run: Run, out: Path, scaler, device: torch.device) -> tuple[int
 
 
 def fit(run: Run, out: str | Path, info: dist.DistInfo, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """The epoch loop: train, validate, then (rank 0) log and checkpoint. Returns the last epoch's metrics."""
+    """The epoch loop: train, validate, then (rank 0) log and checkpoint. Returns the last epoch's
+    metrics, with ``best``: those of the epoch saved as best.pt."""
     out = Path(out)
     autocast, scaler = dist.mixed_precision(run.amp, info.device)
     start_epoch, best, history = restore_last(run, out, scaler, info.device) if resume else (0, -math.inf, [])
@@ -169,7 +188,14 @@ def fit(run: Run, out: str | Path, info: dist.DistInfo, resume: bool = False, pr
     if writer is not None:
         writer.close()
     dist.cleanup()
-    return metrics
+    return {**metrics, "best": best_epoch(history, run.score)} if metrics else metrics
+
+
+def best_epoch(history: list[dict[str, Any]], score: str) -> dict[str, Any]:
+    """The epoch ``best.pt`` holds: the first with the highest score, or the first epoch when no
+    score is defined (as :func:`save_epoch` chooses)."""
+    scored = [m for m in history if not math.isnan(m.get(score, float("nan")))]
+    return max(scored, key=lambda m: m[score]) if scored else history[0]
 
 
 def _tensorboard(out: Path):
@@ -190,4 +216,4 @@ def _log(writer, metrics: dict[str, Any]) -> None:
     writer.flush()
 
 
-__all__ = ["Run", "fit", "train_one_epoch", "save_epoch", "restore_last"]
+__all__ = ["Run", "fit", "train_one_epoch", "save_epoch", "restore_last", "best_epoch", "check_run_folder"]
