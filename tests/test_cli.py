@@ -23,16 +23,17 @@ def test_help_lists_every_command_and_version():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["prepare", "--dataset", "nih", "--root", "/no/such/dir", "--out", "x"], "dataset folder not found"),
+    (["prepare", "--dataset", "nih", "--root", "/no/such/dir", "--out", "x"], "'/no/such/dir' does not exist"),
     (["prepare", "--dataset", "nih", "--root", ".", "--out", "x"], "no Data_Entry_2017"),
-    (["prepare", "--dataset", "vinbig", "--root", ".", "--out", "x", "--config", "nope.yaml"], "config file not found"),
+    (["prepare", "--dataset", "vinbig", "--root", ".", "--out", "x", "--config", "nope.yaml"],
+     "'nope.yaml' does not exist"),
 ])
 def test_user_mistakes_give_one_line(tmp_path, args, message):
     out = cxrcam(*args, cwd=tmp_path)
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) <= 3
+    assert len([line for line in out.stderr.splitlines() if line.strip()]) <= 3  # click's usage hint + one error
 
 
 def test_wrong_column_and_bad_override(synth_vinbig, tmp_path):

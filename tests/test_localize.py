@@ -247,3 +247,20 @@ def test_picture_labels_one_per_class_inside_and_apart():
         assert 0 <= x0 < x1 <= 512 and 0 <= y0 < y1 <= 512
         for a0, b0, a1, b1 in placer.placed[k + 1:]:
             assert x1 <= a0 or a1 <= x0 or y1 <= b0 or b1 <= y0
+
+
+def test_cam_proposals_drawn_faint_only_when_asked(tmp_path):
+    """Refine pictures show the detections; the CAM boxes appear, faint, only when passed."""
+    from cxrcam.outputs.pictures import write_pictures
+
+    image = np.full((128, 128), 100, np.uint8)
+    preds = (np.array([[10.0, 10, 50, 50]]), np.array([3]), np.array([0.9]))
+    truth = (np.zeros((0, 4)), np.zeros(0, int))
+    plain = write_pictures(tmp_path / "a", "x", image, VINBIG, truth, preds, None, 0.5)
+    faint = write_pictures(tmp_path / "b", "x", image, VINBIG, truth, preds, None, 0.5,
+                           cam_boxes=(np.array([[70.0, 70, 120, 120]]), np.array([3])))
+    a, b = (cv2.imread(str(p["pred"])).astype(int) for p in (plain, faint))
+    changed = np.abs(a - b).sum(axis=2) > 0
+    ys, xs = np.nonzero(changed)
+    assert changed.any() and ys.min() >= 70 * 4 - 4 and xs.min() >= 70 * 4 - 4  # only around the CAM box (x4)
+    assert np.abs(a - b).max() <= 0.4 * 255 + 1  # blended at 40%: faint, not opaque
