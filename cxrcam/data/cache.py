@@ -64,9 +64,11 @@ def _convert(job: tuple[str, str, str, int]) -> tuple[str, int | None, int | Non
         return image_id, None, None, f"{src}: {type(exc).__name__}: {exc}"
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int | None = None) -> None:
+    """Decoding setup; ``parent``: the pid a pool worker must not outlive (None: in-process)."""
     cv2.setNumThreads(1)  # one process per core; no oversubscription
-    _die_with_parent(parent)
+    if parent is not None:
+        _die_with_parent(parent)
 
 
 def _die_with_parent(parent: int) -> None:
