@@ -206,7 +206,7 @@ def check_ranges(config: Config) -> None:
     for key, (low, high) in [*RANGES.items(), *((k, (None, None)) for k in POSITIVE)]:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        if isinstance(value, str) or isinstance(value, bool):  # "none", or a flag: not numeric
+        if isinstance(value, (str, bool)):  # "none", or a flag: not numeric
             continue
         if key in POSITIVE and not value > 0:
             raise CxrcamError(f"config key {key!r}: {value!r} must be above 0")

@@ -366,11 +366,11 @@ def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: in
     if n_images < 1:
         raise CxrcamError("--n-images must be at least 1")
     out = Path(out)
+    if split not in ("train", "test") or (split == "test" and fmt != "vinbig"):
+        raise CxrcamError(f"split {split!r}: vinbig writes train or test, nih writes its released layout")
     table = out / (f"{split}.csv" if fmt == "vinbig" else "Data_Entry_2017.csv")
     if table.exists() and not overwrite:
         raise CxrcamError(f"{table} exists: {out} already holds a dataset; choose another --out or pass --overwrite")
-    if split not in ("train", "test") or (split == "test" and fmt != "vinbig"):
-        raise CxrcamError(f"split {split!r}: vinbig writes train or test, nih writes its released layout")
     if fmt == "vinbig":
         _write_vinbig(out, n_images, seed, size, progress, split)
     else:

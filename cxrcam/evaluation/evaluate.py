@@ -136,12 +136,13 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
     if fmt == "rsna" and schema is not RSNA:
         raise CxrcamError(f"--format rsna needs RSNA ground truth; {gt} is {schema.name}")
     n_classes = schema.num_findings + (schema.no_finding_id is not None)
-    dets = read_submission(submission, n_classes, set(truth.image_ids) if truth.complete else None, lenient,
+    truth_ids = set(truth.image_ids)
+    dets = read_submission(submission, n_classes, truth_ids if truth.complete else None, lenient,
                            "rsna" if fmt == "rsna" else "vinbig")
-    ignored = int((~dets["image_id"].isin(set(truth.image_ids))).sum())
+    ignored = int((~dets["image_id"].isin(truth_ids)).sum())
     listed, skipped = dets.attrs.get("rows", set()), dets.attrs.get("skipped_rows", 0)
-    dets = dets[dets["image_id"].isin(set(truth.image_ids))]
-    unlisted = len(set(truth.image_ids) - listed)
+    dets = dets[dets["image_id"].isin(truth_ids)]
+    unlisted = len(truth_ids - listed)
     if not listed:
         warnings.warn(f"{submission} has no rows: every image is scored as predicting nothing", stacklevel=2)
     elif unlisted:
@@ -152,7 +153,7 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
                      "images": len(truth.image_ids), "truth_boxes": len(truth.boxes), "predictions": len(dets),
                      "predictions_ignored": ignored, "rows_skipped": skipped, "images_not_listed": unlisted,
                      "iou_thr": iou_thr,
-                     "images_without_prediction": len(set(truth.image_ids) - set(dets["image_id"]))}
+                     "images_without_prediction": len(truth_ids - set(dets["image_id"]))}
 
     voc_truth = truth.boxes
     if truth.complete and schema.no_finding_id is not None:

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
+from cxrcam.boxes import scale_boxes
 from cxrcam.data.images import IMAGE_SUFFIXES
 from cxrcam.files import atomic_write_bytes
 from cxrcam.schemas import Schema
@@ -129,12 +130,12 @@ def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Sc
     grey = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     thick = max(1, round(max(image.shape) / 300))
     pbox, pcls, pscore = preds
-    pbox = np.asarray(pbox, np.float64).reshape(-1, 4) * factor
+    pbox = scale_boxes(pbox, factor, factor)
     pred_colours = [_bgr(schema.colour(int(c))) for c in pcls]
     pred_labels = [f"{schema.class_name(int(c))} {s:.2f}" for c, s in zip(pcls, pscore)]
 
     tbox, tcls = truth
-    tbox = np.asarray(tbox, np.float64).reshape(-1, 4) * factor
+    tbox = scale_boxes(tbox, factor, factor)
     truth_labels = [f"truth: {schema.class_name(int(c))}" for c in tcls]
     gt = grey.copy()
     _draw(gt, pbox, pred_colours, thick)
@@ -153,8 +154,7 @@ def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Sc
     if cam_boxes is not None and len(cam_boxes[0]):
         faint = pred.copy()
         cbox, ccls = cam_boxes
-        _draw(faint, np.asarray(cbox, np.float64).reshape(-1, 4) * factor, [_bgr(schema.colour(int(c))) for c in ccls],
-              max(1, thick // 2))
+        _draw(faint, scale_boxes(cbox, factor, factor), [_bgr(schema.colour(int(c))) for c in ccls], max(1, thick // 2))
         pred = cv2.addWeighted(faint, 0.4, pred, 0.6, 0)
     _draw(pred, pbox, pred_colours, thick)
     _label_best(_Labels(pred), pbox, pcls, pred_labels, pred_colours, pscore)

@@ -81,7 +81,7 @@ def _summary(evals: list[Path], run: Path, page_dir: Path) -> str:
     for path in evals:
         m = _json(path)
         figures = headline(m) if "ap" in m else {}
-        labels = labels or [k for k in figures]
+        labels = labels or list(figures)
         submission = Path(m.get("submission", ""))
         link = (f'<a href="{html.escape(_src(submission, page_dir, False))}">{html.escape(submission.name)}</a>'
                 if submission.is_file() else "-")
@@ -213,11 +213,8 @@ def _evaluation(path: Path, run: Path) -> str:
     if m.get("mean_auroc") is not None:
         head.append(f"mean AUROC <b>{m['mean_auroc']:.3f}</b>")
 
-    def cell(v) -> str:
-        return "-" if v is None else f"{v:.3f}"
-
-    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{n_truth.get(c, '-')}</td><td>{cell(ap.get(c))}</td>"
-                   f"<td>{cell(auroc.get(c))}</td></tr>" for c in dict.fromkeys([*ap, *auroc]))
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{n_truth.get(c, '-')}</td><td>{_num(ap.get(c))}</td>"
+                   f"<td>{_num(auroc.get(c))}</td></tr>" for c in dict.fromkeys([*ap, *auroc]))
     plots = "".join(f'<img class="plot" src="{_data_uri((path.parent / f).read_bytes())}">'
                     for f in ("ap_per_class.png", "pr_curves.png") if (path.parent / f).is_file())
     return (f"<h3>{html.escape(str(path.parent.relative_to(run)))}</h3><p>{' &middot; '.join(head)}</p>"
