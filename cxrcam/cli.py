@@ -346,9 +346,10 @@ def refine(classifier: Path, detector: Path, show_proposals: bool, **kwargs) -> 
 @click.option("--probs", type=click.Path(exists=True, path_type=Path), help="probabilities.csv for per-class AUROC.")
 @click.option("--lenient", is_flag=True, help="Skip malformed submission rows with a warning instead of stopping.")
 @click.option("--no-control", is_flag=True, help="Skip the random heat map control of the localisation table.")
+@click.option("--no-plots", is_flag=True, help="Write no PNG plots (matplotlib takes about 2 s of a 3,000-image run).")
 @config_options
 def evaluate(pred: Path, gt: Path, fmt: str, json_path: Path | None, out: Path | None, probs: Path | None,
-             lenient: bool, no_control: bool, config: Config) -> None:
+             lenient: bool, no_control: bool, no_plots: bool, config: Config) -> None:
     """Score predictions with the competition metrics (VOC mAP@0.4, COCO, RSNA, ChestX-ray8, AUROC).
 
     \b
@@ -364,14 +365,15 @@ def evaluate(pred: Path, gt: Path, fmt: str, json_path: Path | None, out: Path |
     folder = out or (json_path.parent if json_path else None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = run(pred, gt, fmt, config, probs=probs, lenient=lenient, out=folder, control=not no_control)
+        metrics = run(pred, gt, fmt, config, probs=probs, lenient=lenient, out=folder, control=not no_control,
+                      plots=not no_plots)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     if json_path is not None:
         write_json(json_path, metrics)
     click.echo(markdown(metrics))
     if folder is not None:
-        click.echo(f"metrics, table and plots -> {folder}")
+        click.echo(f"metrics, table{'' if no_plots else ' and plots'} -> {folder}")
 
 
 @main.command()
@@ -402,7 +404,7 @@ def report(run_dir: Path, out: Path, embed: bool, max_pictures: int) -> None:
               help="Held-out synthetic test images (another seed), where every figure is measured.")
 @click.option("--size", type=click.IntRange(min=64), default=128, show_default=True, help="Cached image side.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Classifier epochs.")
-@click.option("--detector-epochs", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--detector-epochs", type=click.IntRange(min=1), default=4, show_default=True,
               help="Faster R-CNN epochs (the slowest stage on a CPU).")
 @click.option("--model", default="resnet10t", show_default=True, help="timm name of the classifier and detector backbone.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -414,8 +416,8 @@ def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector
     \b
     Every stage is the real command, printed before it runs: synth (train + held-out test set),
     prepare, train-classifier, calibrate (per-class thresholds on the validation fold), localize
-    --threshold 0.65 and --threshold calibration.json, train-detector (from the classifier, its
-    RoI heads also trained on the calibrated CAM proposals), refine, evaluate, report. Ends with
+    --threshold 0.65 and --threshold calibration.json, train-detector (from the classifier's
+    weights), refine (the calibrated CAM proposals join the detector's), evaluate, report. Ends with
     the tables (classifier AUROC, CAM-only and refined mAP@0.4, CAM localisation beside its
     random-map control) and the file to open first. Larger on a GPU:
     cxrcam demo --out demo512 --size 512 --n-images 2000 --epochs 20 --detector-epochs 12 --model resnet50

@@ -41,8 +41,9 @@ class PipelineSettings:
     n_test: int = 0  # held-out test images; 0 = half as many as n_images (at least 10)
     cam_only: bool = False  # stop after the CAM rows (no detector)
     reuse: bool = False  # keep the data, caches and classifier already in ``out``
-    # the detector learns to correct the classifier's calibrated CAM proposals (detector.cam_proposals_from)
-    cam_proposals: bool = True
+    # the detector's RoI heads also train on the classifier's calibrated CAM proposals
+    # (detector.cam_proposals_from): off, as with truth boxes on every image it cost 0.02 mAP (BENCHMARKS)
+    cam_proposals: bool = False
 
 
 def run_command(*args: Any) -> None:

@@ -169,3 +169,20 @@ def test_output_stride_dilates_and_travels_with_the_checkpoint(vinbig_model, tmp
     from cxrcam.detection import create_detector
 
     assert create_detector("resnet10t", 14, 64, init=path).output_stride == 8
+
+
+def test_few_boxes_keep_the_configured_threshold():
+    """A class too poorly boxed for its own threshold takes the one best for the well-boxed
+    classes, but only where it beats the configured threshold: a flat mean curve (the demo's
+    120 validation images: one class found at every threshold, the rest never) keeps 0.65,
+    not the low edge of the plateau."""
+    from cxrcam.calibrate.run import _choose
+    from cxrcam.config import Config
+
+    flat = [1.0 if t <= 0.8 else 0.0 for t in SWEEP]
+    peak = [1.0 if 0.3 <= t <= 0.4 else 0.2 for t in SWEEP]
+    for curve, expected in ((flat, 0.65), (peak, 0.35)):  # a real peak: the middle of its plateau
+        classes = {"boxed": {"n_truth": 9, "curve": curve, "threshold": 0.65, "ap": 1.0},
+                   "few": {"n_truth": 2, "curve": [0.0] * len(SWEEP), "threshold": 0.65, "ap": 0.0}}
+        _choose(classes, 5, "threshold", Config())
+        assert classes["few"]["threshold"] == pytest.approx(expected) and classes["few"]["source"] == "all classes"

@@ -120,6 +120,39 @@ def test_voc_map_agrees_with_pycocotools(seed):
     assert 0.2 < ours < 0.95  # a scene that tests something
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vectorised_matching_is_the_definitions_loop(seed):
+    """match_detections and box_overlaps join with numpy; the loops they replace, written from the
+    definition, give the same flags and overlaps (ties included: boxes repeated exactly)."""
+    from cxrcam.boxes import pairwise_iobb, pairwise_iou
+    from cxrcam.evaluation.detection import match_detections, truth_by_image
+    from cxrcam.evaluation.weak import box_overlaps
+
+    truth, dets, _ = random_scene(seed)
+    dets = pd.concat([dets, dets.iloc[::7]], ignore_index=True)  # exact duplicates: equal IoUs
+    truth = pd.concat([truth, truth.iloc[::9]], ignore_index=True)  # a box twice: a tie between truth boxes
+    for c in range(3):
+        t, d = truth[truth["class_id"] == c], dets[dets["class_id"] == c]
+        d = d.iloc[np.argsort(-d["score"].to_numpy(), kind="stable")]
+        by_image = truth_by_image(t)
+        used = {k: np.zeros(len(v), bool) for k, v in by_image.items()}
+        expected = np.zeros(len(d), bool)
+        for n, (image_id, box) in enumerate(zip(d["image_id"], d[BOX_COLUMNS].to_numpy())):
+            if image_id in by_image:
+                iou = pairwise_iou(box, by_image[image_id])[0]
+                j = int(np.argmax(iou))
+                if iou[j] > 0.4 and not used[image_id][j]:
+                    expected[n] = used[image_id][j] = True
+        got = match_detections(by_image, d["image_id"].to_numpy(), d[BOX_COLUMNS].to_numpy(), 0.4)
+        assert np.array_equal(got, expected) and 0 < expected.sum() < len(d)
+    scored = box_overlaps(truth, dets)
+    for row in scored.itertuples():
+        same = dets[(dets["image_id"] == row.image_id) & (dets["class_id"] == row.class_id)][BOX_COLUMNS].to_numpy()
+        box = [row.x_min, row.y_min, row.x_max, row.y_max]
+        assert row.best_iou == (pairwise_iou(box, same).max() if len(same) else 0.0)
+        assert row.best_iobb == (pairwise_iobb(box, same).max() if len(same) else 0.0)
+
+
 def test_coco_numbers_are_pycocotools_on_xywh(tmp_path):
     """Our COCO path against a hand-written pycocotools call with boxes in [x, y, w, h]."""
     from pycocotools.coco import COCO
@@ -309,3 +342,25 @@ def test_pr_curves_only_for_classes_with_a_hit(tmp_path):
     assert one.shape[1] < 0.7 * two.shape[1]  # one panel, then two: no panel for the three missed classes
     _plots(missed, VINBIG, tmp_path)
     assert not (tmp_path / "pr_curves.png").exists()  # nothing to draw: no file (an old one removed)
+
+
+def test_invalid_truth_rows_do_not_score(vinbig_table, tmp_path):
+    """A zero-area truth box no prediction can hit would cap AP below 1: it is dropped, counted
+    in one warning and listed; the other boxes predicted exactly score 1."""
+    ids = vinbig_table["image_id"].drop_duplicates().iloc[:40]
+    table = vinbig_table[vinbig_table["image_id"].isin(ids)].reset_index(drop=True)
+    finding = table.index[table["class_id"] < 14]
+    table.loc[finding[0], "x_max"] = table.loc[finding[0], "x_min"]  # zero area
+    table.loc[finding[1], "class_name"] = "Not a class"
+    table.to_csv(tmp_path / "train.csv", index=False)
+    from cxrcam.data.readers import vinbig_from_table
+
+    fused = vinbig_from_table(table.drop(index=finding[:2])).boxes  # the truth as it should be read
+    normal = pd.Series(1.0, index=sorted(set(ids) - set(fused["image_id"])))
+    submission_table(list(ids), fused.assign(score=1.0), normal).to_csv(tmp_path / "sub.csv", index=False)
+    with pytest.warns(UserWarning, match=r"train.csv: 2 invalid truth row\(s\): 1 class_name disagrees with class_id "
+                                         r"\(dropped\), 1 zero area \(dropped\); listed in"):
+        m = evaluate(tmp_path / "sub.csv", tmp_path / "train.csv", control=False, out=tmp_path / "eval")
+    assert m["map"] == pytest.approx(1.0) and m["truth_rows_invalid"] == 2
+    listed = pd.read_csv(tmp_path / "eval" / "invalid_rows.csv")
+    assert listed["row"].tolist() == sorted(int(i) + 2 for i in finding[:2])

@@ -266,3 +266,22 @@ def test_cam_proposals_drawn_faint_only_when_asked(tmp_path):
     ys, xs = np.nonzero(changed)
     assert changed.any() and ys.min() >= 70 * 4 - 4 and xs.min() >= 70 * 4 - 4  # only around the CAM box (x4)
     assert np.abs(a - b).max() <= 0.4 * 255 + 1  # blended at 40%: faint, not opaque
+
+
+def test_a_used_folder_keeps_only_the_new_pictures_and_wide_images_warn(vinbig_model, tmp_path):
+    """A second run into one folder leaves no picture of the first; an image 3x wider than tall,
+    squashed to the square input, is named in one warning."""
+    _, ckpt = vinbig_model
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    cv2.imwrite(str(first / "old.png"), np.full((64, 64), 100, np.uint8))
+    cv2.imwrite(str(second / "wide.png"), np.full((60, 180), 100, np.uint8))
+    out = tmp_path / "out"
+    localize(ckpt, first, out, config("boxes.min_prob=0"), progress=False)
+    assert (out / "pred_old.png").is_file()
+    (out / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) more than 2x wider than tall .*wide: 180 x 60"):
+        localize(ckpt, second, out, config("boxes.min_prob=0"), progress=False)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{kind}_wide.png" for kind in KINDS) + (
+        ["box_accuracy.png"] if (out / "box_accuracy.png").is_file() else [])
+    assert (out / "notes.txt").read_text() == "mine"  # only pictures of the run are replaced

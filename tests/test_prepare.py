@@ -146,3 +146,24 @@ def test_corrupt_cache_files_are_one_line(tmp_path):
         (tmp_path / name).write_text("image_id\n")
     with pytest.raises(CxrcamError, match="manifest.csv: missing column.*file, fold"):
         open_cache(tmp_path)
+
+
+def test_invalid_truth_boxes_are_listed_in_the_cache(synth_vinbig, tmp_path):
+    """A box past the image's right edge (its size read from the DICOM) is clipped, a NaN box
+    dropped: one warning, the rows in invalid_rows.csv, the cache holds only valid boxes."""
+    root = tmp_path / "data"
+    shutil.copytree(synth_vinbig, root)
+    table = pd.read_csv(root / "train.csv")
+    rows = table.index[table["class_id"] < 14][:2]
+    width = read_dataset("vinbig", synth_vinbig).images.set_index("image_id")["width"]
+    table.loc[rows[0], "x_max"] = width[table.loc[rows[0], "image_id"]] + 50
+    table.loc[rows[1], "y_min"] = np.nan
+    table.to_csv(root / "train.csv", index=False)
+    with pytest.warns(UserWarning, match=r"1 missing coordinate \(dropped\), 1 past the image edge \(clipped to the "
+                                         r"image\); listed in .*invalid_rows.csv"):
+        prepare("vinbig", root, tmp_path / "cache", load_config(overrides=["prepare.size=32", "fusion.method=reader"]),
+                progress=False)
+    listed = pd.read_csv(tmp_path / "cache" / "invalid_rows.csv")
+    assert listed["row"].tolist() == [rows[0] + 2, rows[1] + 2]
+    cache = open_cache(tmp_path / "cache")
+    assert (cache.boxes["cx_max"] <= 32 + 1e-9).all() and len(cache.boxes) == (table["class_id"] < 14).sum() - 1

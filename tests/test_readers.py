@@ -165,3 +165,41 @@ def test_nih_bbox_bad_cells_name_their_row():
     bbox.loc[1, "Finding Label"], bbox.loc[1, "w"] = "Mass", "wide"
     with pytest.raises(CxrcamError, match="BBox_List_2017.csv row 3: w 'wide' is not a number"):
         nih_from_tables(entry, bbox)
+
+
+def test_invalid_truth_rows_dropped_fixed_and_listed(vinbig_table):
+    table = vinbig_table[vinbig_table["class_id"] < 14].head(7).reset_index(drop=True)
+    x_min, x_max = table.loc[1, "x_min"], table.loc[1, "x_max"]
+    table.loc[0, "y_max"] = np.nan  # missing coordinate
+    table.loc[1, ["x_min", "x_max"]] = x_max, x_min  # inverted
+    table.loc[2, "y_max"] = table.loc[2, "y_min"]  # zero area
+    table.loc[3, "x_min"] = -40.0  # past the edge: clipped to 0
+    table.loc[4, "x_max"] = -5.0  # wholly outside (left of 0) once x_min is clipped too
+    table.loc[4, "x_min"] = -20.0
+    table.loc[5, "class_name"] = "Cardiomegaly" if table.loc[5, "class_id"] != 3 else "ILD"
+    tables = vinbig_from_table(table, fusion=FusionConfig(method="reader"))
+    problems = tables.invalid.set_index("row")["problem"].to_dict()
+    assert problems == {2: "missing coordinate", 3: "inverted (max < min)", 4: "zero area",
+                        5: "past the image edge", 6: "outside the image", 7: "class_name disagrees with class_id"}
+    assert tables.invalid.set_index("row").at[5, "action"] == "clipped to the image"
+    assert len(tables.boxes) == 2  # row 5 (clipped) and the intact row 8
+    clipped = tables.boxes[tables.boxes["y_min"] == table.loc[3, "y_min"]]
+    assert clipped["x_min"].tolist() == [0.0] and clipped["x_max"].tolist() == [table.loc[3, "x_max"]]
+    # the class_name row is trusted for nothing, not even the image's label (here its only row: no image)
+    wrong = table.loc[5]
+    assert not ((table["image_id"] == wrong["image_id"]).drop(5)).any()
+    assert wrong["image_id"] not in set(tables.images["image_id"])
+    # the released table has none of these
+    assert vinbig_from_table(vinbig_table, fusion=FusionConfig(method="reader")).invalid.empty
+
+
+def test_duplicated_nih_entry_row_is_one_image():
+    entry = pd.DataFrame({"Image Index": ["a.png", "b.png", "a.png"], "Finding Labels": ["Mass", "No Finding", "Mass"],
+                          "Patient ID": [1, 2, 1]})
+    bbox = pd.DataFrame({"Image Index": ["a.png", "a.png"], "Finding Label": ["Mass", "Mass"],
+                         "Bbox [x": [1.0, 10], "y": [1.0, 10], "w": [5.0, 0], "h]": [5.0, 5]})
+    tables = nih_from_tables(entry, bbox)
+    assert tables.images["image_id"].tolist() == ["a.png", "b.png"]
+    assert len(tables.boxes) == 1  # the zero-width box dropped
+    assert tables.invalid[["file", "row", "problem"]].values.tolist() == [
+        ["Data_Entry_2017.csv", 4, "image listed again"], ["BBox_List_2017.csv", 3, "zero area"]]

@@ -2,8 +2,8 @@
 from cxrcam.boxes.convert import scale_boxes, xywh_to_xyxy, xyxy_to_xywh
 from cxrcam.boxes.from_cam import (BoxRules, Detections, cam_peak, cam_proposals, cam_to_boxes, components,
                                    maps_to_boxes, score_components, select_boxes)
-from cxrcam.boxes.ops import intersection, pairwise_iobb, pairwise_iou, points_in_boxes
+from cxrcam.boxes.ops import intersection, paired_iobb, paired_iou, pairwise_iobb, pairwise_iou, points_in_boxes
 
 __all__ = ["scale_boxes", "xywh_to_xyxy", "xyxy_to_xywh", "cam_to_boxes", "maps_to_boxes", "select_boxes", "cam_peak",
            "cam_proposals", "Detections", "BoxRules", "components", "score_components",
-           "intersection", "pairwise_iou", "pairwise_iobb", "points_in_boxes"]
+           "intersection", "pairwise_iou", "pairwise_iobb", "paired_iou", "paired_iobb", "points_in_boxes"]

@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrcam.boxes import components, scale_boxes
-from cxrcam.calibrate.sweep import SWEEP, Pair, split_by_threshold, sweep_class, truth_of
+from cxrcam.calibrate.sweep import SWEEP, Pair, choose_threshold, split_by_threshold, sweep_class, truth_of
 from cxrcam.cam import create_cam
 from cxrcam.config import Config
-from cxrcam.data.sources import ImageFiles, open_source
+from cxrcam.data.dataset import ImageFiles
+from cxrcam.data.sources import open_source
 from cxrcam.data.tables import BOX_COLUMNS
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.weak import CURVE_COLUMNS, maxboxacc_table, pair_curves, plot_box_accuracy
@@ -148,13 +149,14 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
 
 def _choose(classes: dict, min_boxes: int, search: str, config: Config) -> None:
     """Each class's setting: its own best where it has ``min_boxes`` truth boxes, else the
-    threshold best for the mean AP of the classes that do."""
+    threshold best for the mean AP of the classes that do (the configured one unless beaten)."""
     own = [e for e in classes.values() if e["n_truth"] >= min_boxes]
     if not own:
         warnings.warn(f"no class has {min_boxes} truth boxes among the calibration images: one threshold for all "
                       f"classes, from {sum(e['n_truth'] for e in classes.values())} boxes; calibrate on a larger "
                       f"boxed set for per-class thresholds", stacklevel=3)
-    shared_t = SWEEP[int(np.argmax(np.mean([e["curve"] for e in own or classes.values()], axis=0)))]
+    mean_curve = np.mean([e["curve"] for e in own or classes.values()], axis=0)
+    shared_t, _ = choose_threshold(mean_curve, config.boxes.threshold)
     for e in classes.values():
         e["source"] = "class" if e["n_truth"] >= min_boxes else "all classes"
         if e["source"] != "class":

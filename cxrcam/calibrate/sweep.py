@@ -75,6 +75,16 @@ def best_threshold(curve: np.ndarray, thresholds=SWEEP) -> tuple[float, float]:
     return float(thresholds[k]), float(curve[k])
 
 
+def choose_threshold(curve, default: float) -> tuple[float, float]:
+    """(threshold, AP): :func:`best_threshold` where it beats ``default`` (snapped to the grid),
+    else the default: a flat or all-zero curve, as few boxes give, keeps the configured value."""
+    curve = np.asarray(curve, np.float64)
+    default_t = min(SWEEP, key=lambda t: abs(t - default))
+    threshold, ap = best_threshold(curve)
+    ap_default = float(curve[SWEEP.index(default_t)])
+    return (threshold, ap) if ap > ap_default + 1e-9 else (float(default_t), ap_default)
+
+
 def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: BoxConfig, iou_thr: float
                 ) -> dict:
     """For one class: AP against threshold with ``config``'s score and min_area (every 0.01), the
@@ -82,11 +92,8 @@ def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: B
     ``config.threshold`` is snapped to the grid."""
     by_image = truth_by_image(truth)
     curve = ap_curve(pairs, by_image, config, iou_thr)
-    default_t = min(SWEEP, key=lambda t: abs(t - config.threshold))
-    threshold, ap = best_threshold(curve)
-    ap_default = float(curve[SWEEP.index(default_t)])
-    if ap <= ap_default + 1e-9:  # nothing beats the default: keep it rather than a point of a plateau
-        threshold, ap = float(default_t), ap_default
+    threshold, ap = choose_threshold(curve, config.threshold)
+    ap_default = float(curve[SWEEP.index(min(SWEEP, key=lambda t: abs(t - config.threshold)))])
     result = {"class_id": class_id, "n_truth": len(truth), "threshold": threshold, "ap": ap,
               "ap_default": ap_default, "curve": [float(v) for v in curve]}
     best = {"score": config.score, "min_area": config.min_area, "threshold": threshold, "ap": ap}
@@ -107,4 +114,4 @@ def truth_of(truth: pd.DataFrame, class_id: int) -> pd.DataFrame:
 
 
 __all__ = ["Pair", "SWEEP", "SCORES", "MIN_AREAS", "split_by_threshold", "class_boxes", "ap_curve",
-           "best_threshold", "sweep_class", "truth_of"]
+           "best_threshold", "choose_threshold", "sweep_class", "truth_of"]

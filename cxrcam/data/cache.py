@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from cxrcam.boxes import scale_boxes
 from cxrcam.config import Config, config_to_dict
-from cxrcam.data.images import read_image
-from cxrcam.data.tables import BOX_COLUMNS, read_table, require_columns
+from cxrcam.data.images import read_image, warn_squashed
+from cxrcam.data.tables import BOX_COLUMNS, read_table, report_invalid, require_columns
 from cxrcam.errors import CxrcamError, ImageReadError
 from cxrcam.files import atomic_write_bytes, write_csv, write_json
 from cxrcam.schemas import Schema, get_schema
@@ -116,6 +116,8 @@ def prepare(dataset: str, root: str | Path, out: str | Path, config: Config = Co
         raise CxrcamError(f"prepare.size must be at least 16 pixels, got {size}")
     _check_existing(out, dataset, size)
     tables = read_dataset(dataset, root, config.fusion)
+    out.mkdir(parents=True, exist_ok=True)
+    report_invalid(tables.invalid, out)
     images = assign_folds(tables.images, tables.schema, config.split.n_folds, config.split.seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     log_path = out / "progress.jsonl"
@@ -153,6 +155,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, config: Config = Co
                 for result in pool.map(_convert, jobs, chunksize=max(1, min(32, len(jobs) // (workers * 8)))):
                     record(result)
     bar.close()
+    warn_squashed({i: hw for i, hw in done.items() if i in sources})
     _write_tables(out, dataset, tables.schema, images, tables.boxes, done, failures, config)
     return PrepareResult(len(done) - skipped, skipped, len(failures), time.perf_counter() - start)
 

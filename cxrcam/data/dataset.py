@@ -1,4 +1,4 @@
-"""PyTorch datasets over a ``prepare`` cache: grey images in [0, 1] plus targets."""
+"""PyTorch datasets: a ``prepare`` cache (grey images in [0, 1] plus targets), and any image files."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,3 +46,21 @@ class CacheDataset(Dataset):
         if self.transform is not None:
             x = self.transform(x).clamp_(0, 1)
         return x, self.targets[i], i
+
+
+class ImageFiles(Dataset):
+    """Decode one image at the model's input size; a failure becomes a reason, not an exception.
+    Items: (1 x size x size image in [0, 1], index, original height, original width, reason)."""
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            d = read_image(self.paths[i], self.size)
+            return image_tensor(d.image), i, d.orig_height, d.orig_width, ""
+        except Exception as exc:  # ImageReadError or anything a decoder throws
+            return torch.zeros(1, self.size, self.size), i, 0, 0, str(exc) or type(exc).__name__

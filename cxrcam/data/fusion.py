@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
-from ensemble_boxes import weighted_boxes_fusion
-from torchvision.ops import box_iou
 
+from cxrcam.boxes import pairwise_iou
 from cxrcam.config import FusionConfig
 from cxrcam.data.tables import BOX_COLUMNS, BOX_TABLE_COLUMNS, empty_boxes
 
@@ -26,6 +24,8 @@ def fuse_boxes(boxes: pd.DataFrame, config: FusionConfig = FusionConfig()) -> pd
 
 
 def _wbf(image_id: str, group: pd.DataFrame, config: FusionConfig) -> pd.DataFrame:
+    from ensemble_boxes import weighted_boxes_fusion  # numba: imported only when fusing
+
     # WBF works on [0, 1] coordinates; IoU is scale-free, so any per-image scale that
     # keeps every box inside the unit square gives the same fusion.
     scale = float(group[BOX_COLUMNS].to_numpy().max()) or 1.0
@@ -49,8 +49,7 @@ def _union(image_id: str, group: pd.DataFrame, config: FusionConfig) -> pd.DataF
     rows = []
     for class_id, cls in group.groupby("class_id", sort=True):
         b = cls[BOX_COLUMNS].to_numpy(np.float64)
-        t = torch.tensor(b)
-        linked = (box_iou(t, t) > config.iou_thr).numpy()
+        linked = pairwise_iou(b, b) > config.iou_thr
         component = np.arange(len(b))
         for _ in range(len(b)):  # label propagation to a fixed point: connected components
             new = np.array([component[linked[i]].min() for i in range(len(b))])

@@ -31,6 +31,20 @@ _PLUGIN_HINT = (
 )
 
 
+ASPECT_LIMIT = 2.0  # a side more than twice the other is squashed visibly by the square resize
+
+
+def warn_squashed(sizes: dict[str, tuple[float, float]]) -> None:
+    """One warning for the images (id -> original height, width) that the square model input
+    squashes by more than ``ASPECT_LIMIT``: their maps and boxes are distorted; crop them first."""
+    odd = {i: hw for i, hw in sizes.items() if min(hw) > 0 and max(hw) / min(hw) > ASPECT_LIMIT}
+    if odd:
+        image_id, (h, w) = next(iter(odd.items()))
+        warnings.warn(f"{len(odd)} image(s) more than {ASPECT_LIMIT:g}x wider than tall or taller than wide "
+                      f"(e.g. {image_id}: {w:g} x {h:g}) are squashed to a square; crop them to the chest "
+                      f"for undistorted maps and boxes", stacklevel=2)
+
+
 @dataclass
 class Decoded:
     image: np.ndarray  # uint8, H x W (resized when a size was asked for)

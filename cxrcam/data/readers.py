@@ -16,8 +16,9 @@ from cxrcam.boxes import xywh_to_xyxy
 from cxrcam.config import FusionConfig
 from cxrcam.data.fusion import fuse_boxes
 from cxrcam.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, image_size
-from cxrcam.data.tables import (BOX_COLUMNS, BOX_TABLE_COLUMNS, DatasetTables, empty_boxes,
-                                numeric, read_table, require_columns, soft_columns, target_columns)
+from cxrcam.data.tables import (BOX_COLUMNS, BOX_TABLE_COLUMNS, DatasetTables, check_boxes, empty_boxes,
+                                invalid_rows, no_invalid, numeric, read_table, require_columns, soft_columns,
+                                target_columns)
 from cxrcam.errors import CxrcamError
 from cxrcam.schemas import NIH, RSNA, SCHEMAS, VINBIG, Schema
 
@@ -103,7 +104,12 @@ def vinbig_from_table(df: pd.DataFrame, paths: dict[str, Path] | None = None,
         raise CxrcamError(f"{source} row {int(np.flatnonzero(bad)[0]) + 2}: class_id {class_id[bad].iloc[0]:g} "
                           f"is not one of 0..{schema.num_findings}")
     df = df.assign(image_id=df["image_id"].astype(str), class_id=class_id.astype(int),
-                   **numeric(df, BOX_COLUMNS, source))
+                   row=np.arange(len(df)) + 2, **numeric(df, BOX_COLUMNS, source))
+    # a row whose class_name is not its class_id's name is trusted for neither
+    names = np.array([*schema.findings, schema.no_finding])
+    wrong = (df["class_name"].astype(str).str.strip() != names[df["class_id"]]).to_numpy()
+    invalid = [invalid_rows(source, df["row"][wrong], df["image_id"][wrong], "class_name disagrees with class_id")]
+    df = df[~wrong]
     ids = pd.Index(df["image_id"].unique())
     findings = df[df["class_id"] != schema.no_finding_id]
     # soft target = share of the image's readers who marked the class
@@ -113,8 +119,13 @@ def vinbig_from_table(df: pd.DataFrame, paths: dict[str, Path] | None = None,
     soft = marked.to_numpy(np.float32) / n_readers.to_numpy(np.float32)[:, None]
     images = _image_table(schema, ids, paths or {}, pd.Series(ids), soft > 0, soft)
     images["patient_id"] = None  # VinBigData releases no patient ids
-    raw = findings.dropna(subset=BOX_COLUMNS)[BOX_TABLE_COLUMNS].reset_index(drop=True)
-    return DatasetTables(schema, images, fuse_boxes(raw, fusion))
+    raw, bad_boxes = check_boxes(findings[BOX_TABLE_COLUMNS], findings["row"], images, source)
+    return DatasetTables(schema, images, fuse_boxes(raw, fusion), _joined(*invalid, bad_boxes))
+
+
+def _joined(*invalid: pd.DataFrame) -> pd.DataFrame:
+    parts = [t for t in invalid if len(t)]
+    return pd.concat(parts, ignore_index=True) if parts else no_invalid()
 
 
 def read_nih(root: Path, fusion: FusionConfig = FusionConfig()) -> DatasetTables:
@@ -134,6 +145,10 @@ def nih_from_tables(entry: pd.DataFrame, bbox: pd.DataFrame | None = None,
                     paths: dict[str, Path] | None = None, test_ids: list[str] | None = None) -> DatasetTables:
     schema = NIH
     require_columns(entry, ["Image Index", "Finding Labels", "Patient ID"], "Data_Entry_2017.csv")
+    again = entry["Image Index"].astype(str).duplicated().to_numpy()  # one image, one row: the first is kept
+    invalid = [invalid_rows("Data_Entry_2017.csv", np.flatnonzero(again) + 2, entry["Image Index"][again],
+                            "image listed again")]
+    entry = entry[~again]
     ids = pd.Index(entry["Image Index"].astype(str))
     hard = np.zeros((len(ids), schema.num_findings), np.float32)
     for row, labels in enumerate(entry["Finding Labels"].astype(str)):
@@ -156,7 +171,9 @@ def nih_from_tables(entry: pd.DataFrame, bbox: pd.DataFrame | None = None,
         boxes.insert(0, "class_id", [_nih_class(n, row) for row, n in enumerate(bbox.iloc[:, 1].astype(str))])
         boxes.insert(0, "image_id", bbox.iloc[:, 0].astype(str).to_numpy())
         boxes["rad_id"] = "nih"
-    return DatasetTables(schema, images, boxes)
+        boxes, bad_boxes = check_boxes(boxes, np.arange(len(boxes)) + 2, images, "BBox_List_2017.csv")
+        invalid.append(bad_boxes)
+    return DatasetTables(schema, images, boxes, _joined(*invalid))
 
 
 def _nih_class(name: str, row: int) -> int:
@@ -180,12 +197,15 @@ def rsna_from_table(df: pd.DataFrame, paths: dict[str, Path] | None = None) -> D
     ids = pd.Index(df["patientId"].astype(str).unique())
     positive = df.groupby("patientId")["Target"].max().reindex(ids).to_numpy(np.float32)[:, None]
     images = _image_table(schema, ids, paths or {}, pd.Series(ids), positive, positive)
-    pos = df[df["Target"] == 1].dropna(subset=["x", "y", "width", "height"])
-    boxes = pd.DataFrame(xywh_to_xyxy(pos[["x", "y", "width", "height"]].to_numpy()), columns=BOX_COLUMNS)
+    pos = df.reset_index(drop=True)
+    pos = pos[pos["Target"] == 1]
+    xywh = numeric(pos, ["x", "y", "width", "height"], "stage_2_train_labels.csv").to_numpy()
+    boxes = pd.DataFrame(xywh_to_xyxy(xywh), columns=BOX_COLUMNS)
     boxes.insert(0, "class_id", 0)
     boxes.insert(0, "image_id", pos["patientId"].astype(str).to_numpy())
     boxes["rad_id"] = "rsna"
-    return DatasetTables(schema, images, boxes)
+    boxes, invalid = check_boxes(boxes, pos.index + 2, images, "stage_2_train_labels.csv")
+    return DatasetTables(schema, images, boxes, invalid)
 
 
 __all__ = ["read_dataset", "read_vinbig", "read_nih", "read_rsna", "vinbig_from_table",

@@ -2,7 +2,8 @@
 released, a plain folder of images, or one image file.
 
 ``open_source`` gives the images (with their labels and original sizes where known), the
-truth boxes and the images that cannot be read; ``ImageFiles`` decodes them for a DataLoader.
+truth boxes and the images that cannot be read; ``dataset.ImageFiles`` decodes them for a
+DataLoader. (No torch here: ``evaluate`` reads truth through this module.)
 ``localize``/``refine`` stream the images, ``evaluate`` takes the truth.
 """
 from __future__ import annotations
@@ -12,13 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset
 
 from cxrcam.config import Config
-from cxrcam.data.dataset import image_tensor
-from cxrcam.data.images import IMAGE_SUFFIXES, read_image
-from cxrcam.data.tables import empty_boxes
+from cxrcam.data.images import IMAGE_SUFFIXES
+from cxrcam.data.tables import empty_boxes, no_invalid
 from cxrcam.errors import CxrcamError
 from cxrcam.schemas import PLAIN, SCHEMAS, Schema
 
@@ -32,6 +30,7 @@ class Source:
     images: pd.DataFrame
     truth: pd.DataFrame  # BOX_TABLE_COLUMNS
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # image_id, path, reason
+    invalid: pd.DataFrame = field(default_factory=no_invalid)  # truth rows dropped or fixed by the reader
 
     @property
     def readable(self) -> pd.DataFrame:
@@ -65,7 +64,7 @@ def open_source(data: str | Path, dataset: str | None = None, config: Config = C
         images = tables.images.astype({"height": "float64", "width": "float64"})
         missing = images["path"].isna()
         failures = [(i, "", "file not found") for i in images.loc[missing, "image_id"]]
-        return Source(tables.schema, images, tables.boxes, failures)
+        return Source(tables.schema, images, tables.boxes, failures, tables.invalid)
     files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise CxrcamError(f"no images (DICOM, PNG, JPEG) found in {data}")
@@ -86,22 +85,4 @@ def _check_unique_ids(ids: list[str], files: list[Path]) -> None:
         seen[image_id] = path
 
 
-class ImageFiles(Dataset):
-    """Decode one image at the model's input size; a failure becomes a reason, not an exception.
-    Items: (1 x size x size image in [0, 1], index, original height, original width, reason)."""
-
-    def __init__(self, paths: list[str], size: int):
-        self.paths, self.size = paths, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            d = read_image(self.paths[i], self.size)
-            return image_tensor(d.image), i, d.orig_height, d.orig_width, ""
-        except Exception as exc:  # ImageReadError or anything a decoder throws
-            return torch.zeros(1, self.size, self.size), i, 0, 0, str(exc) or type(exc).__name__
-
-
-__all__ = ["Source", "open_source", "detect_dataset", "ImageFiles"]
+__all__ = ["Source", "open_source", "detect_dataset"]

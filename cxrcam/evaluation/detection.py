@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cxrcam.boxes import pairwise_iou
+from cxrcam.boxes import paired_iou
 from cxrcam.data.tables import BOX_COLUMNS, no_finding_rows
 
 
@@ -41,20 +41,43 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((mrec[changes + 1] - mrec[changes]) * mpre[changes + 1]))
 
 
+def key_pairs(left: list, right: list) -> tuple[np.ndarray, np.ndarray]:
+    """Every (i, j) where row i of ``left`` and row j of ``right`` have equal keys (lists of key
+    columns, e.g. [image_ids, class_ids]); ordered by i, then j. The vectorised join behind the
+    metrics: one numpy pass instead of a loop over images."""
+    n_left = len(left[0])
+    columns = {k: np.concatenate([np.asarray(a, object), np.asarray(b, object)]) for k, (a, b) in enumerate(zip(left, right))}
+    codes = pd.DataFrame(columns).groupby(list(columns), sort=False).ngroup().to_numpy() if len(columns[0]) else \
+        np.zeros(0, np.int64)
+    lc, rc = codes[:n_left], codes[n_left:]
+    order = np.argsort(rc, kind="stable")
+    counts = np.bincount(rc, minlength=codes.max() + 1 if len(codes) else 0)
+    starts = np.cumsum(counts) - counts
+    per_left = counts[lc] if len(lc) else np.zeros(0, np.int64)
+    i = np.repeat(np.arange(n_left), per_left)
+    offset = np.arange(len(i)) - np.repeat(np.cumsum(per_left) - per_left, per_left)
+    return i, order[starts[lc[i]] + offset]
+
+
 def match_detections(truth: dict[str, np.ndarray], image_ids: np.ndarray, boxes: np.ndarray,
                      iou_thr: float) -> np.ndarray:
     """True-positive flags of one class's detections, already sorted best first
-    (truth: image_id -> that image's truth boxes of the class)."""
-    used = {k: np.zeros(len(v), bool) for k, v in truth.items()}
+    (truth: image_id -> that image's truth boxes of the class). Each detection's match is its
+    image's truth box of highest IoU (the first on a tie); the first detection to match a box
+    above ``iou_thr`` takes it, later ones are false positives."""
     tp = np.zeros(len(boxes), bool)
-    for n, image_id in enumerate(image_ids):
-        gt = truth.get(image_id)
-        if gt is None or not len(gt):
-            continue
-        iou = pairwise_iou(boxes[n], gt)[0]
-        j = int(np.argmax(iou))
-        if iou[j] > iou_thr and not used[image_id][j]:
-            tp[n] = used[image_id][j] = True
+    keys = [k for k, v in truth.items() if len(v)]
+    if not len(boxes) or not keys:
+        return tp
+    gt = np.concatenate([np.asarray(truth[k], np.float64).reshape(-1, 4) for k in keys])
+    gt_image = np.repeat(np.asarray(keys, object), [len(truth[k]) for k in keys])
+    det, box = key_pairs([image_ids], [gt_image])
+    iou = paired_iou(boxes[det], gt[box])
+    best = np.lexsort((box, -iou, det))  # per detection: highest IoU, then the first box
+    best = best[np.r_[True, det[best][1:] != det[best][:-1]]] if len(best) else best
+    hit = best[iou[best] > iou_thr]  # pairs, in detection order
+    _, first = np.unique(box[hit], return_index=True)  # the first detection to reach each box takes it
+    tp[det[hit[first]]] = True
     return tp
 
 
@@ -72,8 +95,11 @@ def ap_of(truth: dict[str, np.ndarray], image_ids: np.ndarray, boxes: np.ndarray
 
 
 def truth_by_image(truth: pd.DataFrame) -> dict[str, np.ndarray]:
-    """image_id -> truth boxes (xyxy) of one class's truth table."""
-    return {k: g[BOX_COLUMNS].to_numpy(np.float64) for k, g in truth.groupby("image_id")}
+    """image_id -> truth boxes (xyxy) of one class's truth table, in table order."""
+    codes, ids = pd.factorize(truth["image_id"])
+    order = np.argsort(codes, kind="stable")
+    split = np.flatnonzero(np.diff(codes[order])) + 1
+    return dict(zip(ids, np.split(truth[BOX_COLUMNS].to_numpy(np.float64)[order], split))) if len(truth) else {}
 
 
 def class_ap(truth: pd.DataFrame, detections: pd.DataFrame, class_id: int, iou_thr: float = 0.4) -> ClassAP:

@@ -26,16 +26,14 @@ import pandas as pd
 
 from cxrcam.config import BoxConfig, Config, from_dict
 from cxrcam.boxes import BoxRules, points_in_boxes
-from cxrcam.data.sources import detect_dataset
-from cxrcam.data.tables import BOX_COLUMNS, read_table, target_columns
+from cxrcam.data.tables import BOX_COLUMNS, read_table, report_invalid, target_columns
 from cxrcam.errors import CxrcamError
-from cxrcam.evaluation.classification import auroc_per_class, mean_auroc
 from cxrcam.evaluation.coco import coco_ap
 from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
 from cxrcam.evaluation.rsna import rsna_score
 from cxrcam.evaluation.weak import accuracy_table, random_control, random_detections
 from cxrcam.files import atomic_write_text, save_figure, write_csv, write_json
-from cxrcam.outputs.submission import read_submission
+from cxrcam.outputs.submission import parse_submission
 from cxrcam.schemas import NIH, RSNA, SCHEMAS, Schema
 
 NIH_SIDE = 1024  # every released NIH image is 1024 x 1024
@@ -49,13 +47,14 @@ class GroundTruth:
     labels: pd.DataFrame | None  # image_id + y_<id> (image-level labels), when known
     sizes: dict[str, tuple[float, float]]  # image_id -> (height, width), when known
     complete: bool  # every finding is boxed: an image without boxes is normal
+    invalid: pd.DataFrame  # truth rows the reader dropped or fixed (tables.INVALID_COLUMNS)
 
 
 def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTruth:
     """Truth from a cache or dataset folder (recognised as localize recognises its input), or
     from a label table file."""
     from cxrcam.data.readers import nih_from_tables, rsna_from_table, vinbig_from_table
-    from cxrcam.data.sources import open_source
+    from cxrcam.data.sources import detect_dataset, open_source
 
     path = Path(path)
     if not path.exists():
@@ -65,7 +64,7 @@ def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTrut
             raise CxrcamError(f"{path}: not a cache, and no label table "
                               f"({', '.join(t for s in SCHEMAS.values() for t in s.label_tables)})")
         source = open_source(path, config=config)
-        schema, images, boxes = source.schema, source.images, source.truth
+        schema, images, boxes, invalid = source.schema, source.images, source.truth, source.invalid
     else:
         table = read_table(path)
         columns = set(table.columns)
@@ -82,7 +81,7 @@ def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTrut
         else:
             raise CxrcamError(f"{path}: not a VinBigData train.csv, NIH BBox_List_2017.csv or RSNA labels table "
                               f"(columns: {', '.join(map(str, table.columns))})")
-        schema, images, boxes = tables.schema, tables.images, tables.boxes
+        schema, images, boxes, invalid = tables.schema, tables.images, tables.boxes, tables.invalid
     complete = schema is not NIH
     ids = list(images["image_id"].astype(str)) if complete else sorted(set(boxes["image_id"]))
     sizes = {}
@@ -95,7 +94,7 @@ def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTrut
     if schema is NIH and path.is_file():
         labels = None  # a box list alone says nothing about the images' other findings
     boxes = boxes[boxes["image_id"].isin(set(ids))][["image_id", "class_id", *BOX_COLUMNS]].reset_index(drop=True)
-    return GroundTruth(schema, ids, boxes, labels, sizes, complete)
+    return GroundTruth(schema, ids, boxes, labels, sizes, complete, invalid)
 
 
 def _prediction_files(pred: Path) -> tuple[Path, Path | None, Path | None, Path | None]:
@@ -125,22 +124,24 @@ def _box_settings(localize_json: Path | None, config: Config) -> BoxRules:
 
 def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config = Config(),
              probs: str | Path | None = None, lenient: bool = False, out: str | Path | None = None,
-             control: bool = True) -> dict:
+             control: bool = True, plots: bool = True) -> dict:
     """All metrics that the inputs allow, as a dict; with ``out``, also metrics.json, metrics.md
-    and the plots there."""
+    and (``plots``) the AP and PR-curve plots there."""
     submission, found_probs, peaks, settings = _prediction_files(Path(pred))
     pred_dir = Path(pred) if Path(pred).is_dir() else None
     probs = Path(probs) if probs else found_probs
     truth = read_ground_truth(gt, config)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    report_invalid(truth.invalid, out)
     schema = truth.schema
     if fmt == "rsna" and schema is not RSNA:
         raise CxrcamError(f"--format rsna needs RSNA ground truth; {gt} is {schema.name}")
     n_classes = schema.num_findings + (schema.no_finding_id is not None)
     truth_ids = set(truth.image_ids)
-    dets = read_submission(submission, n_classes, truth_ids if truth.complete else None, lenient,
-                           "rsna" if fmt == "rsna" else "vinbig")
+    dets, listed, skipped = parse_submission(submission, n_classes, truth_ids if truth.complete else None, lenient,
+                                             "rsna" if fmt == "rsna" else "vinbig")
     ignored = int((~dets["image_id"].isin(truth_ids)).sum())
-    listed, skipped = dets.attrs.get("rows", set()), dets.attrs.get("skipped_rows", 0)
     dets = dets[dets["image_id"].isin(truth_ids)]
     unlisted = len(truth_ids - listed)
     if not listed:
@@ -152,6 +153,7 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
     metrics: dict = {"format": fmt, "ground_truth": str(gt), "submission": str(submission), "dataset": schema.name,
                      "images": len(truth.image_ids), "truth_boxes": len(truth.boxes), "predictions": len(dets),
                      "predictions_ignored": ignored, "rows_skipped": skipped, "images_not_listed": unlisted,
+                     "truth_rows_invalid": len(truth.invalid),
                      "iou_thr": iou_thr,
                      "images_without_prediction": len(truth_ids - set(dets["image_id"]))}
 
@@ -197,6 +199,7 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
         metrics["maxboxacc"] = pd.read_csv(pred_dir / "maxboxacc.csv").to_dict(orient="records")
 
     if prob_table is not None and truth.labels is not None:
+        from cxrcam.evaluation.classification import auroc_per_class, mean_auroc  # scikit-learn: 1 s to import
         joined = truth.labels.merge(prob_table, on="image_id")
         per = auroc_per_class(joined[target_columns(schema)].to_numpy(), joined[list(schema.findings)].to_numpy())
         metrics["auroc"] = {c: float(v) for c, v in zip(schema.findings, per)}
@@ -210,7 +213,8 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
         atomic_write_text(out / "metrics.md", markdown(metrics))
         if weak is not None:
             write_csv(out / "localization.csv", weak)
-        _plots(per_class, schema, out)
+        if plots:
+            _plots(per_class, schema, out)
     return metrics
 
 
@@ -302,7 +306,8 @@ def _plots(per_class: list[ClassAP], schema: Schema, out: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("AP")
     ax.set_title(f"AP per class (mAP {np.mean([r.ap for r in scored]) if scored else float('nan'):.3f})")
-    save_figure(fig, out / "ap_per_class.png", bbox_inches="tight")
+    fig.tight_layout()  # not bbox_inches="tight": measuring every artist's extent doubles the plotting time
+    save_figure(fig, out / "ap_per_class.png")
 
     curves = [r for r in scored if r.ap > 0]  # a class with no hit has no curve to see: named, not drawn
     (out / "pr_curves.png").unlink(missing_ok=True)
@@ -318,11 +323,12 @@ def _plots(per_class: list[ClassAP], schema: Schema, out: Path) -> None:
         fig.suptitle("no box hit (AP 0): " + ", ".join(missing), fontsize=9, wrap=True)
     for ax, r in zip(axes.flat, curves):
         precision = np.maximum.accumulate(r.precision[::-1])[::-1] if len(r.precision) else r.precision
-        ax.step(r.recall, precision, where="post", color=np.array(schema.colour(r.class_id)) / 255)
+        corner = np.r_[True, np.diff(precision) != 0] | np.r_[np.diff(r.recall) != 0, True]  # the envelope's corners
+        ax.step(r.recall[corner], precision[corner], where="post", color=np.array(schema.colour(r.class_id)) / 255)
         ax.set(xlim=(0, 1), ylim=(0, 1.02), title=f"{schema.class_name(r.class_id)} AP {r.ap:.2f}",
                xlabel="recall", ylabel="precision")
     fig.tight_layout()
-    save_figure(fig, out / "pr_curves.png", bbox_inches="tight")
+    save_figure(fig, out / "pr_curves.png")
 
 
 __all__ = ["evaluate", "read_ground_truth", "GroundTruth", "markdown", "headline", "findings_map"]

@@ -25,14 +25,13 @@ import zlib
 import cv2
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
-from cxrcam.boxes import BoxRules, cam_peak, cam_to_boxes, components, pairwise_iobb, pairwise_iou, points_in_boxes, \
-    scale_boxes
+from cxrcam.boxes import (BoxRules, cam_peak, cam_to_boxes, components, paired_iobb, paired_iou, pairwise_iou,
+                          points_in_boxes, scale_boxes)
 from cxrcam.boxes.from_cam import T, X0, Y1
 from cxrcam.config import BoxConfig
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS
+from cxrcam.evaluation.detection import key_pairs
 from cxrcam.schemas import Schema
 
 T_VALUES = tuple(np.round(np.arange(0.1, 0.91, 0.1), 1))
@@ -44,14 +43,11 @@ CURVE_COLUMNS = [f"t{t:.2f}" for t in CAM_THRESHOLDS]
 
 def box_overlaps(truth: pd.DataFrame, detections: pd.DataFrame) -> pd.DataFrame:
     """``truth`` plus, per truth box, the best IoU and best IoBB over same-image, same-class predictions."""
-    dets = {k: g[BOX_COLUMNS].to_numpy(np.float64) for k, g in detections.groupby(["image_id", "class_id"])}
+    t, d = key_pairs([truth["image_id"], truth["class_id"]], [detections["image_id"], detections["class_id"]])
+    a, b = truth[BOX_COLUMNS].to_numpy(np.float64)[t], detections[BOX_COLUMNS].to_numpy(np.float64)[d]
     best_iou, best_iobb = np.zeros(len(truth)), np.zeros(len(truth))
-    boxes = truth[BOX_COLUMNS].to_numpy(np.float64)
-    for n, key in enumerate(zip(truth["image_id"], truth["class_id"])):
-        p = dets.get(key)
-        if p is not None and len(p):
-            best_iou[n] = pairwise_iou(boxes[n], p).max()
-            best_iobb[n] = pairwise_iobb(boxes[n], p).max()
+    np.maximum.at(best_iou, t, paired_iou(a, b))
+    np.maximum.at(best_iobb, t, paired_iobb(a, b))
     return truth.assign(best_iou=best_iou, best_iobb=best_iobb)
 
 
@@ -73,8 +69,14 @@ def accuracy_table(truth: pd.DataFrame, detections: pd.DataFrame, schema: Schema
     return pd.DataFrame(rows)
 
 
-def random_maps(n: int, generator: torch.Generator, grid: int = 16, side: int = 256) -> np.ndarray:
-    """``n`` random heat maps (side x side in [0, 1]): uniform noise on a ``grid`` lattice, bilinearly upsampled."""
+def random_maps(n: int, seed, grid: int = 16, side: int = 256) -> np.ndarray:
+    """``n`` random heat maps (side x side in [0, 1]): uniform noise on a ``grid`` lattice, bilinearly
+    upsampled. ``seed``: an int, or a ``torch.Generator`` drawn on across calls. (torch is imported
+    here, so that evaluating a submission alone never loads it.)"""
+    import torch
+    import torch.nn.functional as F
+
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     maps = F.interpolate(torch.rand(n, 1, grid, grid, generator=generator), size=(side, side),
                          mode="bilinear", align_corners=False)[:, 0].numpy()
     return (maps - maps.min((1, 2), keepdims=True)) / np.ptp(maps, axis=(1, 2), keepdims=True)
@@ -84,6 +86,8 @@ def random_control(truth: pd.DataFrame, sizes: dict[str, tuple[float, float]], s
                    config: BoxConfig | BoxRules = BoxConfig(), grid: int = 16, side: int = 256, repeats: int = 5,
                    seed: int = 0) -> pd.DataFrame:
     """:func:`accuracy_table` of boxes (and peaks) from random heat maps, averaged over ``repeats``."""
+    import torch
+
     rules = config if isinstance(config, BoxRules) else BoxRules(config)
     gen = torch.Generator().manual_seed(seed)
     keys = truth[["image_id", "class_id"]].drop_duplicates().itertuples(index=False)
@@ -128,7 +132,7 @@ def pair_curves(cam: np.ndarray, truth: np.ndarray, key: str) -> tuple[np.ndarra
     if max(cam.shape) > side:
         cam = cv2.resize(np.asarray(cam, np.float32), (side, side), interpolation=cv2.INTER_AREA)
     truth = scale_boxes(truth, factor[0], factor[1])
-    control = random_maps(1, torch.Generator().manual_seed(zlib.crc32(key.encode())), side=side)[0]
+    control = random_maps(1, zlib.crc32(key.encode()), side=side)[0]
     return best_ious(cam, truth), best_ious(control, truth)
 
 
@@ -199,7 +203,7 @@ def random_detections(probs: pd.DataFrame, sizes: dict[str, tuple[float, float]]
             continue
         h, w = sizes[image_id]
         for c in np.flatnonzero(p > rules.default.min_prob):
-            cam = random_maps(1, torch.Generator().manual_seed(zlib.crc32(f"{image_id}/{c}".encode())), side=side)[0]
+            cam = random_maps(1, zlib.crc32(f"{image_id}/{c}".encode()), side=side)[0]
             boxes, scores = cam_to_boxes(cam, float(p[c]), rules(c))
             rows += [(image_id, int(c), s, *b) for b, s in zip(scale_boxes(boxes, w / side, h / side), scores)]
     return pd.DataFrame(rows, columns=DETECTION_COLUMNS)

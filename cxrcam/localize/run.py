@@ -12,20 +12,23 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrcam.boxes import BoxRules
 from cxrcam.cam import create_cam
 from cxrcam.config import Config, config_to_dict
-from cxrcam.data.sources import ImageFiles, open_source
-from cxrcam.data.tables import BOX_COLUMNS
+from cxrcam.data.images import warn_squashed
+from cxrcam.data.dataset import ImageFiles
+from cxrcam.data.sources import open_source
+from cxrcam.data.tables import BOX_COLUMNS, report_invalid
 from cxrcam.errors import CxrcamError
 from cxrcam.files import write_json
 from cxrcam.localize.step import Step
 from cxrcam.localize.write import Collector, LocalizeSummary, Painter, merge_ranks, write_outputs
 from cxrcam.models import load_classifier
-from cxrcam.outputs.pictures import PICTURE_SIZE
+from cxrcam.outputs.pictures import PICTURE_SIZE, remove_pictures
 from cxrcam.runtime import dist
 from cxrcam.schemas import Schema, get_schema
 
@@ -90,6 +93,12 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     step = Step(create_cam(model, config.cam.method, config.cam.target_layer or None), config, truth,
                 parse_classes(classes, schema), pictures, refiner, rules)
     out.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        report_invalid(source.invalid, out)
+        if (out / "localize.json").is_file():  # a previous run's folder: its pictures go
+            remove_pictures(out)
+    if info.distributed:
+        torch.distributed.barrier()  # no rank paints before the old pictures are gone
 
     shard = source.readable.iloc[info.rank::info.world_size].reset_index(drop=True)
     known_hw = shard[["height", "width"]].to_numpy(np.float64)
@@ -99,6 +108,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     painter = Painter(out, schema, rules, truth, refiner is not None and show_proposals, pictures, picture_size)
     bar = tqdm(total=len(shard), desc=("refine " if refiner else "localize ") + config.cam.method, unit="img",
                disable=not (progress and info.is_main))
+    seen: dict[str, tuple[float, float]] = {}
     for x, idx, heights, widths, errors in loader:
         bar.update(len(idx))
         for k in (k for k, e in enumerate(errors) if e):
@@ -109,12 +119,14 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
         rows = idx[good].numpy()
         sizes = [tuple(known_hw[i]) if np.isfinite(known_hw[i]).all() else (float(heights[k]), float(widths[k]))
                  for i, k in zip(rows, good)]
+        seen.update((shard.at[int(i), "image_id"], hw) for i, hw in zip(rows, sizes))
         x = x[good].to(info.device)
         for b, result in enumerate(step(x, [shard.at[int(i), "image_id"] for i in rows], sizes)):
             collected.add(result)
             painter(result, x[b])
     bar.close()
     painter.close()
+    warn_squashed(seen)
 
     parts = merge_ranks(collected.tables(), out, info)
     summary = None

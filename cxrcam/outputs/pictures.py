@@ -42,6 +42,15 @@ def picture_paths(out: str | Path, image_id: str) -> dict[str, Path]:
     return {kind: Path(out) / f"{kind}_{name}.png" for kind in KINDS}
 
 
+def remove_pictures(out: str | Path) -> int:
+    """Delete the pictures a previous run left in ``out``, so that a new run's folder holds only
+    its own (the images may differ); the number removed."""
+    old = [p for kind in KINDS for p in Path(out).glob(f"{kind}_*.png")]
+    for p in old:
+        p.unlink()
+    return len(old)
+
+
 def _bgr(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     return rgb[2], rgb[1], rgb[0]
 

@@ -59,7 +59,14 @@ def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str]
     """Parse a submission (``fmt`` vinbig or rsna) into DETECTION_COLUMNS, boxes as xyxy.
     A malformed row (odd token count, non-number, x_max < x_min, class outside
     0..num_classes-1, image not in ``image_ids``) is an error naming the row, or is skipped
-    with a warning when ``lenient``. ``attrs``: ``rows`` (the ids listed) and ``skipped_rows``."""
+    with a warning when ``lenient``."""
+    return parse_submission(path, num_classes, image_ids, lenient, fmt)[0]
+
+
+def parse_submission(path: str | Path, num_classes: int = 15, image_ids: set[str] | None = None,
+                     lenient: bool = False, fmt: str = "vinbig") -> tuple[pd.DataFrame, set[str], int]:
+    """``read_submission``'s detections, the ids the file lists and the number of rows skipped
+    (returned apart: pandas deep-copies ``attrs`` on every operation, 40x slower evaluate)."""
     path = Path(path)
     if not path.is_file():
         raise CxrcamError(f"submission not found: {path}")
@@ -82,8 +89,7 @@ def read_submission(path: str | Path, num_classes: int = 15, image_ids: set[str]
             warnings.warn(message + "; row skipped", stacklevel=2)
             skipped += 1
     found = pd.DataFrame(records, columns=DETECTION_COLUMNS) if records else empty_boxes(DETECTION_COLUMNS)
-    found.attrs.update(rows=set(table["image_id"]), skipped_rows=skipped)  # for evaluate's counts
-    return found
+    return found, set(table["image_id"]), skipped
 
 
 def _check_unique_ids(ids: pd.Series, path: Path, lenient: bool) -> None:
