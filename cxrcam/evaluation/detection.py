@@ -46,12 +46,13 @@ def key_pairs(left: list, right: list) -> tuple[np.ndarray, np.ndarray]:
     columns, e.g. [image_ids, class_ids]); ordered by i, then j. The vectorised join behind the
     metrics: one numpy pass instead of a loop over images."""
     n_left = len(left[0])
-    columns = {k: np.concatenate([np.asarray(a, object), np.asarray(b, object)]) for k, (a, b) in enumerate(zip(left, right))}
-    codes = pd.DataFrame(columns).groupby(list(columns), sort=False).ngroup().to_numpy() if len(columns[0]) else \
-        np.zeros(0, np.int64)
+    codes = np.zeros(n_left + len(right[0]), np.int64)
+    for a, b in zip(left, right):  # one integer code per distinct key (pd.factorize: cheap on small inputs too)
+        column, uniques = pd.factorize(np.concatenate([np.asarray(a, object), np.asarray(b, object)]))
+        codes = pd.factorize(codes * len(uniques) + column)[0]
     lc, rc = codes[:n_left], codes[n_left:]
     order = np.argsort(rc, kind="stable")
-    counts = np.bincount(rc, minlength=codes.max() + 1 if len(codes) else 0)
+    counts = np.bincount(rc, minlength=codes.max() + 1 if len(codes) else 0).astype(np.int64)
     starts = np.cumsum(counts) - counts
     per_left = counts[lc] if len(lc) else np.zeros(0, np.int64)
     i = np.repeat(np.arange(n_left), per_left)
