@@ -75,14 +75,19 @@ def best_threshold(curve: np.ndarray, thresholds=SWEEP) -> tuple[float, float]:
     return float(thresholds[k]), float(curve[k])
 
 
+def on_grid(threshold: float) -> float:
+    """The point of :data:`SWEEP` nearest ``threshold`` (the configured one, for its AP)."""
+    return float(min(SWEEP, key=lambda t: abs(t - threshold)))
+
+
 def choose_threshold(curve, default: float) -> tuple[float, float]:
     """(threshold, AP): :func:`best_threshold` where it beats ``default`` (snapped to the grid),
     else the default: a flat or all-zero curve, as few boxes give, keeps the configured value."""
     curve = np.asarray(curve, np.float64)
-    default_t = min(SWEEP, key=lambda t: abs(t - default))
+    default_t = on_grid(default)
     threshold, ap = best_threshold(curve)
     ap_default = float(curve[SWEEP.index(default_t)])
-    return (threshold, ap) if ap > ap_default + 1e-9 else (float(default_t), ap_default)
+    return (threshold, ap) if ap > ap_default + 1e-9 else (default_t, ap_default)
 
 
 def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: BoxConfig, iou_thr: float
@@ -93,7 +98,7 @@ def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: B
     by_image = truth_by_image(truth)
     curve = ap_curve(pairs, by_image, config, iou_thr)
     threshold, ap = choose_threshold(curve, config.threshold)
-    ap_default = float(curve[SWEEP.index(min(SWEEP, key=lambda t: abs(t - config.threshold)))])
+    ap_default = float(curve[SWEEP.index(on_grid(config.threshold))])
     result = {"class_id": class_id, "n_truth": len(truth), "threshold": threshold, "ap": ap,
               "ap_default": ap_default, "curve": [float(v) for v in curve]}
     best = {"score": config.score, "min_area": config.min_area, "threshold": threshold, "ap": ap}
@@ -114,4 +119,4 @@ def truth_of(truth: pd.DataFrame, class_id: int) -> pd.DataFrame:
 
 
 __all__ = ["Pair", "SWEEP", "SCORES", "MIN_AREAS", "split_by_threshold", "class_boxes", "ap_curve",
-           "best_threshold", "choose_threshold", "sweep_class", "truth_of"]
+           "best_threshold", "on_grid", "choose_threshold", "sweep_class", "truth_of"]

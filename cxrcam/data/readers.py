@@ -17,7 +17,7 @@ from cxrcam.config import FusionConfig
 from cxrcam.data.fusion import fuse_boxes
 from cxrcam.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, image_size
 from cxrcam.data.tables import (BOX_COLUMNS, BOX_TABLE_COLUMNS, DatasetTables, check_boxes, empty_boxes,
-                                invalid_rows, no_invalid, numeric, read_table, require_columns, soft_columns,
+                                invalid_rows, joined_invalid, numeric, read_table, require_columns, soft_columns,
                                 target_columns)
 from cxrcam.errors import CxrcamError
 from cxrcam.schemas import NIH, RSNA, SCHEMAS, VINBIG, Schema
@@ -120,12 +120,7 @@ def vinbig_from_table(df: pd.DataFrame, paths: dict[str, Path] | None = None,
     images = _image_table(schema, ids, paths or {}, pd.Series(ids), soft > 0, soft)
     images["patient_id"] = None  # VinBigData releases no patient ids
     raw, bad_boxes = check_boxes(findings[BOX_TABLE_COLUMNS], findings["row"], images, source)
-    return DatasetTables(schema, images, fuse_boxes(raw, fusion), _joined(*invalid, bad_boxes))
-
-
-def _joined(*invalid: pd.DataFrame) -> pd.DataFrame:
-    parts = [t for t in invalid if len(t)]
-    return pd.concat(parts, ignore_index=True) if parts else no_invalid()
+    return DatasetTables(schema, images, fuse_boxes(raw, fusion), joined_invalid(*invalid, bad_boxes))
 
 
 def read_nih(root: Path, fusion: FusionConfig = FusionConfig()) -> DatasetTables:
@@ -173,7 +168,7 @@ def nih_from_tables(entry: pd.DataFrame, bbox: pd.DataFrame | None = None,
         boxes["rad_id"] = "nih"
         boxes, bad_boxes = check_boxes(boxes, np.arange(len(boxes)) + 2, images, "BBox_List_2017.csv")
         invalid.append(bad_boxes)
-    return DatasetTables(schema, images, boxes, _joined(*invalid))
+    return DatasetTables(schema, images, boxes, joined_invalid(*invalid))
 
 
 def _nih_class(name: str, row: int) -> int:

@@ -48,6 +48,12 @@ def no_invalid() -> pd.DataFrame:
     return pd.DataFrame(columns=INVALID_COLUMNS)
 
 
+def joined_invalid(*parts: pd.DataFrame) -> pd.DataFrame:
+    """INVALID_COLUMNS tables as one (empty ones left out, so no all-NA column warnings)."""
+    parts = [t for t in parts if len(t)]
+    return pd.concat(parts, ignore_index=True) if parts else no_invalid()
+
+
 @dataclass
 class DatasetTables:
     schema: Schema
@@ -112,10 +118,10 @@ def check_boxes(boxes: pd.DataFrame, rows, images: pd.DataFrame, source: str) ->
     cases = [(missing, "missing coordinate", "dropped"), (inverted, "inverted (max < min)", "dropped"),
              (empty & moved, "outside the image", "dropped"), (empty & ~moved, "zero area", "dropped"),
              (moved & ~empty, "past the image edge", "clipped to the image")]
-    invalid = [invalid_rows(source, rows[m], ids[m], problem, action) for m, problem, action in cases if m.any()]
+    invalid = [invalid_rows(source, rows[m], ids[m], problem, action) for m, problem, action in cases]
     keep = ~(missing | inverted | empty)
     kept = boxes.assign(**dict(zip(BOX_COLUMNS, clipped.T)))[keep].reset_index(drop=True)
-    return kept, pd.concat(invalid, ignore_index=True) if invalid else no_invalid()
+    return kept, joined_invalid(*invalid)
 
 
 def report_invalid(invalid: pd.DataFrame, folder: Path | None = None) -> None:

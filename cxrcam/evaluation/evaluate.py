@@ -132,7 +132,8 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
     probs = Path(probs) if probs else found_probs
     truth = read_ground_truth(gt, config)
     if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
     report_invalid(truth.invalid, out)
     schema = truth.schema
     if fmt == "rsna" and schema is not RSNA:
@@ -207,8 +208,6 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
 
     metrics = _clean(metrics)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "metrics.json", metrics)
         atomic_write_text(out / "metrics.md", markdown(metrics))
         if weak is not None:
