@@ -3,16 +3,15 @@
 ``cxrcam demo`` and ``scripts/bench_quality.py`` both call :func:`run_pipeline`: a synthetic
 VinBigData-layout train set and a held-out test set (another seed), prepare, train the
 classifier, calibrate its thresholds on the training cache's validation fold, localize the test
-set at 0.65 and calibrated, train the detector (started from the classifier, its RoI heads also
-trained on the calibrated CAM proposals), refine with the calibrated thresholds, evaluate, and
-one table. Each stage is a subprocess ``python -m cxrcam ...`` whose command line
-is printed first and whose progress bars show, so what the demo does is what a user types.
+set at 0.65 and calibrated, train the detector (started from the classifier; with ``cam_proposals``
+its RoI heads also train on the calibrated CAM proposals), refine with the calibrated thresholds, evaluate, and
+one table. Each stage is the ``cxrcam`` command a user would type, printed first and run through
+the same command line parser (:func:`cxrcam.cli.run_in_process`), with its progress bars.
 """
 from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,11 +46,16 @@ class PipelineSettings:
 
 
 def run_command(*args: Any) -> None:
-    """Run one ``cxrcam`` command as a user would, its output going to the terminal."""
+    """Run one ``cxrcam`` command as a user would type it, printed first, in this process."""
+    from cxrcam.cli import run_in_process
+
     args = [str(a) for a in args]
-    print(f"\n$ cxrcam {shlex.join(args)}", flush=True)
-    if subprocess.run([sys.executable, "-m", "cxrcam", *args]).returncode != 0:
-        raise CxrcamError(f"stage failed: cxrcam {shlex.join(args)}")
+    line = f"cxrcam {shlex.join(args)}"
+    print(f"\n$ {line}", flush=True)
+    code = run_in_process(args)
+    sys.stdout.flush()
+    if code != 0:
+        raise CxrcamError(f"stage failed: {line}")
 
 
 def run_pipeline(s: PipelineSettings) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """Shared fixtures: the real data in ../shared/data and small synthetic datasets."""
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -11,10 +14,25 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def cxrcam(*args: str, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    """``python -m cxrcam ARGS`` as a user runs it, output captured."""
-    return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True, timeout=timeout,
-                          **kwargs)
+def cxrcam(*args: str, process: bool = False, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """``cxrcam ARGS`` as a user runs it, exit status and output captured: through the real
+    command line in this process (torch is imported once for the suite, not 5 s per command),
+    or with ``process=True`` (or ``cwd=``/``env=``) as ``python -m cxrcam`` in a new one."""
+    if process or kwargs:
+        return subprocess.run([sys.executable, "-m", "cxrcam", *args], capture_output=True, text=True,
+                              timeout=timeout, **kwargs)
+    from cxrcam.cli import run_in_process
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("default")  # as a fresh process shows them, not into pytest's record
+        warnings.showwarning = _show_warning
+        code = run_in_process(list(args))
+    return subprocess.CompletedProcess(["cxrcam", *args], code, out.getvalue(), err.getvalue())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def shared(*parts: str) -> Path:

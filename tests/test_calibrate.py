@@ -3,6 +3,7 @@ and output_stride."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -78,6 +79,47 @@ def test_contrast_and_every_statistic_of_a_component():
     assert row[8] == pytest.approx(mean - 0.3, abs=1e-5)
 
 
+def test_components_at_many_thresholds_match_a_loop_per_component():
+    """components() shares one pass per threshold among its components; the definition: for
+    each threshold and each 8-connected component, its own extent, mean and maximum."""
+    rng = np.random.default_rng(3)
+    for side in (48, 64):
+        cam = smooth_map(rng, side)  # 6 x 6 bumps: several components at high thresholds
+        rows = components(cam, SWEEP)
+        expected = []
+        for k, t in enumerate(SWEEP):
+            n, labels = cv2.connectedComponents((cam >= t).astype(np.uint8), connectivity=8)
+            for i in range(1, n):
+                ys, xs = np.nonzero(labels == i)
+                inside = cam[labels == i].astype(np.float64)
+                expected.append([k, xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, len(xs) / cam.size,
+                                 inside.mean(), inside.max()])
+        expected = np.array(expected)
+        assert (np.bincount(expected[:, 0].astype(int)) > 1).any()  # the map has thresholds with several
+        ours = rows[np.lexsort(rows[:, 4::-1].T), :8]  # by threshold, then box
+        assert ours == pytest.approx(expected[np.lexsort(expected[:, 4::-1].T)])
+
+
+def test_the_sweep_writes_the_boxes_localize_writes():
+    """calibrate's vectorised class_boxes against localize's per-image score_components,
+    for every score and a top_k and NMS that act on images with several components."""
+    from cxrcam.boxes import score_components
+    from cxrcam.calibrate.sweep import ClassMaps, Pair, class_boxes
+
+    rng = np.random.default_rng(4)
+    pairs = [Pair(f"img{n}", 0, float(rng.random()), n != 3, components(smooth_map(rng), SWEEP)) for n in range(8)]
+    maps = ClassMaps.of(pairs)
+    for t in (0.3, 0.65, 0.9):
+        for config in (BoxConfig(score="mean", top_k=2, nms_iou=0.1), BoxConfig(score="contrast", min_area=0.01),
+                       BoxConfig(score="none", top_k=1), BoxConfig(score="max", top_k=0, nms_iou=1.0)):
+            ids, boxes, scores = class_boxes(maps, t, config)
+            want = [(p.image_id, b, s) for p in pairs if p.predicted
+                    for b, s in zip(*score_components(p.rows[p.rows[:, 0] == SWEEP.index(t)], p.prob, config))]
+            assert list(ids) == [w[0] for w in want]
+            assert boxes.tolist() == [w[1].tolist() for w in want] and scores.tolist() == [w[2] for w in want]
+    assert "img3" not in set(class_boxes(maps, 0.3, BoxConfig())[0])  # not predicted: no boxes
+
+
 def test_per_class_rules_from_a_calibration(tmp_path):
     cam = np.zeros((1, 2, 32, 32), np.float32)
     cam[0, :, 4:12, 4:12] = 0.5
@@ -93,16 +135,28 @@ def test_per_class_rules_from_a_calibration(tmp_path):
         BoxRules.from_config(BoxConfig(calibration=str(path)))
 
 
+def subset_of(data: Path, n: int, out: Path) -> Path:
+    """The first ``n`` images of a VinBigData-layout folder (train.csv + train/), as released."""
+    table = pd.read_csv(data / "train.csv")
+    keep = sorted(set(table["image_id"]))[:n]
+    (out / "train").mkdir(parents=True)
+    table[table["image_id"].isin(keep)].to_csv(out / "train.csv", index=False)
+    for image_id in keep:
+        (out / "train" / f"{image_id}.dicom").symlink_to(data / "train" / f"{image_id}.dicom")
+    return out
+
+
 def test_calibrate_then_localize_reproduces_its_ap(vinbig_model, tmp_path):
     cache, ckpt = vinbig_model
+    data = subset_of(cache.parent / "data", 48, tmp_path / "data")  # a released folder, no cache
     cal = tmp_path / "calibration.json"
     weak_model = ["cam.workers=0", "boxes.min_prob=0.1", "eval.iou_thr=0.1"]  # 2 x 2 maps: box more, count looser hits
-    result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(cal), "--fold", "all",
+    result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(cal), "--fold", "all",
                     "--min-boxes", "3", *weak_model)
     assert result.returncode == 0, result.stderr
     assert "MaxBoxAccV2" in result.stdout
     saved = json.loads(cal.read_text())
-    assert saved["images"] == 160 and len(saved["image_ids"]) == 160
+    assert saved["images"] == 48 and len(saved["image_ids"]) == 48
     assert cal.with_suffix(".png").stat().st_size > 0 and (tmp_path / "calibration_box_accuracy.png").is_file()
     classes = saved["classes"]
     for e in classes.values():
@@ -113,11 +167,12 @@ def test_calibrate_then_localize_reproduces_its_ap(vinbig_model, tmp_path):
             assert e["ap"] > e["ap_default"] or e["threshold"] == 0.65
     # localize with the file: the same boxes, so evaluate's AP per class is the calibration's
     loc = tmp_path / "loc"
-    result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(loc), "--threshold",
+    result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(loc), "--threshold",
                     str(cal), "--no-images", *weak_model)
     assert result.returncode == 0, result.stderr
-    assert "calibrated on 160 of these 160 images" in result.stderr  # scoring the calibration set is flagged
-    result = cxrcam("evaluate", "--pred", str(loc), "--gt", str(cache), "--out", str(loc / "eval"), "eval.iou_thr=0.1")
+    assert "calibrated on 48 of these 48 images" in result.stderr  # scoring the calibration set is flagged
+    result = cxrcam("evaluate", "--pred", str(loc), "--gt", str(data), "--out", str(loc / "eval"),
+                    "eval.iou_thr=0.1")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((loc / "eval" / "metrics.json").read_text())
     for name, e in classes.items():

@@ -13,8 +13,8 @@ from cxrcam.outputs.submission import read_submission
 
 def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "cxrcam", "demo", "--out", str(out), "--n-images", "40",
-                             "--n-test", "20", "--size", "64", "--epochs", "2", "--detector-epochs", "1", "train.workers=0",
+    result = subprocess.run([sys.executable, "-m", "cxrcam", "demo", "--out", str(out), "--n-images", "20",
+                             "--n-test", "10", "--size", "64", "--epochs", "2", "--detector-epochs", "1", "split.n_folds=2", "train.workers=0",
                              "cam.workers=0", "detector.workers=0"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -30,10 +30,10 @@ def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
         json.loads((out / "localize" / "eval" / "metrics.json").read_text())["mean_auroc"])
     test_images = set(open_cache(out / "cache" / "test").images["image_id"])
     train_images = set(open_cache(out / "cache" / "train").images["image_id"])
-    assert len(test_images) == 20 and not test_images & train_images  # held out
+    assert len(test_images) == 10 and not test_images & train_images  # held out
     assert set(read_submission(out / "refine" / "submission.csv")["image_id"]) == test_images
     assert str(out / "refine" / "submission.csv") in result.stdout
-    assert len(list((out / "localize").glob("gtimage_*.png"))) == 20
+    assert len(list((out / "localize").glob("gtimage_*.png"))) == 10
     # honest folder names: the held-out images are not in a folder named train
     assert sorted(p.name for p in (out / "data" / "test").iterdir()) == ["test", "test.csv"]
     # it ends with the report, summary first, and says to open it

@@ -81,12 +81,14 @@ def test_nih_folds_are_by_patient_and_seeded(nih_images):
         col = f"y_{NIH.class_id(cls)}"
         share = a.groupby("fold")[col].sum() / a[col].sum()
         assert (share - 0.2).abs().max() < 0.05
-    assert a["fold"].equals(assign_folds(nih_images, NIH, 5, seed=0)["fold"])
-    assert not a["fold"].equals(assign_folds(nih_images, NIH, 5, seed=1)["fold"])
+    part = nih_images.iloc[:15000]  # seeding, on a part of the table (each full split takes 8 s)
+    once = assign_folds(part, NIH, 5, seed=0)["fold"]
+    assert once.equals(assign_folds(part, NIH, 5, seed=0)["fold"])
+    assert not once.equals(assign_folds(part, NIH, 5, seed=1)["fold"])
 
 
 def test_official_test_list_is_kept_out(nih_images):
-    images = nih_images.copy()
+    images = nih_images.iloc[:15000].copy()
     test_patients = images["patient_id"].drop_duplicates().iloc[:500]
     images.loc[images["patient_id"].isin(test_patients), "fold"] = -1
     a = assign_folds(images, NIH, 5, seed=0)

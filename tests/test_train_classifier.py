@@ -155,10 +155,12 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(cache, tmp_path):
 @pytest.mark.slow
 def test_synthetic_data_is_learnable(tmp_path):
     """The synthetic promise: a small model from scratch, CPU minutes, high AUROC."""
-    synthesize("vinbig", tmp_path / "data", 400, seed=2, size=128, progress=False)
-    prepare("vinbig", tmp_path / "data", tmp_path / "cache", load_config(overrides=["prepare.size=96"]),
+    # 300 images at 64 px: AUROC 0.82-0.86 over data seeds 2-4 (0.72 with 6 epochs at twice the rate)
+    synthesize("vinbig", tmp_path / "data", 300, seed=2, size=96, progress=False)
+    prepare("vinbig", tmp_path / "data", tmp_path / "cache", load_config(overrides=["prepare.size=64"]),
             progress=False)
-    config = load_config(CONFIGS / "tiny.yaml", ["train.epochs=8", "train.workers=0", "model.output_stride=32"])
+    config = load_config(CONFIGS / "tiny.yaml", ["train.epochs=8", "train.batch_size=16", "train.workers=0",
+                                                 "model.output_stride=32"])
     metrics = train_classifier(config, tmp_path / "cache", tmp_path / "run", progress=False)
     assert metrics["val_mean_auroc"] > 0.8
 

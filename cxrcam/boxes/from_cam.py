@@ -47,30 +47,47 @@ def components(cam: np.ndarray, thresholds: Sequence[float], statistics: bool = 
     (``statistics=False``: the last three are 0, for callers that need the boxes alone)."""
     cam = np.asarray(cam, dtype=np.float32)
     h, w = cam.shape
-    integral = cv2.integral(cam, sdepth=cv2.CV_64F)
-    rows = []
+    values = cam.astype(np.float64)
+    index, found, sums, peaks = [], [], [], []  # per threshold with components: its index, stats, ...
     for k, t in enumerate(thresholds):
-        n, labels, stats, _ = cv2.connectedComponentsWithStats((cam >= t).astype(np.uint8), connectivity=8)
+        mask = cam >= t
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
         if n <= 1:
             continue
-        stats = stats[1:].astype(np.float64)
-        area = stats[:, cv2.CC_STAT_AREA]
-        x0, y0 = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
-        x1, y1 = x0 + stats[:, cv2.CC_STAT_WIDTH], y0 + stats[:, cv2.CC_STAT_HEIGHT]
-        if not statistics:
-            rows.append(np.stack([np.full(len(area), k), x0, y0, x1, y1, area / cam.size, *np.zeros((3, len(area)))], 1))
-            continue
-        mean = np.bincount(labels.ravel(), weights=cam.ravel(), minlength=n)[1:] / area
-        peak = np.array([cam[labels == i].max() for i in range(1, n)])
-        gx, gy = np.ceil(RING * (x1 - x0)), np.ceil(RING * (y1 - y0))
-        ox0, oy0 = np.maximum(x0 - gx, 0), np.maximum(y0 - gy, 0)
-        ox1, oy1 = np.minimum(x1 + gx, w), np.minimum(y1 + gy, h)
-        inner, outer = _box_sum(integral, x0, y0, x1, y1), _box_sum(integral, ox0, oy0, ox1, oy1)
-        inner_area, ring_area = (x1 - x0) * (y1 - y0), (ox1 - ox0) * (oy1 - oy0) - (x1 - x0) * (y1 - y0)
-        ring_mean = np.divide(outer - inner, ring_area, out=np.zeros(len(area)), where=ring_area > 0)
-        contrast = np.clip(inner / inner_area - ring_mean, 0, None)
-        rows.append(np.stack([np.full(len(area), k), x0, y0, x1, y1, area / cam.size, mean, peak, contrast], 1))
-    return np.concatenate(rows) if rows else np.zeros((0, 9))
+        index.append(k)
+        found.append(stats[1:])
+        if statistics:
+            # one pass over the pixels above t for every component's sum and peak; the box
+            # geometry and contrast are vectorised over all thresholds below
+            inside = values[mask]
+            if n == 2:  # one component, the usual case
+                sums.append(inside.sum(keepdims=True))
+                peaks.append(inside.max(keepdims=True))
+                continue
+            label = labels[mask]
+            sums.append(np.bincount(label, weights=inside, minlength=n)[1:])
+            peak = np.full(n, -np.inf)
+            np.maximum.at(peak, label, inside)
+            peaks.append(peak[1:])
+    if not index:
+        return np.zeros((0, 9))
+    stats = np.concatenate(found).astype(np.float64)
+    index = np.repeat(index, [len(f) for f in found])
+    area = stats[:, cv2.CC_STAT_AREA]
+    x0, y0 = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    x1, y1 = x0 + stats[:, cv2.CC_STAT_WIDTH], y0 + stats[:, cv2.CC_STAT_HEIGHT]
+    head = [index, x0, y0, x1, y1, area / cam.size]
+    if not statistics:
+        return np.stack([*head, *np.zeros((3, len(area)))], 1)
+    integral = cv2.integral(cam, sdepth=cv2.CV_64F)
+    gx, gy = np.ceil(RING * (x1 - x0)), np.ceil(RING * (y1 - y0))
+    ox0, oy0 = np.maximum(x0 - gx, 0), np.maximum(y0 - gy, 0)
+    ox1, oy1 = np.minimum(x1 + gx, w), np.minimum(y1 + gy, h)
+    inner, outer = _box_sum(integral, x0, y0, x1, y1), _box_sum(integral, ox0, oy0, ox1, oy1)
+    inner_area, ring_area = (x1 - x0) * (y1 - y0), (ox1 - ox0) * (oy1 - oy0) - (x1 - x0) * (y1 - y0)
+    ring_mean = np.divide(outer - inner, ring_area, out=np.zeros(len(area)), where=ring_area > 0)
+    contrast = np.clip(inner / inner_area - ring_mean, 0, None)
+    return np.stack([*head, np.concatenate(sums) / area, np.concatenate(peaks), contrast], 1)
 
 
 def _box_sum(integral: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
@@ -78,11 +95,18 @@ def _box_sum(integral: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
     return integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
 
 
+def rate_components(rows: np.ndarray, config: BoxConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 2 and 4 on components() rows: (rows kept by min_area, their boxes, the statistic
+    their score multiplies the probability by)."""
+    keep = rows[:, AREA] >= config.min_area
+    stat = np.ones(int(keep.sum())) if config.score == "none" else rows[keep, STAT_COLUMN[config.score]]
+    return keep, rows[keep, X0:Y1 + 1], stat
+
+
 def score_components(rows: np.ndarray, prob: float, config: BoxConfig) -> tuple[np.ndarray, np.ndarray]:
     """Steps 2, 4 and 5 on the components of one threshold: boxes and scores, best first."""
-    rows = rows[rows[:, AREA] >= config.min_area]
-    stat = np.ones(len(rows)) if config.score == "none" else rows[:, STAT_COLUMN[config.score]]
-    return select_boxes(rows[:, X0:Y1 + 1], prob * stat, config.top_k, config.nms_iou)
+    _, boxes, stat = rate_components(rows, config)
+    return select_boxes(boxes, prob * stat, config.top_k, config.nms_iou)
 
 
 def cam_to_boxes(cam: np.ndarray, prob: float, config: BoxConfig = BoxConfig()) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrcam.boxes import components, scale_boxes
-from cxrcam.calibrate.sweep import SWEEP, Pair, choose_threshold, split_by_threshold, sweep_class, truth_of
+from cxrcam.calibrate.sweep import SWEEP, Pair, choose_threshold, sweep_class, truth_of
 from cxrcam.cam import create_cam
 from cxrcam.config import Config
 from cxrcam.data.dataset import ImageFiles
@@ -96,8 +96,7 @@ def _collect(model, config: Config, images: pd.DataFrame, truth: pd.DataFrame, s
                     continue
                 rows = components(maps[b, k], SWEEP)  # at the input size: the boxes localize cuts
                 rows[:, 1:5] = scale_boxes(rows[:, 1:5], w / size, h / size)
-                pairs.append(Pair(image_id, c, float(probs[b, c]), bool(probs[b, c] > min_prob),
-                                  split_by_threshold(rows)))
+                pairs.append(Pair(image_id, c, float(probs[b, c]), bool(probs[b, c] > min_prob), rows))
                 if c in true[b]:
                     boxes, classes = by_image[image_id]
                     model_ious, control = pair_curves(maps[b, k], scale_boxes(boxes[classes == c], size / w, size / h),

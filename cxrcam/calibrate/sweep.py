@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from cxrcam.boxes import score_components
+from cxrcam.boxes import rate_components, select_boxes
 from cxrcam.boxes.from_cam import T
 from cxrcam.config import BoxConfig
 from cxrcam.data.tables import BOX_COLUMNS
@@ -38,34 +38,52 @@ class Pair:
     class_id: int
     prob: float
     predicted: bool  # the class gets boxes in localize (prob > boxes.min_prob)
-    by_threshold: dict[int, np.ndarray] = field(default_factory=dict)  # SWEEP index -> components
+    rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 9)))  # components() at every SWEEP threshold
 
 
-def split_by_threshold(rows: np.ndarray) -> dict[int, np.ndarray]:
-    """components() rows grouped by their threshold index."""
-    order = np.argsort(rows[:, T], kind="stable")
-    rows = rows[order]
-    keys, starts = np.unique(rows[:, T].astype(np.int64), return_index=True)
-    return dict(zip(keys.tolist(), np.split(rows, starts[1:])))
+@dataclass
+class ClassMaps:
+    """One class's predicted pairs with their components stacked by threshold, so that a box
+    setting is applied to every image at once."""
+
+    image_ids: np.ndarray  # per pair
+    probs: np.ndarray  # per pair
+    by_threshold: dict[int, tuple[np.ndarray, np.ndarray]]  # SWEEP index -> (pair of each row, rows)
+
+    @classmethod
+    def of(cls, pairs: list[Pair]) -> "ClassMaps":
+        pairs = [p for p in pairs if p.predicted]  # localize boxes only the predicted classes
+        rows = np.concatenate([np.zeros((0, 9)), *(p.rows for p in pairs)])
+        owner = np.repeat(np.arange(len(pairs)), [len(p.rows) for p in pairs])
+        order = np.lexsort((owner, rows[:, T]))  # by threshold, then pair, each pair's rows in order
+        keys, starts = np.unique(rows[order, T].astype(np.int64), return_index=True)
+        split = zip(np.split(owner[order], starts[1:]), np.split(rows[order], starts[1:]))
+        return cls(np.array([p.image_id for p in pairs], dtype=object), np.array([p.prob for p in pairs]),
+                   dict(zip(keys.tolist(), split)) if len(rows) else {})
 
 
-def class_boxes(pairs: list[Pair], threshold: float, config: BoxConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image ids, boxes, scores): what localize would write for these pairs with ``config`` cut at ``threshold``."""
-    k, ids, boxes, scores = _INDEX[threshold], [], [np.zeros((0, 4))], [np.zeros(0)]
-    for p in pairs:
-        found = p.by_threshold.get(k)
-        if p.predicted and found is not None:
-            b, s = score_components(found, p.prob, config)
-            ids += [p.image_id] * len(b)
-            boxes.append(b)
-            scores.append(s)
-    return np.array(ids, dtype=object), np.concatenate(boxes), np.concatenate(scores)
+def class_boxes(maps: ClassMaps, threshold: float, config: BoxConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image ids, boxes, scores): what localize would write for these maps with ``config`` cut
+    at ``threshold``: :func:`~cxrcam.boxes.score_components` per image, vectorised where an
+    image has one component (no NMS or top-k to apply), per image where it has several."""
+    owner, rows = maps.by_threshold.get(_INDEX[threshold], (np.zeros(0, np.int64), np.zeros((0, 9))))
+    keep, boxes, stat = rate_components(rows, config)
+    owner = owner[keep]
+    scores = maps.probs[owner] * stat
+    several = np.bincount(owner, minlength=len(maps.probs))[owner] > 1
+    parts = [(owner[~several], np.zeros((~several).sum(), np.int64), boxes[~several], scores[~several])]
+    for p in np.unique(owner[several]):
+        b, s = select_boxes(boxes[owner == p], scores[owner == p], config.top_k, config.nms_iou)
+        parts.append((np.full(len(b), p), np.arange(len(b)), b, s))
+    owner, rank, boxes, scores = (np.concatenate(v) for v in zip(*parts))
+    order = np.lexsort((rank, owner))  # pair by pair, each one's boxes best first, as localize writes them
+    return maps.image_ids[owner[order]], boxes[order].reshape(-1, 4), scores[order]
 
 
-def ap_curve(pairs: list[Pair], truth: dict[str, np.ndarray], config: BoxConfig, iou_thr: float,
+def ap_curve(maps: ClassMaps, truth: dict[str, np.ndarray], config: BoxConfig, iou_thr: float,
              thresholds=SWEEP) -> np.ndarray:
     """AP@iou_thr of one class at each threshold (truth: image_id -> that class's boxes)."""
-    return np.array([ap_of(truth, *class_boxes(pairs, t, config), iou_thr)[0] for t in thresholds])
+    return np.array([ap_of(truth, *class_boxes(maps, t, config), iou_thr)[0] for t in thresholds])
 
 
 def best_threshold(curve: np.ndarray, thresholds=SWEEP) -> tuple[float, float]:
@@ -95,8 +113,8 @@ def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: B
     """For one class: AP against threshold with ``config``'s score and min_area (every 0.01), the
     best threshold, and the best (score, min_area, threshold) of all (the others every 0.05);
     ``config.threshold`` is snapped to the grid."""
-    by_image = truth_by_image(truth)
-    curve = ap_curve(pairs, by_image, config, iou_thr)
+    by_image, maps = truth_by_image(truth), ClassMaps.of(pairs)
+    curve = ap_curve(maps, by_image, config, iou_thr)
     threshold, ap = choose_threshold(curve, config.threshold)
     ap_default = float(curve[SWEEP.index(on_grid(config.threshold))])
     result = {"class_id": class_id, "n_truth": len(truth), "threshold": threshold, "ap": ap,
@@ -106,7 +124,7 @@ def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: B
         for min_area in MIN_AREAS:
             if (score, min_area) == (config.score, config.min_area):
                 continue
-            t, a = best_threshold(ap_curve(pairs, by_image, dataclasses.replace(
+            t, a = best_threshold(ap_curve(maps, by_image, dataclasses.replace(
                 config, score=score, min_area=min_area), iou_thr, COARSE), COARSE)
             if a > best["ap"] + 1e-9:
                 best = {"score": score, "min_area": min_area, "threshold": t, "ap": a}
@@ -118,5 +136,5 @@ def truth_of(truth: pd.DataFrame, class_id: int) -> pd.DataFrame:
     return truth.loc[truth["class_id"] == class_id, ["image_id", "class_id", *BOX_COLUMNS]]
 
 
-__all__ = ["Pair", "SWEEP", "SCORES", "MIN_AREAS", "split_by_threshold", "class_boxes", "ap_curve",
+__all__ = ["Pair", "ClassMaps", "SWEEP", "SCORES", "MIN_AREAS", "class_boxes", "ap_curve",
            "best_threshold", "on_grid", "choose_threshold", "sweep_class", "truth_of"]

@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from cxrcam.data.tables import target_columns
 from cxrcam.errors import CxrcamError
@@ -40,6 +39,8 @@ def assign_folds(images: pd.DataFrame, schema: Schema, n_folds: int = 5, seed: i
         order = np.random.default_rng(seed).permutation(len(groups))
         folds[pool] = (np.argsort(order) % n_folds)[index]
     else:
+        from sklearn.model_selection import StratifiedGroupKFold  # here: a second to import, for prepare alone
+
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         with warnings.catch_warnings():  # small classes with fewer members than folds are fine
             warnings.simplefilter("ignore", UserWarning)

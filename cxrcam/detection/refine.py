@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ensemble_boxes import weighted_boxes_fusion
 
 from cxrcam.boxes import Detections, select_boxes
 from cxrcam.config import RefineConfig
@@ -61,6 +60,8 @@ def merge(boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray, config: Re
     for c in np.unique(classes):
         b, s = boxes[classes == c], scores[classes == c]
         if config.fusion == "wbf" and len(b) > 1:
+            from ensemble_boxes import weighted_boxes_fusion  # here: it imports numba
+
             b, s, _ = weighted_boxes_fusion([np.clip(b / size, 0, 1)], [s], [np.zeros(len(b))],
                                             iou_thr=config.iou, skip_box_thr=0.0)
             b = b * size

@@ -19,7 +19,6 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from cxrcam.boxes import scale_boxes
 from cxrcam.data.images import IMAGE_SUFFIXES
@@ -159,6 +158,8 @@ def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Sc
         heat = np.max(cams, axis=0)
         above = cams >= np.asarray(threshold, np.float32).reshape(-1, 1, 1)  # one threshold, or one per map
         mask = np.where(above.any(0), image, 0).astype(np.uint8)
+    from pytorch_grad_cam.utils.image import show_cam_on_image  # here: the library imports sklearn and matplotlib
+
     pred = show_cam_on_image(grey.astype(np.float32) / 255, heat, use_rgb=False)
     if cam_boxes is not None and len(cam_boxes[0]):
         faint = pred.copy()
