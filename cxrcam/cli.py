@@ -7,6 +7,7 @@ keys) print one ``Error:`` line and exit 1, never a traceback.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from pathlib import Path
 
@@ -411,7 +412,7 @@ def report(run_dir: Path, out: Path, embed: bool, max_pictures: int) -> None:
 @click.argument("overrides", nargs=-1)
 def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector_epochs: int, model: str, seed: int,
          overrides: tuple[str, ...]) -> None:
-    """Run the whole pipeline on built-in synthetic data (offline; about 13 minutes on 2 idle CPU cores).
+    """Run the whole pipeline on built-in synthetic data (offline; about 11 minutes on 2 idle CPU cores).
 
     \b
     Every stage is the real command, printed before it runs: synth (train + held-out test set),
@@ -443,7 +444,6 @@ def run_in_process(args: list[str]) -> int:
     settings (deterministic algorithms, cuDNN benchmark) are put back afterwards, so that one
     command does not leak them into the next. ``cxrcam demo`` runs its stages this way, so that
     torch and timm are imported once, not once per stage (about 5 s each on 2 cores)."""
-    import sys
 
     def flags():
         torch = sys.modules.get("torch")
