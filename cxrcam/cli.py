@@ -87,12 +87,21 @@ def main() -> None:
               help="Typical image side in pixels (VinBigData images vary around it).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="vinbig: train.csv + train/, or a labelled held-out set as test.csv + test/.")
+@click.option("--normal-fraction", type=click.FloatRange(0, 1), default=2 / 3, show_default="2/3",
+              help="Share of images without findings; VinBigData's real share is 0.7 (10,606 of 15,000).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already in --out (refused otherwise).")
-def synth(fmt: str, out: Path, n_images: int, seed: int, size: int, split: str, overwrite: bool) -> None:
-    """Write a synthetic chest X-ray dataset in a real dataset layout."""
+def synth(fmt: str, out: Path, n_images: int, seed: int, size: int, split: str, normal_fraction: float,
+          overwrite: bool) -> None:
+    """Write a synthetic chest X-ray dataset in a real dataset layout.
+
+    \b
+    cxrcam synth --out data/train --n-images 600
+    cxrcam synth --out data/field --n-images 3000 --normal-fraction 0.7   # VinBigData's share of normal images
+    """
     from cxrcam.data.synth import synthesize
 
-    synthesize(fmt, out, n_images, seed=seed, size=size, split=split, overwrite=overwrite)
+    synthesize(fmt, out, n_images, seed=seed, size=size, split=split, overwrite=overwrite,
+               normal_fraction=normal_fraction)
     click.echo(f"wrote {n_images} {fmt} images to {out}")
 
 
@@ -409,9 +418,11 @@ def report(run_dir: Path, out: Path, embed: bool, max_pictures: int) -> None:
               help="Faster R-CNN epochs (the slowest stage on a CPU).")
 @click.option("--model", default="resnet10t", show_default=True, help="timm name of the classifier and detector backbone.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--normal-fraction", type=click.FloatRange(0, 1),
+              help="Share of normal images in both synthetic sets [synth's 2/3]; 0.7 is VinBigData's.")
 @click.argument("overrides", nargs=-1)
 def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector_epochs: int, model: str, seed: int,
-         overrides: tuple[str, ...]) -> None:
+         normal_fraction: float | None, overrides: tuple[str, ...]) -> None:
     """Run the whole pipeline on built-in synthetic data (offline; about 11 minutes on 2 idle CPU cores).
 
     \b
@@ -426,7 +437,7 @@ def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector
     from cxrcam.pipeline import PipelineSettings, run_command, run_pipeline, summary_table
 
     summary = run_pipeline(PipelineSettings(out, n_images, size, epochs, detector_epochs, seed, model,
-                                            overrides=list(overrides), n_test=n_test))
+                                            overrides=list(overrides), n_test=n_test, normal_fraction=normal_fraction))
     report = out / "report.html"
     run_command("report", "--run", out, "--out", report)
     click.echo(f"\ndemo finished in {summary['seconds'] / 60:.1f} min; every figure is on the {n_test} held-out "

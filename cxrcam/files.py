@@ -48,6 +48,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temporaries(*folders: str | Path) -> int:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that writes cut short by a kill left
+    in ``folders``, with one warning; returns how many. Call it before resuming work there, never
+    while another process writes to the same folder."""
+    import warnings
+
+    stale = [p for folder in folders for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    if stale:
+        warnings.warn(f"{Path(folders[0])}: removed {len(stale)} partly written file(s) an interrupted run left",
+                      stacklevel=2)
+    return len(stale)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

@@ -43,6 +43,7 @@ class PipelineSettings:
     # the detector's RoI heads also train on the classifier's calibrated CAM proposals
     # (detector.cam_proposals_from): off, as with truth boxes on every image it cost 0.02 mAP (BENCHMARKS)
     cam_proposals: bool = False
+    normal_fraction: float | None = None  # share of normal images in both synthetic sets (None: synth's default)
 
 
 def run_command(*args: Any) -> None:
@@ -67,10 +68,11 @@ def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
     n_test = s.n_test or max(10, s.n_images // 2)
     classifier, detector = out / "runs" / "classifier", out / "runs" / "detector"
     train, test = out / "cache" / "train", out / "cache" / "test"
+    normal = [] if s.normal_fraction is None else ["--normal-fraction", s.normal_fraction]
     for split, n, seed in (("train", s.n_images, s.seed), ("test", n_test, s.seed + 1000)):
         if not (s.reuse and (out / "cache" / split / "cache.json").is_file()):
             run_command("synth", "--out", out / "data" / split, "--n-images", n, "--seed", seed,
-                        "--size", int(s.size * 1.5), "--split", split, "--overwrite")
+                        "--size", int(s.size * 1.5), "--split", split, *normal, "--overwrite")
             run_command("prepare", "--dataset", "vinbig", "--root", out / "data" / split, "--out", out / "cache" / split,
                         "--size", s.size, *cfg, *common)
     if not (s.reuse and (classifier / "best.pt").is_file()):

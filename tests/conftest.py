@@ -91,7 +91,8 @@ def nih_model(tmp_path_factory) -> tuple[Path, Path]:
 
 
 DETECTOR = ["detector.backbone=resnet10t", "detector.epochs=2", "detector.batch_size=16", "detector.workers=0",
-            "detector.warmup_iters=3", "detector.rois_per_image=32", "detector.channels=32", "detector.head_size=128"]
+            "detector.warmup_iters=3", "detector.rois_per_image=32", "detector.channels=32", "detector.head_size=128",
+            "detector.score_thresh=0.001"]  # a 2-epoch detector scores low: keep its boxes, whatever the machine
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +102,28 @@ def vinbig_detector(vinbig_model, tmp_path_factory) -> Path:
     result = cxrcam("train-detector", "--data", str(vinbig_model[0]), "--out", str(out), *DETECTOR, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def uneven_folder(vinbig_model, tmp_path_factory) -> tuple[Path, float]:
+    """(a plain folder of 3 of vinbig_model's DICOMs, an operating point boxes.min_prob): ``a`` and
+    ``c`` have a class above it, ``b`` is a normal image with none. Under torchrun with 2 ranks and
+    batch 2, rank 0 takes a and c (fewer images than ranks x batch) and rank 1 takes b alone: a
+    whole shard that needs no class map."""
+    import shutil
+
+    from cxrcam.data.cache import open_cache
+    from cxrcam.train.classifier import predict
+
+    cache_dir, ckpt = vinbig_model
+    cache = open_cache(cache_dir)
+    top = predict(ckpt, cache_dir, workers=0, progress=False).set_index("image_id").max(axis=1)
+    boxed = set(cache.boxes["image_id"])
+    normal = top[~top.index.isin(boxed)].sort_values()
+    abnormal = top[top.index.isin(boxed)].sort_values(ascending=False)
+    min_prob = float(normal.iloc[0] + abnormal.iloc[1]) / 2  # between b's highest class and a's, c's
+    assert abnormal.iloc[1] > normal.iloc[0], "no normal image scores below two abnormal ones"
+    folder = tmp_path_factory.mktemp("uneven")
+    for name, image_id in zip("abc", (abnormal.index[0], normal.index[0], abnormal.index[1])):
+        shutil.copy(cache_dir.parent / "data" / "train" / f"{image_id}.dicom", folder / f"{name}.dicom")
+    return folder, min_prob

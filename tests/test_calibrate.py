@@ -185,6 +185,24 @@ def test_calibrate_then_localize_reproduces_its_ap(vinbig_model, tmp_path):
         assert row["maxboxacc_v2"] == pytest.approx(np.mean([row[f"boxacc@{d}"] for d in IOU_DELTAS]))
 
 
+def test_calibrate_at_batch_size_one_with_a_strict_operating_point(vinbig_model, tmp_path):
+    """The validation fold at batch size 1 under boxes.min_prob=0.99: its normal images need no
+    class map (a batch of none); the calibration is the one batch 16 gives."""
+    cache, ckpt = vinbig_model
+    saved = {}
+    for batch in ("1", "16"):
+        out = tmp_path / f"b{batch}.json"
+        result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(out),
+                        "--batch-size", batch, "boxes.min_prob=0.99", "cam.workers=0")
+        assert result.returncode == 0, result.stderr
+        saved[batch] = json.loads(out.read_text())
+    assert saved["1"]["images"] == saved["16"]["images"] > 0
+    rounded = {b: json.loads(json.dumps({k: s[k] for k in ("classes", "maxboxacc", "mean_ap")}),
+                             parse_float=lambda v: round(float(v), 5)) for b, s in saved.items()}
+    assert rounded["1"] == rounded["16"]
+    assert any(r["maxboxacc_v2"] > 0 for r in rounded["1"]["maxboxacc"])  # the truth classes' maps were made
+
+
 def test_threshold_option_errors(vinbig_model, tmp_path):
     cache, ckpt = vinbig_model
     for value, message in (("1.5", "not in [0, 1]"), ("nofile.json", "neither a number")):

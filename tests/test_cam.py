@@ -140,3 +140,38 @@ def test_classes_chosen_from_the_logits(fast):
     assert chosen.classes == top_two(everything.logits) and 2 <= len(chosen.classes) <= 6
     assert torch.allclose(chosen.logits, everything.logits, atol=1e-5)
     assert torch.allclose(chosen.cams, everything.cams[:, chosen.classes], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "layercam"])
+def test_no_class_asked_is_a_normal_case(method):
+    """A batch of normal images needs no map: B x 0 x H x W maps and the logits, from a list or
+    from a rule on the logits, on the fast path and through pytorch-grad-cam."""
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", 14).eval()
+    images = torch.rand(2, 1, 64, 64)
+    cam = create_cam(model, method)
+    assert isinstance(cam, FastCAM if method == "gradcam++" else LibraryCAM)
+    for classes in ([], lambda logits: []):
+        out = cam(images, classes)
+        assert out.cams.shape == (2, 0, 64, 64) and out.cams.dtype == torch.float32 and out.classes == []
+        with torch.no_grad():
+            assert torch.allclose(out.logits, model(images), atol=1e-5)
+    assert compute_cams(model, images, method, classes=[]).shape == (2, 0, 64, 64)
+
+
+def test_the_probe_pass_is_small_and_falls_back_to_the_batch():
+    """compute_cams probes the head on one 64 px image, not on the batch; a model that refuses that
+    size is probed on one image of the batch."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=14).eval()
+    seen = []
+    hook = model.conv1.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    images = torch.rand(3, 3, 96, 96)
+    maps = compute_cams(model, images, classes=[2])
+    hook.remove()
+    assert seen == [(1, 3, 64, 64), (3, 3, 96, 96)] and maps.shape == (3, 1, 96, 96)
+    fixed = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 94 * 94, 14))
+    with pytest.raises(RuntimeError):
+        fixed(torch.rand(1, 3, 64, 64))  # a head sized for 96 px inputs
+    info = probe(fixed.eval(), torch.rand(2, 3, 96, 96))
+    assert info.head is fixed[2] and not info.linear_head

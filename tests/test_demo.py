@@ -8,14 +8,19 @@ import sys
 import pytest
 
 from cxrcam.data.cache import open_cache
+from cxrcam.data.tables import target_columns
 from cxrcam.outputs.submission import read_submission
 
 
 def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
+    """Every command on the field's shape: 70% normal images (VinBigData's share), heat maps one
+    image at a time and a strict operating point (boxes.min_prob=0.99), so most CAM batches of
+    every stage need no class map."""
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "cxrcam", "demo", "--out", str(out), "--n-images", "20",
-                             "--n-test", "10", "--size", "64", "--epochs", "2", "--detector-epochs", "1", "split.n_folds=2", "train.workers=0",
-                             "cam.workers=0", "detector.workers=0"],
+                             "--n-test", "10", "--size", "64", "--epochs", "2", "--detector-epochs", "1",
+                             "--normal-fraction", "0.7", "split.n_folds=2", "train.workers=0", "cam.workers=0",
+                             "cam.batch_size=1", "boxes.min_prob=0.99", "detector.workers=0"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("synth", "prepare", "train-classifier", "calibrate", "localize", "train-detector", "refine",
@@ -36,6 +41,10 @@ def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
     assert len(list((out / "localize").glob("gtimage_*.png"))) == 10
     # honest folder names: the held-out images are not in a folder named train
     assert sorted(p.name for p in (out / "data" / "test").iterdir()) == ["test", "test.csv"]
+    for split in ("train", "test"):  # the field's share of normal images, as asked
+        assert "--normal-fraction 0.7" in result.stdout
+        cache = open_cache(out / "cache" / split)
+        assert cache.images[target_columns(cache.schema)].sum(axis=1).eq(0).mean() >= 0.5
     # it ends with the report, summary first, and says to open it
     assert f"open first: {out / 'report.html'}" in result.stdout
     assert '<section id="summary">' in (out / "report.html").read_text()

@@ -25,6 +25,7 @@ from cxrcam.errors import CxrcamError
 from cxrcam.files import save_checkpoint
 from cxrcam.models import create_classifier
 from cxrcam.runtime import dist
+from cxrcam.train.classifier import predict
 from cxrcam.train.detector import DetectionDataset, _supervision, box_transforms, jitter_boxes
 
 
@@ -222,8 +223,9 @@ def test_mixed_supervision_uses_pseudo_boxes_only_on_unboxed_images(vinbig_model
     negatives; "none" withholds every box, validation included; proposals come from one pass."""
     cache_dir, ckpt = vinbig_model
     cache = open_cache(cache_dir)
-    config = load_config(overrides=["cam.workers=0", "detector.box_images=40", f"detector.pseudo_from={ckpt}",
-                                    f"detector.cam_proposals_from={ckpt}", "boxes.min_prob=0.3"])
+    config = load_config(overrides=["cam.workers=0", "cam.batch_size=1", "detector.box_images=40",
+                                    f"detector.pseudo_from={ckpt}", f"detector.cam_proposals_from={ckpt}",
+                                    "boxes.min_prob=0.3"])
     folds = cache.images["fold"].to_numpy()
     train_rows, val_rows = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
     info = dist.setup()
@@ -252,10 +254,19 @@ def test_mixed_supervision_uses_pseudo_boxes_only_on_unboxed_images(vinbig_model
     weights = DetectionDataset(cache, sup.train_rows, sup.boxes, sup.pseudo, 0.5).targets
     assert sorted({float(t["weight"]) for t in weights}) == [0.5, 1.0]
 
-    none = load_config(overrides=["cam.workers=0", "detector.box_images=none", f"detector.pseudo_from={ckpt}"])
+    # batch size 1: a normal image has no labelled class, so its batch needs no class map
+    none = load_config(overrides=["cam.workers=0", "cam.batch_size=1", "detector.box_images=none",
+                                  f"detector.pseudo_from={ckpt}"])
     sup = _supervision(cache, none, info, train_rows, val_rows, tmp_path / "none", resume=False, progress=False)
     assert (sup.boxes["rad_id"] == "cam").all() and sup.source == "cam pseudo-boxes"
     assert set(ids[val_rows][labels[val_rows].any(1)]) <= sup.pseudo  # validation has no truth boxes either
+    # a strict operating point at batch size 1: most batches need no class map, few images get proposals
+    strict = load_config(overrides=["cam.workers=0", "cam.batch_size=1", f"detector.cam_proposals_from={ckpt}",
+                                    "boxes.min_prob=0.99"])
+    sup = _supervision(cache, strict, info, train_rows, val_rows, tmp_path / "strict", resume=False, progress=False)
+    confident = set(predict(ckpt, cache_dir, workers=0, progress=False).set_index("image_id").max(axis=1)
+                    .loc[lambda p: p > 0.99].index)
+    assert set(sup.proposals) <= confident and len(sup.train_rows) == len(train_rows)
     with pytest.raises(CxrcamError, match="withholds every box: set detector.pseudo_from"):
         _supervision(cache, load_config(overrides=["detector.box_images=none"]), info, train_rows, val_rows,
                      tmp_path / "x", resume=False, progress=False)

@@ -212,27 +212,55 @@ def test_user_mistakes_are_one_line(vinbig_model, nih_model, tmp_path):
     assert not (tmp_path / "t" / "submission.csv").exists()
 
 
-def test_torchrun_shards_and_merges_one_submission(vinbig_model, tmp_path):
-    cache, ckpt = vinbig_model
-    common = ["--checkpoint", str(ckpt), "--data", str(cache), "--no-images", "--batch-size", "1",
-              "boxes.min_prob=0.05", "cam.workers=0"]
-    single = cxrcam("localize", "--out", str(tmp_path / "one"), *common)
+def test_torchrun_uneven_shards_merge_one_submission(vinbig_model, uneven_folder, tmp_path):
+    """3 images on 2 ranks at batch 2 (fewer than ranks x batch); rank 1's whole shard is a normal
+    image that needs no class map. The merged outputs are the single process's at batch 1."""
+    folder, min_prob = uneven_folder
+    ckpt = vinbig_model[1]
+    common = ["--checkpoint", str(ckpt), "--data", str(folder), "--no-images", f"boxes.min_prob={min_prob}",
+              "cam.workers=0"]
+    single = cxrcam("localize", "--out", str(tmp_path / "one"), "--batch-size", "1", *common)
     assert single.returncode == 0, single.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cxrcam",
-                          "localize", "--out", str(tmp_path / "two"), *common],
+                          "localize", "--out", str(tmp_path / "two"), "--batch-size", "2", *common],
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr
     one, two = (read_submission(tmp_path / d / "submission.csv") for d in ("one", "two"))
     key = ["image_id", "class_id", "x_min", "y_min", "x_max", "y_max"]
     one, two = (t.sort_values(key).reset_index(drop=True) for t in (one, two))
-    assert len(one) == len(two) > 0 and one["image_id"].nunique() == two["image_id"].nunique()
+    assert sorted(one["image_id"].unique()) == ["a", "b", "c"]
+    assert set(one.loc[one["class_id"] < 14, "image_id"]) == {"a", "c"}  # b: its "No finding" row alone
+    assert (one.groupby("image_id")["class_id"].apply(lambda c: (c == 14).sum()) == 1).all()
     pd.testing.assert_frame_equal(one, two, check_exact=False, atol=1e-5)
-    for name in ["probabilities.csv", "bb_results.csv"]:
-        a, b = (pd.read_csv(tmp_path / d / name).sort_values(["image_id"], kind="stable").reset_index(drop=True)
-                for d in ("one", "two"))
-        assert len(a) == len(b) > 0
-        pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
+    a, b = (pd.read_csv(tmp_path / d / "probabilities.csv").sort_values("image_id").reset_index(drop=True)
+            for d in ("one", "two"))
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
     assert not (tmp_path / "two" / ".parts").exists()
+
+
+def test_batch_size_one_short_last_batch_and_a_strict_operating_point(vinbig_model, tmp_path):
+    """The field's shape: most images normal, so at batch size 1 most batches need no class map;
+    160 images at batch 53 end with a batch of one; boxes.min_prob=0.99 predicts almost nothing.
+    Every image keeps its row, and the batch size changes nothing."""
+    cache, ckpt = vinbig_model
+    n = len(open_cache(cache).images)
+
+    def run(name: str, batch: int, min_prob: float) -> pd.DataFrame:
+        result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(tmp_path / name),
+                        "--no-images", "--batch-size", str(batch), f"boxes.min_prob={min_prob}", "cam.workers=0")
+        assert result.returncode == 0, result.stderr
+        sub = read_submission(tmp_path / name / "submission.csv")
+        assert sub["image_id"].nunique() == n and (sub["class_id"] == 14).sum() == n  # each its "No finding"
+        return sub.sort_values(["image_id", "class_id", "x_min", "y_min"]).reset_index(drop=True)
+
+    strict = run("strict", 1, 0.99)
+    probs = pd.read_csv(tmp_path / "strict" / "probabilities.csv").set_index("image_id")
+    assert (strict["class_id"] < 14).sum() <= 5 * (probs.to_numpy() > 0.99).sum()  # boxes only where p > 0.99
+    median = float(probs.max(axis=1).median())  # about half the images predict nothing
+    by_batch = [run(f"b{batch}", batch, median) for batch in (1, 53, 16)]
+    assert 0 < (by_batch[0]["class_id"] < 14).sum()
+    for other in by_batch[1:]:
+        pd.testing.assert_frame_equal(by_batch[0], other, check_exact=False, atol=1e-5)
 
 
 def test_picture_labels_one_per_class_inside_and_apart():

@@ -113,8 +113,12 @@ def test_interrupted_run_resumes(tmp_path):
     assert 20 <= len(done_before) < 150, "kill landed before or after the run"
     assert not (out / "manifest.csv").exists()
     mtimes = {i: (out / "images" / f"{i}.png").stat().st_mtime_ns for i in done_before}
+    # what a worker killed mid-write leaves (the kill may or may not have left one itself)
+    (out / "images" / ".0a1b2c.png.k3jd9x2.tmp").write_bytes(b"\x89PNG\r\n\x1a\n partial")
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert not list(out.rglob(".*.tmp")), "stale temporaries left in the cache"
+    assert "partly written file(s) an interrupted run left" in resumed.stderr
     cache = open_cache(out)
     assert len(cache.images) == 150 and cache.failures.empty
     assert all((out / "images" / f"{i}.png").stat().st_mtime_ns == t for i, t in mtimes.items())

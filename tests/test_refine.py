@@ -158,16 +158,23 @@ def test_refine_user_errors(vinbig_model, tmp_path):
     assert "Traceback" not in wrong.stderr
 
 
-def test_torchrun_refine_matches_single(vinbig_model, vinbig_detector, refined, tmp_path):
-    cache, classifier = vinbig_model
+def test_torchrun_refine_uneven_shards_and_batch_one(vinbig_model, vinbig_detector, uneven_folder, tmp_path):
+    """refine at batch 1, and under torchrun with 3 images on 2 ranks at batch 2 (rank 1: a normal
+    image that needs no class map and has no CAM proposal): the same detections."""
+    folder, min_prob = uneven_folder
+    args = ["refine", "--classifier", str(vinbig_model[1]), "--detector", str(vinbig_detector / "best.pt"),
+            "--data", str(folder), "--no-images", "cam.workers=0", f"boxes.min_prob={min_prob}"]
+    single = cxrcam(*args, "--out", str(tmp_path / "one"), "--batch-size", "1")
+    assert single.returncode == 0, single.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29547", "-m", "cxrcam", "refine", "--classifier", str(classifier), "--detector",
-                          str(vinbig_detector / "best.pt"), "--data", str(cache), "--no-images", *COMMON,
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=900)
+                          "29547", "-m", "cxrcam", *args, "--out", str(tmp_path / "two"), "--batch-size", "2"],
+                         capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     key = ["image_id", "class_id", "x_min", "y_min", "x_max", "y_max"]
     for name in ("submission.csv", "cam_submission.csv"):
         one, other = (read_submission(d / name).sort_values(key).reset_index(drop=True)
-                      for d in (refined[0], tmp_path / "two"))
-        assert len(one) == len(other) > 160
+                      for d in (tmp_path / "one", tmp_path / "two"))
+        assert sorted(one["image_id"].unique()) == ["a", "b", "c"] and len(one) > 3
+        if name == "cam_submission.csv":  # b predicts no class: no CAM box (its detections are only gated)
+            assert set(one.loc[one["class_id"] < 14, "image_id"]) == {"a", "c"}
         pd.testing.assert_frame_equal(one, other, check_exact=False, atol=1e-4)

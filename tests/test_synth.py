@@ -82,3 +82,22 @@ def test_each_finding_changes_the_image_inside_its_box(fmt):
             inside = diff[max(int(y0) - pad, 0):int(y1) + pad, max(int(x0) - pad, 0):int(x1) + pad].sum()
             assert inside / diff.sum() > 0.9, (name, inside / diff.sum())
             assert (x1 - x0) * (y1 - y0) < 0.5 * 300 * 260 or name == "Emphysema", name
+
+
+def test_normal_fraction_sets_the_share_of_normal_images(tmp_path):
+    """`synth --normal-fraction 0.7`: VinBigData's share of "No finding" images; 0 and 1 are the
+    extremes; out of range is one line. The same seed keeps each image's other draws."""
+    from conftest import cxrcam
+
+    shares = {}
+    for fraction in ("0.7", "1", "0"):
+        out = tmp_path / fraction
+        result = cxrcam("synth", "--out", str(out), "--n-images", "100", "--size", "64", "--seed", "3",
+                        "--normal-fraction", fraction)
+        assert result.returncode == 0, result.stderr
+        table = pd.read_csv(out / "train.csv")
+        shares[fraction] = table.groupby("image_id")["class_id"].apply(lambda s: (s == 14).all()).mean()
+    assert 0.55 <= shares["0.7"] <= 0.85  # binomial(100, 0.7): +- 3 sd
+    assert shares["1"] == 1.0 and shares["0"] == 0.0
+    wrong = cxrcam("synth", "--out", str(tmp_path / "x"), "--normal-fraction", "1.5")
+    assert wrong.returncode != 0 and "--normal-fraction" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -85,8 +85,10 @@ def test_killed_mid_epoch_resumes_exactly(cache, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(pd.read_csv(run / "metrics.csv")) == 1, "the kill should land in epoch 2"
+    (run / ".last.pt.x8k2j1.tmp").write_bytes(b"PK half a checkpoint")  # what a kill during a save leaves
     resumed = cxrcam(*cmd, "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert not list(run.glob(".*.tmp")) and "partly written" in resumed.stderr
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(run / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2

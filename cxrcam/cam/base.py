@@ -66,8 +66,22 @@ def probe(model: nn.Module, example: torch.Tensor | None = None, size: int = 64)
     (the target layer: found by what the model does, not by a name that changes between timm
     versions) and whether the head is pooling + linear (the closed-form condition).
 
-    The pass runs on two images of ``example`` (a batch the model takes), else on random
-    ``size`` x ``size`` images with the channels of the model's first convolution."""
+    The pass runs on one random ``size`` x ``size`` image with the channels of ``example`` (a batch
+    the model takes) or of the model's first convolution: a 64 px probe costs about 3% of one
+    384 px image, where probing on the batch itself cost half a forward pass of a batch of 4. A
+    model that refuses that size (a fixed-size ViT) is probed on one image of ``example``."""
+    param = next(model.parameters())
+    channels = example.shape[1] if example is not None and example.ndim == 4 else _input_channels(model)
+    tiny = torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        return _probe(model, tiny.to(device=param.device, dtype=param.dtype))
+    except Exception:  # noqa: BLE001 - any refusal of the small input: fall back to the user's own batch
+        if example is None:
+            raise
+        return _probe(model, example[:1].to(device=param.device, dtype=param.dtype))
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> Probe:
     captured: dict = {}
     outputs: list[tuple[str, torch.Tensor]] = []
     handles = []
@@ -84,9 +98,7 @@ def probe(model: nn.Module, example: torch.Tensor | None = None, size: int = 64)
     was_training = model.training
     model.eval()
     try:
-        param = next(model.parameters())
-        x = example[:2] if example is not None else torch.rand(2, _input_channels(model), size, size)
-        logits = model(x.to(device=param.device, dtype=param.dtype))
+        logits = model(x)
     finally:
         for h in handles:
             h.remove()
@@ -109,6 +121,8 @@ def scale_cams(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = x - lo
         return x / (_EPS + x.flatten(2).amax(-1)[..., None, None])
 
+    if maps.shape[1] == 0:  # no class asked for (a batch of normal images): empty maps, not an error
+        return maps.new_zeros((maps.shape[0], 0, *size), dtype=torch.float32)
     maps = minmax(maps.float().clamp_min(0))
     if tuple(maps.shape[-2:]) != tuple(size):
         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
@@ -148,7 +162,8 @@ class BaseCAM:
 
     def __call__(self, images: torch.Tensor, classes: Classes = None) -> CamOutput:
         """Scaled maps of ``classes`` (all by default; or a rule on the logits: only the classes
-        some image needs are computed and scaled) and the logits, on the model's device."""
+        some image needs are computed and scaled) and the logits, on the model's device. No class
+        is a normal case (a batch of normal images): the maps are then B x 0 x H x W."""
         images = images.to(self.device)
         logits = self.forward(images)
         chosen = [int(c) for c in (range(logits.shape[1]) if classes is None else

@@ -34,7 +34,7 @@ from cxrcam.config import Config, config_to_dict
 from cxrcam.data.images import read_image, warn_squashed
 from cxrcam.data.tables import BOX_COLUMNS, read_table, report_invalid, require_columns
 from cxrcam.errors import CxrcamError, ImageReadError
-from cxrcam.files import atomic_write_bytes, write_csv, write_json
+from cxrcam.files import atomic_write_bytes, remove_stale_temporaries, write_csv, write_json
 from cxrcam.schemas import Schema, get_schema
 
 CACHE_BOX_COLUMNS = ["cx_min", "cy_min", "cx_max", "cy_max"]
@@ -120,6 +120,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, config: Config = Co
     report_invalid(tables.invalid, out)
     images = assign_folds(tables.images, tables.schema, config.split.n_folds, config.split.seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, out / "images")
     log_path = out / "progress.jsonl"
     done = {k: v for k, v in _read_progress(log_path).items() if (out / "images" / f"{k}.png").is_file()}
     skipped = int(images["image_id"].isin(list(done)).sum())

@@ -3,7 +3,8 @@
 Each image is a chest phantom (body, lungs with vessel markings, mediastinum, heart, aortic
 knob, ribs, diaphragm, noise) rendered as a density map (bright = dense). A finding changes
 the anatomy where it plausibly lies, with a look of its own, and its box is the extent of that
-change. About two thirds of images are normal; abnormal ones carry one to three findings.
+change. Two thirds of images are normal by default (``normal_fraction``; VinBigData's real share
+is 0.71: 10,606 of 15,000); abnormal ones carry one to three findings.
 VinBigData output is 16-bit DICOM of varying non-square size (some MONOCHROME1, some with
 window or rescale tags) with three readers' jittered boxes per finding; NIH output is PNG
 with ``Data_Entry_2017.csv``, ``BBox_List_2017.csv`` and official-style split lists.
@@ -24,6 +25,7 @@ from cxrcam.errors import CxrcamError
 from cxrcam.schemas import NIH, VINBIG
 
 Box = tuple[float, float, float, float]
+NORMAL_FRACTION = 2 / 3  # share of images without findings, unless asked otherwise
 
 
 @dataclass
@@ -148,7 +150,7 @@ def calcification(d, a, rng):  # cluster of tiny, very dense dots
     cx, cy, _ = _in_lung(a, rng)
     mask = np.zeros((a.h, a.w), bool)
     for _ in range(int(rng.integers(3, 7))):
-        r = rng.uniform(0.005, 0.009)
+        r = max(rng.uniform(0.005, 0.009), 1 / a.w)  # at least a pixel: small images still show every dot
         mask |= _ellipse(u, v, cx + rng.normal(0, 0.02), cy + rng.normal(0, 0.02), r, r * a.w / a.h)
     d[mask] += 0.65
     return _bbox(mask)
@@ -285,7 +287,7 @@ class SynthImage:
 
 
 def synth_image(fmt: str, h: int, w: int, rng: np.random.Generator,
-                normal_fraction: float = 2 / 3) -> SynthImage:
+                normal_fraction: float = NORMAL_FRACTION) -> SynthImage:
     """One phantom; findings drawn uniformly, 1-3 of them on abnormal images."""
     d, anatomy = render_normal(h, w, rng)
     looks = list(LOOKS[fmt].values())
@@ -357,14 +359,18 @@ def write_dicom(path: Path, density: np.ndarray, rng: np.random.Generator) -> No
 
 
 def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: int = 512,
-               progress: bool = True, split: str = "train", overwrite: bool = False) -> Path:
-    """Write a dataset of ``n_images`` phantoms in the real layout of ``fmt`` (vinbig, nih).
+               progress: bool = True, split: str = "train", overwrite: bool = False,
+               normal_fraction: float = NORMAL_FRACTION) -> Path:
+    """Write a dataset of ``n_images`` phantoms in the real layout of ``fmt`` (vinbig, nih), each
+    normal with probability ``normal_fraction`` (an image's other draws do not depend on it).
     VinBigData ``split="test"``: a labelled held-out set, ``test.csv`` + ``test/``. A folder that
     already holds a dataset is refused unless ``overwrite`` (its tables would no longer match)."""
     if fmt not in LOOKS:
         raise CxrcamError(f"unknown synthetic format {fmt!r}; choose vinbig or nih")
     if n_images < 1:
         raise CxrcamError("--n-images must be at least 1")
+    if not 0 <= normal_fraction <= 1:
+        raise CxrcamError(f"--normal-fraction must be in [0, 1], got {normal_fraction}")
     out = Path(out)
     if split not in ("train", "test") or (split == "test" and fmt != "vinbig"):
         raise CxrcamError(f"split {split!r}: vinbig writes train or test, nih writes its released layout")
@@ -372,13 +378,14 @@ def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: in
     if table.exists() and not overwrite:
         raise CxrcamError(f"{table} exists: {out} already holds a dataset; choose another --out or pass --overwrite")
     if fmt == "vinbig":
-        _write_vinbig(out, n_images, seed, size, progress, split)
+        _write_vinbig(out, n_images, seed, size, progress, split, normal_fraction)
     else:
-        _write_nih(out, n_images, seed, size, progress)
+        _write_nih(out, n_images, seed, size, progress, normal_fraction)
     return out
 
 
-def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split: str) -> None:
+def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split: str,
+                  normal_fraction: float) -> None:
     (out / split).mkdir(parents=True, exist_ok=True)
     readers = [f"R{i}" for i in range(1, 18)]
     rows = []
@@ -386,7 +393,7 @@ def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split
         rng = np.random.default_rng([seed, i])
         w = int(size * rng.uniform(0.8, 1.15))
         h = int(w * rng.uniform(1.0, 1.3))  # portrait, non-square, like most VinBigData films
-        img = synth_image("vinbig", h, w, rng)
+        img = synth_image("vinbig", h, w, rng, normal_fraction)
         image_id = _image_id(seed, i)
         write_dicom(out / split / f"{image_id}.dicom", img.density, rng)
         rads = rng.choice(readers, size=3, replace=False)
@@ -407,7 +414,7 @@ def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split
         writer.writerows(rows)
 
 
-def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool) -> None:
+def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool, normal_fraction: float) -> None:
     (out / "images").mkdir(parents=True, exist_ok=True)
     box_classes = {"Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
                    "Pneumonia", "Pneumothorax"}
@@ -420,7 +427,7 @@ def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool) -> None:
         else:
             follow += 1
         name = f"{patient:08d}_{follow:03d}.png"
-        img = synth_image("nih", size, size, rng)
+        img = synth_image("nih", size, size, rng, normal_fraction)
         cv2.imwrite(str(out / "images" / name), np.round(img.density * 255).astype(np.uint8))
         labels = sorted({NIH.findings[c] for c, _ in img.findings}) or ["No Finding"]
         entries.append((name, "|".join(labels), follow, patient, int(rng.integers(20, 80)),

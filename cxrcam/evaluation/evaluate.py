@@ -128,41 +128,60 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
     """All metrics that the inputs allow, as a dict; with ``out``, also metrics.json, metrics.md
     and (``plots``) the AP and PR-curve plots there."""
     submission, found_probs, peaks, settings = _prediction_files(Path(pred))
-    pred_dir = Path(pred) if Path(pred).is_dir() else None
-    probs = Path(probs) if probs else found_probs
     truth = read_ground_truth(gt, config)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
     report_invalid(truth.invalid, out)
-    schema = truth.schema
-    if fmt == "rsna" and schema is not RSNA:
-        raise CxrcamError(f"--format rsna needs RSNA ground truth; {gt} is {schema.name}")
+    if fmt == "rsna" and truth.schema is not RSNA:
+        raise CxrcamError(f"--format rsna needs RSNA ground truth; {gt} is {truth.schema.name}")
+    dets, counts = _read_submission(submission, truth, fmt, lenient)
+    metrics = {"format": fmt, "ground_truth": str(gt), **counts, "iou_thr": config.eval.iou_thr}
+    voc_truth, per_class = _detection_metrics(truth, dets, fmt, config.eval.iou_thr, metrics)
+    prob_table = _read_probabilities(Path(probs) if probs else found_probs, truth.schema)
+    weak = None
+    if len(truth.boxes):
+        rules = _box_settings(settings, config) if control and truth.sizes else None
+        weak = _weak_metrics(truth, dets, voc_truth, peaks, rules, prob_table, config.eval.iou_thr, metrics)
+    pred_dir = Path(pred) if Path(pred).is_dir() else None
+    if pred_dir is not None and (pred_dir / "maxboxacc.csv").is_file():
+        metrics["maxboxacc"] = pd.read_csv(pred_dir / "maxboxacc.csv").to_dict(orient="records")
+    if prob_table is not None and truth.labels is not None:
+        metrics.update(_auroc(truth, prob_table))
+    metrics = _clean(metrics)
+    if out is not None:
+        _write(out, metrics, weak, per_class if plots else None, truth.schema)
+    return metrics
+
+
+def _read_submission(submission: Path, truth: GroundTruth, fmt: str, lenient: bool) -> tuple[pd.DataFrame, dict]:
+    """The submission's detections of the truth's images, and the counts of what was left out."""
+    schema, truth_ids = truth.schema, set(truth.image_ids)
     n_classes = schema.num_findings + (schema.no_finding_id is not None)
-    truth_ids = set(truth.image_ids)
     dets, listed, skipped = parse_submission(submission, n_classes, truth_ids if truth.complete else None, lenient,
                                              "rsna" if fmt == "rsna" else "vinbig")
     ignored = int((~dets["image_id"].isin(truth_ids)).sum())
     dets = dets[dets["image_id"].isin(truth_ids)]
     unlisted = len(truth_ids - listed)
     if not listed:
-        warnings.warn(f"{submission} has no rows: every image is scored as predicting nothing", stacklevel=2)
+        warnings.warn(f"{submission} has no rows: every image is scored as predicting nothing", stacklevel=3)
     elif unlisted:
         warnings.warn(f"{unlisted} of {len(truth.image_ids)} ground-truth images have no row in {submission}: "
-                      f"scored as predicting nothing", stacklevel=2)
-    iou_thr = config.eval.iou_thr
-    metrics: dict = {"format": fmt, "ground_truth": str(gt), "submission": str(submission), "dataset": schema.name,
-                     "images": len(truth.image_ids), "truth_boxes": len(truth.boxes), "predictions": len(dets),
-                     "predictions_ignored": ignored, "rows_skipped": skipped, "images_not_listed": unlisted,
-                     "truth_rows_invalid": len(truth.invalid),
-                     "iou_thr": iou_thr,
-                     "images_without_prediction": len(truth_ids - set(dets["image_id"]))}
+                      f"scored as predicting nothing", stacklevel=3)
+    return dets, {"submission": str(submission), "dataset": schema.name, "images": len(truth.image_ids),
+                  "truth_boxes": len(truth.boxes), "predictions": len(dets), "predictions_ignored": ignored,
+                  "rows_skipped": skipped, "images_not_listed": unlisted, "truth_rows_invalid": len(truth.invalid),
+                  "images_without_prediction": len(truth_ids - set(dets["image_id"]))}
 
-    voc_truth = truth.boxes
+
+def _detection_metrics(truth: GroundTruth, dets: pd.DataFrame, fmt: str, iou_thr: float, metrics: dict
+                       ) -> tuple[pd.DataFrame, list[ClassAP]]:
+    """VOC mAP (with VinBigData's "No finding" where the truth is complete), COCO or RSNA into
+    ``metrics``; returns the truth the VOC metric scored and its per-class results."""
+    schema, voc_truth = truth.schema, truth.boxes
     if truth.complete and schema.no_finding_id is not None:
         voc_truth = with_no_finding(truth.boxes, truth.image_ids, schema.no_finding_id)
-    score, per_class = voc_map(voc_truth, dets, iou_thr)
-    metrics["map"] = score
+    metrics["map"], per_class = voc_map(voc_truth, dets, iou_thr)
     metrics["ap"] = {schema.class_name(r.class_id): r.ap for r in per_class}
     metrics["n_truth"] = {schema.class_name(r.class_id): r.n_truth for r in per_class}
     if fmt == "coco":
@@ -171,50 +190,59 @@ def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Conf
         metrics["coco_ap40"] = coco_ap(truth.boxes, dets, truth.image_ids, findings, iou_thrs=[0.4])
     if fmt == "rsna":
         metrics["rsna_score"], metrics["rsna_images_scored"] = rsna_score(truth.boxes, dets, truth.image_ids)
+    return voc_truth, per_class
 
-    prob_table = None
-    if probs is not None:
-        prob_table = read_table(probs, dtype={"image_id": str})
-        missing = [c for c in schema.findings if c not in prob_table.columns]
-        if missing:
-            raise CxrcamError(f"{probs}: missing class column(s) {', '.join(missing)}")
-        prob_table = prob_table[["image_id", *schema.findings]]
 
-    weak = None
-    if len(truth.boxes):
-        points = _pointing(truth.boxes, peaks) if peaks is not None else None
-        weak = accuracy_table(truth.boxes, dets, schema, points).assign(source="model")
-        if control and truth.sizes:
-            rules = _box_settings(settings, config)
-            metrics["control_threshold"] = rules.default.threshold
-            metrics["control_calibration"] = rules.default.calibration or None
-            ctrl = random_control(truth.boxes, truth.sizes, schema, rules).assign(source="random map")
-            weak = pd.concat([weak, ctrl], ignore_index=True)
-            if prob_table is not None:  # the same classifier's boxes cut from random maps: the mAP control
-                random_dets = pd.concat([random_detections(prob_table, truth.sizes, rules),
-                                         dets[dets["class_id"] >= schema.num_findings]], ignore_index=True)
-                metrics["control_map"], control_ap = voc_map(voc_truth, random_dets, iou_thr)
-                metrics["control_ap"] = {schema.class_name(r.class_id): r.ap for r in control_ap}
-        metrics["localization"] = weak.to_dict(orient="records")
-    if pred_dir is not None and (pred_dir / "maxboxacc.csv").is_file():
-        metrics["maxboxacc"] = pd.read_csv(pred_dir / "maxboxacc.csv").to_dict(orient="records")
+def _read_probabilities(probs: Path | None, schema: Schema) -> pd.DataFrame | None:
+    if probs is None:
+        return None
+    table = read_table(probs, dtype={"image_id": str})
+    missing = [c for c in schema.findings if c not in table.columns]
+    if missing:
+        raise CxrcamError(f"{probs}: missing class column(s) {', '.join(missing)}")
+    return table[["image_id", *schema.findings]]
 
-    if prob_table is not None and truth.labels is not None:
-        from cxrcam.evaluation.classification import auroc_per_class, mean_auroc  # scikit-learn: 1 s to import
-        joined = truth.labels.merge(prob_table, on="image_id")
-        per = auroc_per_class(joined[target_columns(schema)].to_numpy(), joined[list(schema.findings)].to_numpy())
-        metrics["auroc"] = {c: float(v) for c, v in zip(schema.findings, per)}
-        metrics["mean_auroc"] = mean_auroc(per)
 
-    metrics = _clean(metrics)
-    if out is not None:
-        write_json(out / "metrics.json", metrics)
-        atomic_write_text(out / "metrics.md", markdown(metrics))
-        if weak is not None:
-            write_csv(out / "localization.csv", weak)
-        if plots:
-            _plots(per_class, schema, out)
-    return metrics
+def _weak_metrics(truth: GroundTruth, dets: pd.DataFrame, voc_truth: pd.DataFrame, peaks: Path | None,
+                  rules: BoxRules | None, prob_table: pd.DataFrame | None, iou_thr: float, metrics: dict
+                  ) -> pd.DataFrame:
+    """The ChestX-ray8 accuracies and pointing game, beside the random-map control (``rules``: the
+    box settings the predictions were cut with; None: no control), and the control's mAP."""
+    schema = truth.schema
+    points = _pointing(truth.boxes, peaks) if peaks is not None else None
+    weak = accuracy_table(truth.boxes, dets, schema, points).assign(source="model")
+    if rules is not None:
+        metrics["control_threshold"] = rules.default.threshold
+        metrics["control_calibration"] = rules.default.calibration or None
+        ctrl = random_control(truth.boxes, truth.sizes, schema, rules).assign(source="random map")
+        weak = pd.concat([weak, ctrl], ignore_index=True)
+        if prob_table is not None:  # the same classifier's boxes cut from random maps: the mAP control
+            random_dets = pd.concat([random_detections(prob_table, truth.sizes, rules),
+                                     dets[dets["class_id"] >= schema.num_findings]], ignore_index=True)
+            metrics["control_map"], control_ap = voc_map(voc_truth, random_dets, iou_thr)
+            metrics["control_ap"] = {schema.class_name(r.class_id): r.ap for r in control_ap}
+    metrics["localization"] = weak.to_dict(orient="records")
+    return weak
+
+
+def _auroc(truth: GroundTruth, prob_table: pd.DataFrame) -> dict:
+    from cxrcam.evaluation.classification import auroc_per_class, mean_auroc  # scikit-learn: 1 s to import
+
+    schema = truth.schema
+    joined = truth.labels.merge(prob_table, on="image_id")
+    per = auroc_per_class(joined[target_columns(schema)].to_numpy(), joined[list(schema.findings)].to_numpy())
+    return {"auroc": {c: float(v) for c, v in zip(schema.findings, per)}, "mean_auroc": mean_auroc(per)}
+
+
+def _write(out: Path, metrics: dict, weak: pd.DataFrame | None, per_class: list[ClassAP] | None,
+           schema: Schema) -> None:
+    """metrics.json, metrics.md, localization.csv and (``per_class`` given) the plots."""
+    write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "metrics.md", markdown(metrics))
+    if weak is not None:
+        write_csv(out / "localization.csv", weak)
+    if per_class is not None:
+        _plots(per_class, schema, out)
 
 
 def headline(m: dict) -> dict[str, tuple[float | None, float | None]]:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrcam.errors import CxrcamError
-from cxrcam.files import load_checkpoint, save_checkpoint, write_csv
+from cxrcam.files import load_checkpoint, remove_stale_temporaries, save_checkpoint, write_csv
 from cxrcam.runtime import dist
 
 # a batch -> ({loss name: scalar}, images in the batch); runs under autocast
@@ -169,6 +169,7 @@ def fit(run: Run, out: str | Path, info: dist.DistInfo, resume: bool = False, pr
     start_epoch, best, history = restore_last(run, out, scaler, info.device) if resume else (0, -math.inf, [])
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)  # a checkpoint cut short by a kill: hundreds of MB for a ResNet-50
     writer = _tensorboard(out) if info.is_main else None
     metrics: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, run.epochs):

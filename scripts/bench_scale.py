@@ -1,0 +1,176 @@
+"""Scale rehearsal (issue 25): a VinBigData-shaped set (70% normal images) through every stage, as
+a user runs it overnight, with what each stage costs.
+
+Two synthetic sets of one seed: ``--n-images`` (default 3,000) and its first ``--small`` (750;
+synth draws each image from its own seed, so the small set is the large one's head). Both are
+prepared at ``--size`` px; the classifier (``--epochs``) and the detector (1 epoch) train on the
+large cache, calibrate runs on its validation fold; localize (with and without pictures), refine,
+evaluate and report run on both caches, so that their peak memory at ``--n-images`` can be set
+against ``--small``. Every stage is the real ``cxrcam`` command in a fresh process.
+
+Per stage: wall seconds, seconds per image, peak RSS of the command's own process (``wait4``:
+exact) and of its whole process tree (DataLoader / prepare workers included; /proc sampled every
+0.2 s, shared pages counted once per process), and the bytes the stage added to its output.
+
+    python scripts/bench_scale.py --out /tmp/scale                # 3,000 + 750 images, 256 px
+    python scripts/bench_scale.py --out /tmp/scale_q --n-images 200 --small 50 --size 128   # a quick try
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and every descendant (read from /proc; 0 for a finished one)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    family, grew = {pid}, True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in family} - family
+        family |= more
+        grew = bool(more)
+    total = 0
+    for p in family:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def folder_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def run_stage(name: str, args: list, images: int, out: Path, log: Path) -> dict:
+    """Run ``cxrcam ARGS`` in a fresh process; its costs."""
+    before = folder_bytes(out)
+    cmd = [sys.executable, "-m", "cxrcam", *map(str, args)]
+    print(f"\n[{name}] $ cxrcam {' '.join(map(str, args))}", flush=True)
+    start = time.perf_counter()
+    with open(log, "a") as sink:
+        sink.write(f"\n$ {' '.join(cmd)}\n")
+        sink.flush()
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        peak = [0]
+
+        def sample():
+            while proc.poll() is None:
+                peak[0] = max(peak[0], tree_rss(proc.pid))
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        sampler.join()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {name} failed (exit {proc.returncode}); see {log}")
+    row = {"stage": name, "images": images, "seconds": round(seconds, 1),
+           "s_per_image": round(seconds / max(images, 1), 4), "peak_rss_mb": round(usage.ru_maxrss / 1024, 0),
+           "tree_rss_mb": round(peak[0] / 2**20, 0), "written_mb": round((folder_bytes(out) - before) / 2**20, 1)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--n-images", type=int, default=3000)
+    parser.add_argument("--small", type=int, default=750)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("overrides", nargs="*", help="section.key=value for every stage")
+    args = parser.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "stages.log"
+    cfg = ["--config", TINY, *args.overrides]
+    rows = []
+
+    def stage(name, cmd, images, target):
+        rows.append(run_stage(name, cmd, images, target, log))
+        (out / "scale.json").write_text(json.dumps({"machine": machine(), "args": vars(args) | {"out": str(out)},
+                                                    "rows": rows}, indent=2, default=str))
+
+    sets = {"large": args.n_images, "small": args.small}
+    for key, n in sets.items():
+        data, cache = out / "data" / key, out / "cache" / key
+        stage(f"synth {key}", ["synth", "--out", data, "--n-images", n, "--seed", args.seed, "--size",
+                               int(args.size * 1.5), "--normal-fraction", 0.7, "--overwrite"], n, data)
+        stage(f"prepare {key}", ["prepare", "--dataset", "vinbig", "--root", data, "--out", cache, "--size",
+                                 args.size, *cfg], n, cache)
+    large, classifier, detector = out / "cache" / "large", out / "runs" / "classifier", out / "runs" / "detector"
+    import pandas as pd
+
+    n_val = int((pd.read_csv(large / "manifest.csv")["fold"] == 0).sum())  # split.val_fold: 0
+    stage("train-classifier", ["train-classifier", "--data", large, "--out", classifier, "--overwrite", *cfg,
+                               f"train.epochs={args.epochs}"], args.n_images * args.epochs, classifier)
+    calibration = out / "calibration.json"
+    stage("calibrate", ["calibrate", "--checkpoint", classifier / "best.pt", "--data", large, "--out", calibration,
+                        *cfg], n_val, calibration)
+    stage("train-detector", ["train-detector", "--data", large, "--out", detector, "--overwrite", *cfg,
+                             "detector.epochs=1", "detector.backbone=resnet10t",
+                             f"detector.init={classifier / 'best.pt'}"], args.n_images, detector)
+    for key, n in sets.items():
+        cache = out / "cache" / key
+        common = ["--data", cache, "--threshold", calibration, *cfg]
+        stage(f"localize {key}", ["localize", "--checkpoint", classifier / "best.pt", "--out", out / f"loc_{key}",
+                                  *common], n, out / f"loc_{key}")
+        stage(f"localize --no-images {key}", ["localize", "--checkpoint", classifier / "best.pt", "--out",
+                                              out / f"loc_noimg_{key}", "--no-images", *common], n,
+              out / f"loc_noimg_{key}")
+        stage(f"refine --no-images {key}", ["refine", "--classifier", classifier / "best.pt", "--detector",
+                                            detector / "best.pt", "--out", out / f"refine_{key}", "--no-images",
+                                            *common], n, out / f"refine_{key}")
+        for kind, folder in (("localize", f"loc_{key}"), ("refine", f"refine_{key}")):
+            stage(f"evaluate {kind} {key}", ["evaluate", "--pred", out / folder, "--gt", cache, "--out",
+                                             out / folder / "eval", *cfg], n, out / folder / "eval")
+    report = out / "report.html"
+    stage("report", ["report", "--run", out, "--out", report], args.n_images + args.small, report)
+    print_table(rows, args)
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def print_table(rows: list[dict], args) -> None:
+    print(f"\n{machine()}; {args.n_images} + {args.small} images at {args.size} px\n")
+    print("| stage | images | s | s / image | peak RSS MB (process) | peak RSS MB (tree) | written MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['stage']} | {r['images']} | {r['seconds']} | {r['s_per_image']} | {r['peak_rss_mb']:.0f} | "
+              f"{r['tree_rss_mb']:.0f} | {r['written_mb']} |")
+    by = {r["stage"]: r for r in rows}
+    print("\npeak RSS (process), large / small:")
+    for name in ("localize", "localize --no-images", "refine --no-images", "evaluate localize", "evaluate refine"):
+        big, small = by.get(f"{name} large"), by.get(f"{name} small")
+        if big and small:
+            print(f"  {name}: {big['peak_rss_mb'] / small['peak_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
