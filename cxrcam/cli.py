@@ -19,6 +19,9 @@ from cxrcam.errors import CxrcamError
 from cxrcam.schemas import PLAIN, SCHEMAS
 
 
+REFINE_DRAW_MIN_SCORE = 0.1  # refine pictures draw the detections scored at least this
+
+
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     """A warning as one line for the user, not the source line that raised it."""
     return f"warning: {message}\n"
@@ -53,6 +56,17 @@ class ThresholdParam(click.ParamType):
         if not 0 <= number <= 1:
             self.fail(f"{number} is not in [0, 1]", param, ctx)
         return number
+
+
+def device_option(func):
+    """``--device``: where the command runs [config: runtime.device]."""
+    return click.option("--device", help="auto (a GPU where torch sees one, else the CPU), cpu, cuda or cuda:N "
+                                         "[config: runtime.device, auto].")(func)
+
+
+def _set_device(config: Config, device: str | None) -> None:
+    if device is not None:
+        config.runtime.device = device
 
 
 def config_options(func):
@@ -134,8 +148,9 @@ def prepare(dataset: str, root: Path, out: Path, size: int | None, workers: int 
               help="Run folder: best.pt, last.pt, metrics.csv, curves.png.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Start a new run in an --out that holds one (refused otherwise).")
+@device_option
 @config_options
-def train_classifier(data: Path, out: Path, resume: bool, overwrite: bool, config: Config) -> None:
+def train_classifier(data: Path, out: Path, resume: bool, overwrite: bool, device: str | None, config: Config) -> None:
     """Fine-tune a timm multi-label classifier (BCE) on a cache; torchrun for several GPUs.
 
     \b
@@ -144,6 +159,7 @@ def train_classifier(data: Path, out: Path, resume: bool, overwrite: bool, confi
     """
     from cxrcam.train.classifier import train_classifier as run
 
+    _set_device(config, device)
     _done(run(config, data, out, resume=resume, overwrite=overwrite), "val_mean_auroc", "validation mean AUROC", out)
 
 
@@ -162,12 +178,13 @@ def _done(metrics: dict, key: str, label: str, out: Path) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV to write.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
-def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: int) -> None:
+@device_option
+def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: int, device: str | None) -> None:
     """Write image-level finding probabilities of a trained classifier."""
     from cxrcam.files import write_csv
     from cxrcam.train.classifier import predict as run
 
-    table = run(checkpoint, data, batch_size=batch_size, workers=workers)
+    table = run(checkpoint, data, batch_size=batch_size, workers=workers, device=device or "auto")
     write_csv(out, table)
     click.echo(f"wrote probabilities of {len(table)} images -> {out}")
 
@@ -178,8 +195,9 @@ def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: i
               help="Run folder: best.pt, last.pt, metrics.csv.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Start a new run in an --out that holds one (refused otherwise).")
+@device_option
 @config_options
-def train_detector(data: Path, out: Path, resume: bool, overwrite: bool, config: Config) -> None:
+def train_detector(data: Path, out: Path, resume: bool, overwrite: bool, device: str | None, config: Config) -> None:
     """Train a torchvision Faster R-CNN (ResNet-50 FPN or timm + FPN) on a cache's boxes.
 
     \b
@@ -193,6 +211,7 @@ def train_detector(data: Path, out: Path, resume: bool, overwrite: bool, config:
     """
     from cxrcam.train.detector import train_detector as run
 
+    _set_device(config, device)
     _done(run(config, data, out, resume=resume, overwrite=overwrite), "val_map",
           f"validation mAP@{config.eval.iou_thr}", out)
 
@@ -214,18 +233,23 @@ def localize_options(func):
         click.option("--no-images", is_flag=True, help="Skip the per-image pictures (faster)."),
         click.option("--picture-size", type=click.IntRange(min=64), default=512, show_default=True,
                      help="Long side of the pictures at least, in pixels (small model inputs are upsampled)."),
+        click.option("--draw-min-score", type=click.FloatRange(0, 1),
+                     help="Draw only boxes scored at least this; submission.csv keeps every box "
+                          "[default: 0.1 for refine, 0 for localize]."),
         click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch [config: cam.batch_size, 16]."),
     ]
     for option in reversed(options):
         func = option(func)
-    return config_options(func)
+    return config_options(device_option(func))
 
 
 def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, threshold: float | Path | None,
               method: str | None, dataset: str | None, classes: str | None, no_images: bool, picture_size: int,
-              batch_size: int | None, config: Config, show_proposals: bool = False) -> None:
+              draw_min_score: float | None, batch_size: int | None, device: str | None, config: Config,
+              show_proposals: bool = False) -> None:
     from cxrcam.localize import localize as run
 
+    _set_device(config, device)
     if isinstance(threshold, Path):
         config.boxes.calibration = str(threshold)
     elif threshold is not None:
@@ -235,8 +259,11 @@ def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, th
     if batch_size is not None:
         config.cam.batch_size = batch_size
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if draw_min_score is None:  # a weak detector's boxes go down to 0.06: not worth a reader's look
+        draw_min_score = REFINE_DRAW_MIN_SCORE if detector else 0.0
     summary = run(checkpoint, data, out, config, dataset=dataset, classes=names, pictures=not no_images,
-                  detector=detector, picture_size=picture_size, show_proposals=show_proposals)
+                  detector=detector, picture_size=picture_size, show_proposals=show_proposals,
+                  draw_min_score=draw_min_score)
     if summary is None:
         return
     click.echo(f"{'refined' if detector else 'localized'} {summary.images} images ({summary.failed} failed) "
@@ -283,19 +310,27 @@ def localize(checkpoint: Path, **kwargs) -> None:
                    "and min_area where another does better.")
 @click.option("--min-boxes", type=click.IntRange(min=1), default=5, show_default=True,
               help="A class with fewer truth boxes takes the threshold best for all classes together.")
+@click.option("--maps", multiple=True, metavar="METHOD[@LAYER[,LAYER]]",
+              help="A candidate heat map (repeat for several), tried beside the configured cam.method/target_layer: "
+                   "e.g. --maps layercam@layer3 --maps layercam@layer3,layer4 (fused). Default: LayerCAM at the "
+                   "backbone's next-to-last stage, alone and fused with the last; --maps none: the configured map only.")
 @click.option("--dataset", type=click.Choice(list(SCHEMAS)), help="Layout of a --data dataset folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch [config: cam.batch_size, 16].")
+@device_option
 @config_options
-def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, min_boxes: int, dataset: str | None,
-              batch_size: int | None, config: Config) -> None:
-    """Choose each class's heat map threshold on a small boxed set, for `localize --threshold FILE`.
+def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, min_boxes: int, maps: tuple[str, ...],
+              dataset: str | None, batch_size: int | None, device: str | None, config: Config) -> None:
+    """Choose the heat map and each class's threshold on a small boxed set, for `localize --threshold FILE`.
 
     \b
-    The maps of the boxed images are computed once; boxes are re-cut at every threshold from 0.05
-    to 0.95 and scored with AP@0.4 per class (VinBigData's metric); each class gets the threshold
-    of its best AP, and the other box scores and min_area values are tried and reported. Also
-    reports MaxBoxAccV2 (Choe et al., CVPR 2020) beside its random-map control. Writes the
-    calibration file, <name>.png (AP against threshold per class) and <name>_box_accuracy.png.
+    For every candidate map (the configured one and --maps) the boxed images' maps are computed
+    once; boxes are re-cut at every threshold from 0.05 to 0.95 and scored with AP@0.4 per class
+    (VinBigData's metric), on all images and on each half. A map or a class's threshold replaces
+    the configured one only where it wins on the half it was not chosen on (both ways), so a few
+    boxes cannot be overfitted; the other box scores and min_area values are tried and reported.
+    Also reports MaxBoxAccV2 (Choe et al., CVPR 2020) of each map beside its random-map control.
+    Writes the calibration file (localize, refine and pseudo-boxes then use its map and
+    thresholds), <name>.png (AP against threshold per class) and <name>_box_accuracy.png.
     cxrcam calibrate --checkpoint runs/clf/best.pt --data cache/train --out calibration.json
     cxrcam localize --checkpoint runs/clf/best.pt --data cache/test --out loc/ --threshold calibration.json
     """
@@ -303,8 +338,19 @@ def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, m
 
     if batch_size is not None:
         config.cam.batch_size = batch_size
-    result = run(checkpoint, data, out, config, dataset=dataset, fold=fold, min_boxes=min_boxes, search=search)
+    _set_device(config, device)
+    candidates = None if not maps else [] if list(maps) == ["none"] else list(maps)
+    result = run(checkpoint, data, out, config, dataset=dataset, fold=fold, min_boxes=min_boxes, search=search,
+                 maps=candidates)
     click.echo(f"calibrated on {result.images} images in {result.seconds:.0f}s -> {out}")
+    click.echo(f"{'heat map':<32}  held-out AP (at {config.boxes.threshold} / calibrated)  MaxBoxAccV2 (random maps)")
+    for m in result.maps:
+        name = m["method"] + (f"@{m['target_layer']}" if m["target_layer"] else "")
+        mark = " <- chosen" if (m["method"], m["target_layer"]) == (result.chosen["method"],
+                                                                    result.chosen["target_layer"]) else ""
+        click.echo(f"{name:<32}  {m['heldout_ap_default']:.3f} / {m['heldout_ap']:.3f}"
+                   f"{'':<22}{m['maxboxacc']:.3f} ({m['control']:.3f}){mark}")
+    click.echo(f"map: {result.chosen['why']}")
     width = max(len(n) for n in result.classes)
     click.echo(f"{'class':<{width}}  boxes  threshold  AP@{config.eval.iou_thr} (at {config.boxes.threshold})  "
                f"better setting")
@@ -312,12 +358,12 @@ def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, m
         best = e["best_setting"]
         better = (f"score={best['score']} min_area={best['min_area']} t={best['threshold']:.2f}: AP {best['ap']:.3f}"
                   if best["ap"] > e["ap"] + 1e-9 else "-")
-        note = "" if e["source"] == "class" else " (too few boxes: shared)"
+        note = {"class": "", "all classes": " (too few boxes: shared)"}.get(e["source"], " (kept: no held-out gain)")
         click.echo(f"{name:<{width}}  {e['n_truth']:5d}  {e['threshold']:9.2f}  {e['ap']:.3f} ({e['ap_default']:.3f})"
                    f"  {better}{note}")
     click.echo(f"mean AP over the calibrated classes: {result.mean_ap:.3f} (at {config.boxes.threshold}: "
                f"{result.mean_ap_default:.3f}; chosen on these images, so optimistic)")
-    click.echo(f"MaxBoxAccV2 {result.maxboxacc:.3f} (random maps {result.maxboxacc_control:.3f})")
+    click.echo(f"MaxBoxAccV2 of the chosen map {result.maxboxacc:.3f} (random maps {result.maxboxacc_control:.3f})")
 
 
 @main.command()
@@ -344,46 +390,61 @@ def refine(classifier: Path, detector: Path, show_proposals: bool, **kwargs) -> 
 
 
 @main.command()
-@click.option("--pred", type=click.Path(exists=True, path_type=Path), required=True,
-              help="submission.csv, or a localize/refine output folder (adds probabilities.csv, bb_results.csv).")
+@click.option("--pred", type=click.Path(exists=True, path_type=Path), required=True, multiple=True,
+              help="submission.csv, or a localize/refine output folder (adds probabilities.csv, bb_results.csv). "
+                   "Several --pred: a paired comparison on the same bootstrap resamples.")
 @click.option("--gt", type=click.Path(exists=True, path_type=Path), required=True,
               help="Truth: a cache, a dataset folder, VinBigData train.csv, NIH BBox_List_2017.csv or RSNA labels.")
 @click.option("--format", "fmt", type=click.Choice(["vinbig", "rsna", "coco"]), default="vinbig", show_default=True,
               help="vinbig: VOC 2010 mAP@0.4 with No finding; coco: adds COCO AP (pycocotools); rsna: the RSNA score.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write metrics here.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for metrics.json/.md, ap_per_class.png, pr_curves.png [default: the --json folder].")
+              help="Folder for metrics.json/.md, localization.csv, ap_per_class.png, pr_curves.png "
+                   "(comparison.json/.md/.png with several --pred); without it only --json is written.")
 @click.option("--probs", type=click.Path(exists=True, path_type=Path), help="probabilities.csv for per-class AUROC.")
 @click.option("--lenient", is_flag=True, help="Skip malformed submission rows with a warning instead of stopping.")
 @click.option("--no-control", is_flag=True, help="Skip the random heat map control of the localisation table.")
 @click.option("--no-plots", is_flag=True, help="Write no PNG plots (matplotlib takes about 2 s of a 3,000-image run).")
+@click.option("--ci", is_flag=True, help="95% bootstrap interval of every headline figure (resampling images).")
+@click.option("--bootstrap", "resamples", type=click.IntRange(min=10), default=1000, show_default=True,
+              help="Resamples for --ci and comparisons.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the resamples.")
 @config_options
-def evaluate(pred: Path, gt: Path, fmt: str, json_path: Path | None, out: Path | None, probs: Path | None,
-             lenient: bool, no_control: bool, no_plots: bool, config: Config) -> None:
+def evaluate(pred: tuple[Path, ...], gt: Path, fmt: str, json_path: Path | None, out: Path | None,
+             probs: Path | None, lenient: bool, no_control: bool, no_plots: bool, ci: bool, resamples: int, seed: int,
+             config: Config) -> None:
     """Score predictions with the competition metrics (VOC mAP@0.4, COCO, RSNA, ChestX-ray8, AUROC).
 
     \b
     cxrcam evaluate --pred loc/ --gt cache/vinbig512 --json loc/metrics.json
+    cxrcam evaluate --pred loc/ --gt cache/vinbig512 --ci              # 95% intervals, 1000 resamples
+    cxrcam evaluate --pred refine/ --pred loc/ --gt cache/vinbig512 --out cmp/   # paired comparison
     cxrcam evaluate --pred submission.csv --gt train.csv --format coco --json m.json fusion.method=reader
     """
     import warnings
 
-    from cxrcam.evaluation.evaluate import evaluate as run
-    from cxrcam.evaluation.evaluate import markdown
     from cxrcam.files import write_json
 
-    folder = out or (json_path.parent if json_path else None)
+    folder = out
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = run(pred, gt, fmt, config, probs=probs, lenient=lenient, out=folder, control=not no_control,
-                      plots=not no_plots)
+        if len(pred) > 1:
+            from cxrcam.evaluation.compare import compare, markdown
+
+            result = compare(list(pred), gt, fmt, config, lenient=lenient, out=folder, resamples=resamples, seed=seed)
+        else:
+            from cxrcam.evaluation.evaluate import evaluate as run
+            from cxrcam.evaluation.evaluate import markdown
+
+            result = run(pred[0], gt, fmt, config, probs=probs, lenient=lenient, out=folder, control=not no_control,
+                         plots=not no_plots, bootstrap=resamples if ci else 0, seed=seed)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     if json_path is not None:
-        write_json(json_path, metrics)
-    click.echo(markdown(metrics))
+        write_json(json_path, result)
+    click.echo(markdown(result))
     if folder is not None:
-        click.echo(f"metrics, table{'' if no_plots else ' and plots'} -> {folder}")
+        click.echo(f"{'comparison' if len(pred) > 1 else 'metrics'}, table{'' if no_plots else ' and plots'} -> {folder}")
 
 
 @main.command()
@@ -436,10 +497,11 @@ def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector
     """
     from cxrcam.pipeline import PipelineSettings, run_command, run_pipeline, summary_table
 
-    summary = run_pipeline(PipelineSettings(out, n_images, size, epochs, detector_epochs, seed, model,
-                                            overrides=list(overrides), n_test=n_test, normal_fraction=normal_fraction))
+    summary = run_pipeline(main, PipelineSettings(out, n_images, size, epochs, detector_epochs, seed, model,
+                                                  overrides=list(overrides), n_test=n_test,
+                                                  normal_fraction=normal_fraction))
     report = out / "report.html"
-    run_command("report", "--run", out, "--out", report)
+    run_command(main, "report", "--run", out, "--out", report)
     click.echo(f"\ndemo finished in {summary['seconds'] / 60:.1f} min; every figure is on the {n_test} held-out "
                f"test images\n")
     click.echo(summary_table(summary))
@@ -450,29 +512,8 @@ def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector
 
 
 def run_in_process(args: list[str]) -> int:
-    """Run ``cxrcam ARGS`` in this process as the console script would, and return its exit
-    status: a user error prints its ``Error:`` line; anything else raises. torch's global
-    settings (deterministic algorithms, cuDNN benchmark) are put back afterwards, so that one
-    command does not leak them into the next. ``cxrcam demo`` runs its stages this way, so that
-    torch and timm are imported once, not once per stage (about 5 s each on 2 cores)."""
+    """Run ``cxrcam ARGS`` in this process, as the console script would; its exit status
+    (:func:`cxrcam.runtime.inprocess.run_in_process`)."""
+    from cxrcam.runtime.inprocess import run_in_process as run
 
-    def flags():
-        torch = sys.modules.get("torch")
-        return ((torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                 torch.backends.cudnn.benchmark) if torch else (False, False, False))
-
-    saved = flags()
-    try:
-        code = main.main(list(args), prog_name="cxrcam", standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except click.Abort:
-        click.echo("Aborted!", err=True)
-        code = 1
-    finally:
-        torch = sys.modules.get("torch")
-        if torch is not None and flags() != saved:
-            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-            torch.backends.cudnn.benchmark = saved[2]
-    return code if isinstance(code, int) else 0
+    return run(main, args)

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -77,7 +77,8 @@ class TrainConfig:
     step_size: int = 5  # step scheduler: decay every step_size epochs
     gamma: float = 0.1
     grad_clip: float = 5.0  # max gradient norm; 0 disables
-    amp: Literal["none", "bf16", "fp16"] = "bf16"  # CUDA only; CPU runs in fp32
+    # auto: bf16 on a GPU (fp16 where it has no bf16), fp32 on a CPU; bf16 autocasts on a CPU too; fp16: CUDA only
+    amp: Literal["auto", "fp32", "bf16", "fp16", "none"] = "auto"
     channels_last: bool = True  # CUDA only
     pos_weight: bool = False  # weight positives by negatives/positives per class
     soft_targets: bool = False  # targets = share of readers who marked the class
@@ -96,12 +97,17 @@ class CamConfig:
     workers: int = 2
 
 
+DEFAULT_MIN_PROB = 0.5  # a class without an operating point of its own is predicted above this
+
+
 @dataclass
 class BoxConfig:
     """Heat map -> boxes (see cxrcam.boxes.from_cam)."""
 
     threshold: float = 0.65  # keep map pixels >= threshold (maps are min-max scaled to [0, 1])
-    min_prob: float = 0.5  # a class is predicted (gets boxes and pictures) above this probability
+    # a class is predicted (gets boxes, pictures, refine's CAM proposals) above this probability;
+    # "auto": each class's operating point from the checkpoint (train-classifier's F1 on validation)
+    min_prob: Union[float, Literal["auto"]] = "auto"
     min_area: float = 0.001  # smallest component, as a share of the image area
     score: Literal["mean", "max", "contrast", "none"] = "mean"  # box score = probability x this CAM statistic
     top_k: int = 5  # boxes kept per class and image, best score first; 0 keeps all
@@ -137,7 +143,7 @@ class DetectorConfig:
     step_size: int = 8  # decay the learning rate by gamma every step_size epochs
     gamma: float = 0.1
     warmup_iters: int = 100
-    amp: Literal["none", "bf16", "fp16"] = "bf16"  # CUDA only
+    amp: Literal["auto", "fp32", "bf16", "fp16", "none"] = "auto"  # as train.amp
     workers: int = 2
     seed: int = 0
     rois_per_image: int = 512  # RoIs sampled per training image (torchvision's default; fewer is faster on CPU)
@@ -165,6 +171,13 @@ class EvalConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """Where every command runs."""
+
+    device: str = "auto"  # auto (a GPU where torch sees one, else the CPU), cpu, cuda, cuda:N; --device
+
+
+@dataclass
 class Config:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -177,6 +190,7 @@ class Config:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 # Allowed values of numeric keys, (lowest, highest) inclusive, None = unbounded; POSITIVE keys must

@@ -6,10 +6,12 @@ classifier, calibrate its thresholds on the training cache's validation fold, lo
 set at 0.65 and calibrated, train the detector (started from the classifier; with ``cam_proposals``
 its RoI heads also train on the calibrated CAM proposals), refine with the calibrated thresholds, evaluate, and
 one table. Each stage is the ``cxrcam`` command a user would type, printed first and run through
-the same command line parser (:func:`cxrcam.cli.run_in_process`), with its progress bars.
+the same command line parser, in this process (:func:`cxrcam.runtime.inprocess.run_in_process`;
+the caller passes the command line group, ``cxrcam.cli.main``), with its progress bars.
 """
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
@@ -18,8 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
+
 from cxrcam.errors import CxrcamError
+from cxrcam.evaluation.compare import beyond_noise
 from cxrcam.evaluation.evaluate import findings_map, headline
+from cxrcam.runtime.inprocess import run_in_process
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -46,21 +52,22 @@ class PipelineSettings:
     normal_fraction: float | None = None  # share of normal images in both synthetic sets (None: synth's default)
 
 
-def run_command(*args: Any) -> None:
-    """Run one ``cxrcam`` command as a user would type it, printed first, in this process."""
-    from cxrcam.cli import run_in_process
-
+def run_command(cli: click.Command, *args: Any) -> None:
+    """Run one ``cxrcam`` command (``cli``: the command line group) as a user would type it, printed
+    first, in this process."""
     args = [str(a) for a in args]
     line = f"cxrcam {shlex.join(args)}"
     print(f"\n$ {line}", flush=True)
-    code = run_in_process(args)
+    code = run_in_process(cli, args)
     sys.stdout.flush()
     if code != 0:
         raise CxrcamError(f"stage failed: {line}")
 
 
-def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
-    """Run every stage into ``s.out``; returns the summary (also ``summary.json`` there)."""
+def run_pipeline(cli: click.Command, s: PipelineSettings) -> dict[str, Any]:
+    """Run every stage into ``s.out`` through the command line group ``cli``; returns the summary
+    (also ``summary.json`` there)."""
+    command = functools.partial(run_command, cli)
     out, start = Path(s.out), time.perf_counter()
     cfg = ["--config", s.config]
     common = [f"model.name={s.model}", f"train.epochs={s.epochs}", f"detector.backbone={s.model}",
@@ -71,51 +78,62 @@ def run_pipeline(s: PipelineSettings) -> dict[str, Any]:
     normal = [] if s.normal_fraction is None else ["--normal-fraction", s.normal_fraction]
     for split, n, seed in (("train", s.n_images, s.seed), ("test", n_test, s.seed + 1000)):
         if not (s.reuse and (out / "cache" / split / "cache.json").is_file()):
-            run_command("synth", "--out", out / "data" / split, "--n-images", n, "--seed", seed,
+            command("synth", "--out", out / "data" / split, "--n-images", n, "--seed", seed,
                         "--size", int(s.size * 1.5), "--split", split, *normal, "--overwrite")
-            run_command("prepare", "--dataset", "vinbig", "--root", out / "data" / split, "--out", out / "cache" / split,
+            command("prepare", "--dataset", "vinbig", "--root", out / "data" / split, "--out", out / "cache" / split,
                         "--size", s.size, *cfg, *common)
     if not (s.reuse and (classifier / "best.pt").is_file()):
-        run_command("train-classifier", "--data", train, "--out", classifier, "--overwrite", *cfg, *common)
+        command("train-classifier", "--data", train, "--out", classifier, "--overwrite", *cfg, *common)
     no_images = [] if s.pictures else ["--no-images"]
     calibration = out / "calibration.json"
-    run_command("calibrate", "--checkpoint", classifier / "best.pt", "--data", train, "--out", calibration,
+    command("calibrate", "--checkpoint", classifier / "best.pt", "--data", train, "--out", calibration,
                 *cfg, *common)
     localize = ["localize", "--checkpoint", classifier / "best.pt", "--data", test]
-    run_command(*localize, "--out", out / "localize", "--threshold", 0.65, *no_images, *cfg, *common)
-    run_command(*localize, "--out", out / "calibrated", "--threshold", calibration, "--no-images", *cfg, *common)
+    command(*localize, "--out", out / "localize", "--threshold", 0.65, *no_images, *cfg, *common)
+    command(*localize, "--out", out / "calibrated", "--threshold", calibration, "--no-images", *cfg, *common)
     results = {"cam": out / "localize", "calibrated": out / "calibrated"}
     if not s.cam_only:
         weak = [f"detector.cam_proposals_from={classifier / 'best.pt'}"] if s.cam_proposals else []
-        run_command("train-detector", "--data", train, "--out", detector, "--overwrite", *cfg, *common,
+        command("train-detector", "--data", train, "--out", detector, "--overwrite", *cfg, *common,
                     f"detector.init={classifier / 'best.pt'}", f"boxes.calibration={calibration}", *weak)
         refine = ["refine", "--classifier", classifier / "best.pt", "--detector", detector / "best.pt", "--data", test,
                   "--threshold", calibration]
-        run_command(*refine, "--out", out / "refine", *no_images, *cfg, *common)
+        command(*refine, "--out", out / "refine", *no_images, *cfg, *common)
         results["refined"] = out / "refine"
         if s.plain:  # the ablations: the detector alone, and gated without CAM proposals
             for name, gate in (("plain", "none"), ("gated", "product")):
-                run_command(*refine, "--out", out / name, "--no-images", *cfg, *common, "refine.proposals=rpn",
+                command(*refine, "--out", out / name, "--no-images", *cfg, *common, "refine.proposals=rpn",
                             f"refine.gate={gate}")
                 results[name] = out / name
     metrics = {}
     for name, folder in results.items():
-        run_command("evaluate", "--pred", folder, "--gt", test, "--out", folder / "eval", *cfg, *common,
-                    *([] if name in ("cam", "calibrated") else ["--no-control"]))
+        command("evaluate", "--pred", folder, "--gt", test, "--out", folder / "eval", "--ci", *cfg, *common,
+                *([] if name in ("cam", "calibrated") else ["--no-control"]))
         metrics[name] = json.loads((folder / "eval" / "metrics.json").read_text())
-    summary = _summary(metrics, out, time.perf_counter() - start)
+    comparison = None
+    if "refined" in results:  # does refinement beat the CAM boxes it starts from, beyond noise? (paired)
+        command("evaluate", "--pred", results["calibrated"], "--pred", results["refined"], "--gt", test, "--out",
+                out / "comparison", *cfg, *common)
+        comparison = json.loads((out / "comparison" / "comparison.json").read_text())
+    summary = _summary(metrics, out, time.perf_counter() - start, comparison)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _summary(metrics: dict[str, dict], out: Path, seconds: float) -> dict[str, Any]:
+def _summary(metrics: dict[str, dict], out: Path, seconds: float, comparison: dict | None = None) -> dict[str, Any]:
     cam = metrics["cam"]
+    paired = None
+    if comparison:
+        f = comparison["pairs"][0]["figures"].get("findings mAP@0.4")
+        paired = f and {"figure": "findings mAP@0.4", **f, "beyond_noise": beyond_noise(f)}
     return {
         "mean_auroc": cam.get("mean_auroc"), "auroc": cam.get("auroc", {}),
         "map": {name: m["map"] for name, m in metrics.items()},
         "map_findings": {name: findings_map(m["ap"]) for name, m in metrics.items()},
         "ap": {name: m["ap"] for name, m in metrics.items()},
         "cam_rows": {name: headline(m) for name, m in metrics.items() if name in ("cam", "calibrated")},
+        "ci": {name: m.get("ci", {}) for name, m in metrics.items()},
+        "refined_vs_cam": paired,
         "seconds": seconds,
         "paths": {"pictures": str(out / "localize"), "refined pictures": str(out / "refine"),
                   "submission": str(out / "refine" / "submission.csv"),
@@ -128,16 +146,33 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _ci(v: float | None, interval: list | None) -> str:
+    """A figure with its bootstrap interval, when it has one."""
+    if v is None or not interval or interval[0] is None:
+        return _fmt(v)
+    return f"{v:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     """The tables: classifier AUROC and mAP@0.4 of every submission; then the CAM figures at 0.65
     and calibrated, each with its random-map control in brackets."""
     names = {"cam": "CAM-only, threshold 0.65", "calibrated": "CAM-only, calibrated thresholds",
              "refined": "refined (Faster R-CNN)", "plain": "plain detector", "gated": "detector + gate, no CAM proposals"}
-    rows = [("classifier mean AUROC (test set)", _fmt(summary["mean_auroc"]), "")]
-    rows += [(names[k], _fmt(v), _fmt(summary["map_findings"][k])) for k, v in summary["map"].items()]
+    ci = summary.get("ci", {})
+    rows = [("classifier mean AUROC (test set)", _ci(summary["mean_auroc"], ci.get("cam", {}).get("mean AUROC")), "")]
+    rows += [(names[k], _ci(v, ci.get(k, {}).get("mAP@0.4")), _ci(summary["map_findings"][k],
+                                                                   ci.get(k, {}).get("findings mAP@0.4")))
+             for k, v in summary["map"].items()]
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'submission':<{width}}  mAP@0.4  findings mAP@0.4", f"{'-' * width}  -------  ----------------"]
-    lines += [f"{a:<{width}}  {b:>7}  {c:>16}" for a, b, c in rows]
+    lines = ["(95% bootstrap intervals over the test images in brackets)", "",
+             f"{'submission':<{width}}  {'mAP@0.4':>22}  {'findings mAP@0.4':>22}", f"{'-' * width}  {'-' * 22}  {'-' * 22}"]
+    lines += [f"{a:<{width}}  {b:>22}  {c:>22}" for a, b, c in rows]
+    paired = summary.get("refined_vs_cam")
+    if paired:
+        lo, hi = paired["ci"]
+        lines += ["", f"refined against CAM-only calibrated (paired, same resamples): findings mAP@0.4 "
+                      f"{paired['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}], p = {paired['p']:.3f}: "
+                      f"{'beyond noise' if paired['beyond_noise'] else 'not beyond noise'}"]
     cam_rows = summary.get("cam_rows", {})
     if cam_rows:
         labels = list(next(iter(cam_rows.values())))

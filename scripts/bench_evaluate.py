@@ -121,13 +121,15 @@ def main() -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     evaluate = [sys.executable, "-m", "cxrcam", "evaluate", "--pred", str(a.out / "submission.csv")]
     truth = ["--gt", str(a.out / "truth.csv"), "fusion.method=reader"]
-    sides = {  # each prints the mAP (cxrcam: the metrics table); --json adds the metrics file and the plots
+    sides = {  # each prints the mAP (cxrcam: the metrics table); --json adds the metrics file, --out the plots
         "map-boxes script": [sys.executable, str(a.out / "map_boxes_script.py"), str(a.out / "truth.csv"),
                              str(a.out / "submission.csv")],
         "cxrcam evaluate": [*evaluate, *truth],
         "cxrcam evaluate --json --no-plots": [*evaluate, *truth, "--no-plots", "--json",
                                               str(a.out / "np" / "metrics.json")],
-        "cxrcam evaluate --json (plots)": [*evaluate, *truth, "--json", str(a.out / "json" / "metrics.json")],
+        "cxrcam evaluate --out (plots)": [*evaluate, *truth, "--out", str(a.out / "json")],
+        "cxrcam evaluate --ci (1000 resamples)": [*evaluate, *truth, "--no-plots", "--ci", "--json",
+                                                  str(a.out / "ci" / "metrics.json")],
         "cxrcam evaluate, train.csv (WBF)": [*evaluate, "--gt", str(a.out / "train.csv"), "--no-plots",
                                              "--json", str(a.out / "wbf" / "metrics.json")],
     }
@@ -139,8 +141,8 @@ def main() -> None:
             seconds[name].append(s)
     median = {k: float(np.median(v)) for k, v in seconds.items()}
     maps = {"map-boxes script": float(outputs["map-boxes script"].split()[-1])}
-    for name, folder in (("cxrcam evaluate --json --no-plots", "np"), ("cxrcam evaluate --json (plots)", "json"),
-                         ("cxrcam evaluate, train.csv (WBF)", "wbf")):
+    for name, folder in (("cxrcam evaluate --json --no-plots", "np"), ("cxrcam evaluate --out (plots)", "json"),
+                         ("cxrcam evaluate --ci (1000 resamples)", "ci"), ("cxrcam evaluate, train.csv (WBF)", "wbf")):
         maps[name] = json.loads((a.out / folder / "metrics.json").read_text())["map"]
     maps["cxrcam evaluate"] = maps["cxrcam evaluate --json --no-plots"]  # the same run without the file
     base = median["map-boxes script"]
@@ -150,6 +152,10 @@ def main() -> None:
              "| side | median s (runs) | x map-boxes | mAP@0.4 |", "|---|---|---|---|"]
     lines += [f"| {k} | {median[k]:.2f} ({', '.join(f'{s:.1f}' for s in seconds[k])}) | {median[k] / base:.2f} | "
               f"{maps[k]:.4f} |" for k in sides]
+    ci = json.loads((a.out / "ci" / "metrics.json").read_text())["ci"]["mAP@0.4"]
+    lines += ["", f"--ci: mAP@0.4 95% interval [{ci[0]:.4f}, {ci[1]:.4f}]; its cost against the plain evaluate: "
+                  f"{median['cxrcam evaluate --ci (1000 resamples)'] / median['cxrcam evaluate --json --no-plots']:.2f}x "
+                  f"(goal: at most 3x)"]
     text = "\n".join(lines)
     (a.out / "summary.md").write_text(text + "\n")
     print(text)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from cxrcam.cli import main as cli
 from cxrcam.pipeline import TINY, PipelineSettings, run_pipeline, summary_table
 
 
@@ -44,7 +45,7 @@ def main() -> None:
                              "(detector.cam_proposals_from; the demo ran so in issue 16's first measurement)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every stage")
     a = parser.parse_args()
-    summary = run_pipeline(PipelineSettings(a.out, a.n_images, a.size, a.epochs, a.detector_epochs, a.seed, a.model,
+    summary = run_pipeline(cli, PipelineSettings(a.out, a.n_images, a.size, a.epochs, a.detector_epochs, a.seed, a.model,
                                             a.config, a.overrides, plain=True, pictures=False, n_test=a.n_test,
                                             cam_only=a.cam_only, reuse=a.reuse, cam_proposals=a.cam_proposals))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"

@@ -45,6 +45,7 @@ from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS
 from cxrcam.detection.pseudo import cam_training_boxes
 from cxrcam.detection.refine import Refiner
 from cxrcam.evaluation.detection import voc_map
+from cxrcam.cli import main as cli
 from cxrcam.pipeline import TINY, run_command
 
 VARIANTS = {"detector": ("rpn", "none"), "detector, gated": ("rpn", "product"), "cam": ("cam", "none"),
@@ -59,7 +60,7 @@ def train(base: Path, out: Path, name: str, config: Path, overrides: list[str]) 
     if done.is_file() and epochs and len(pd.read_csv(done)) == int(epochs):
         return float(json.loads((run / "seconds.json").read_text())["seconds"])
     start = time.perf_counter()
-    run_command("train-detector", "--data", base / "cache" / "train", "--out", run, "--overwrite", "--config", config,
+    run_command(cli, "train-detector", "--data", base / "cache" / "train", "--out", run, "--overwrite", "--config", config,
                 *overrides)
     seconds = time.perf_counter() - start
     (run / "seconds.json").write_text(json.dumps({"seconds": seconds}))

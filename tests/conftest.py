@@ -35,6 +35,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar a run wrote for TensorBoard, read back as TensorBoard reads it: tag -> (step, value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def shared(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
@@ -79,8 +88,11 @@ def _trained(root: Path, fmt: str, n_images: int, size: int, *overrides: str) ->
 
 @pytest.fixture(scope="session")
 def vinbig_model(tmp_path_factory) -> tuple[Path, Path]:
-    """(cache, best.pt): resnet10t trained briefly on 160 synthetic VinBigData images at 64 px."""
-    return _trained(tmp_path_factory.mktemp("vinbig_model"), "vinbig", 160, 64, "train.epochs=4", "train.batch_size=16")
+    """(cache, best.pt): resnet10t trained briefly on 160 synthetic VinBigData images at 64 px, in
+    bf16 (CPU autocast: the GPU's precision, so localize, calibrate and refine tests run from a
+    bf16-trained checkpoint)."""
+    return _trained(tmp_path_factory.mktemp("vinbig_model"), "vinbig", 160, 64, "train.epochs=4", "train.batch_size=16",
+                    "train.amp=bf16")
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +104,8 @@ def nih_model(tmp_path_factory) -> tuple[Path, Path]:
 
 DETECTOR = ["detector.backbone=resnet10t", "detector.epochs=2", "detector.batch_size=16", "detector.workers=0",
             "detector.warmup_iters=3", "detector.rois_per_image=32", "detector.channels=32", "detector.head_size=128",
-            "detector.score_thresh=0.001"]  # a 2-epoch detector scores low: keep its boxes, whatever the machine
+            "detector.score_thresh=0.001",  # a 2-epoch detector scores low: keep its boxes, whatever the machine
+            "detector.amp=bf16"]  # the GPU's precision, through CPU autocast
 
 
 @pytest.fixture(scope="session")

@@ -189,6 +189,7 @@ def test_calibrate_at_batch_size_one_with_a_strict_operating_point(vinbig_model,
     """The validation fold at batch size 1 under boxes.min_prob=0.99: its normal images need no
     class map (a batch of none); the calibration is the one batch 16 gives."""
     cache, ckpt = vinbig_model
+    assert load_checkpoint(ckpt)["precision"] == "bf16"  # calibrate from a bf16-trained classifier
     saved = {}
     for batch in ("1", "16"):
         out = tmp_path / f"b{batch}.json"

@@ -6,20 +6,21 @@ import numpy as np
 import pytest
 import timm
 import torch
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, XGradCAM
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cxrcam.cam import FastCAM, LibraryCAM, compute_cams, create_cam, probe, scale_cams
+from cxrcam.cam import FastCAM, GradientCAM, LibraryCAM, compute_cams, create_cam, probe, scale_cams
 from cxrcam.models import create_classifier
 from cxrcam.models.factory import Classifier
 
-LIBRARY = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM}
+LIBRARY = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM, "xgradcam": XGradCAM}
 
 
 def library_maps(model, layer, images, classes, method):
-    """pytorch-grad-cam as its README uses it: one call per target class (B images at once)."""
-    engine = LIBRARY[method](model=model, target_layers=[layer])
+    """pytorch-grad-cam as its README uses it: one call per target class (B images at once);
+    ``layer``: a module or a list of them (fused)."""
+    engine = LIBRARY[method](model=model, target_layers=layer if isinstance(layer, list) else [layer])
     return np.stack([engine(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images))
                      for c in classes], axis=1)
 
@@ -32,7 +33,7 @@ def net(request):
     return request.param, model, layer
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam"])
 def test_fast_path_matches_pytorch_grad_cam(net, method):
     name, model, layer = net
     torch.manual_seed(1)
@@ -65,14 +66,14 @@ def test_target_layer_is_the_tensor_entering_the_pooling(net):
     assert seen["found"] is seen["named"]
 
 
-def test_other_heads_use_the_library_and_match_it():
-    """Max pooling breaks the closed form: the factory must fall back to pytorch-grad-cam."""
+def test_other_heads_use_the_gradients_and_match_the_library():
+    """Max pooling breaks the closed form: the factory falls back to the gradient engine."""
     torch.manual_seed(0)
     backbone = timm.create_model("resnet10t", num_classes=5, global_pool="max")
     model = Classifier(backbone, (0.5,) * 3, (0.25,) * 3).eval()
     assert not probe(model).linear_head
     cam = create_cam(model, "gradcam++")
-    assert isinstance(cam, LibraryCAM) and cam.target_name == "backbone.layer4"
+    assert isinstance(cam, GradientCAM) and cam.target_name == "backbone.layer4"
     images = torch.rand(2, 1, 96, 96)
     ours = compute_cams(model, images, "gradcam++", classes=[1, 4])
     theirs = library_maps(model, backbone.layer4, images, [1, 4], "gradcam++")
@@ -142,21 +143,22 @@ def test_classes_chosen_from_the_logits(fast):
     assert torch.allclose(chosen.cams, everything.cams[:, chosen.classes], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["gradcam++", "layercam"])
-def test_no_class_asked_is_a_normal_case(method):
+@pytest.mark.parametrize("method,layer,engine", [("gradcam++", "", FastCAM), ("layercam", "layer3", GradientCAM),
+                                                 ("xgradcam", "", LibraryCAM)])
+def test_no_class_asked_is_a_normal_case(method, layer, engine):
     """A batch of normal images needs no map: B x 0 x H x W maps and the logits, from a list or
-    from a rule on the logits, on the fast path and through pytorch-grad-cam."""
+    from a rule on the logits, on every engine."""
     torch.manual_seed(0)
     model = create_classifier("resnet10t", 14).eval()
     images = torch.rand(2, 1, 64, 64)
-    cam = create_cam(model, method)
-    assert isinstance(cam, FastCAM if method == "gradcam++" else LibraryCAM)
+    cam = create_cam(model, method, layer)
+    assert isinstance(cam, engine)
     for classes in ([], lambda logits: []):
         out = cam(images, classes)
         assert out.cams.shape == (2, 0, 64, 64) and out.cams.dtype == torch.float32 and out.classes == []
         with torch.no_grad():
             assert torch.allclose(out.logits, model(images), atol=1e-5)
-    assert compute_cams(model, images, method, classes=[]).shape == (2, 0, 64, 64)
+    assert compute_cams(model, images, method, classes=[], target_layer=layer).shape == (2, 0, 64, 64)
 
 
 def test_the_probe_pass_is_small_and_falls_back_to_the_batch():
@@ -175,3 +177,83 @@ def test_the_probe_pass_is_small_and_falls_back_to_the_batch():
         fixed(torch.rand(1, 3, 64, 64))  # a head sized for 96 px inputs
     info = probe(fixed.eval(), torch.rand(2, 3, 96, 96))
     assert info.head is fixed[2] and not info.linear_head
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam"])
+@pytest.mark.parametrize("layers", ["layer2", "layer3", "layer4", "layer3,layer4"])
+def test_gradient_engine_matches_pytorch_grad_cam_at_any_layer(method, layers):
+    """One forward and one (batched, or per-class) backward down to the target layer(s): the maps
+    of pytorch-grad-cam's one-backward-per-class, fused layers included, within 1e-4."""
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", 14).eval()
+    images = torch.rand(2, 1, 96, 96)
+    classes = [1, 5, 9]
+    modules = [model.backbone.get_submodule(n) for n in layers.split(",")]
+    theirs = library_maps(model, modules, images, classes, method)
+    assert theirs.max() > 0.99
+    for batched in (True, False):
+        cam = GradientCAM(model, method, layers, batched=batched)
+        assert cam.target_name == ",".join(f"backbone.{n}" for n in layers.split(","))
+        ours = cam(images, classes)
+        assert ours.cams.shape == (2, 3, 96, 96)
+        assert np.abs(ours.cams.numpy() - theirs).max() < 1e-4, batched
+        with torch.no_grad():
+            assert torch.allclose(ours.logits, model(images), atol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen after the pass
+
+
+def test_gradient_engine_on_densenet_blocks_and_the_graph_starts_at_the_layer():
+    """A concatenating network, at a dense block; the forward records no parameter and nothing
+    below the target layer: its one leaf is that layer's output."""
+    from timm.models.densenet import DenseNet
+
+    torch.manual_seed(0)
+    small = DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_classes=14)  # DenseNet-121 in layout, thin
+    model = Classifier(small, (0.5,) * 3, (0.25,) * 3).eval()
+    images = torch.rand(1, 1, 64, 64)
+    layer = "features.denseblock3"
+    theirs = library_maps(model, model.backbone.get_submodule(layer), images, [0, 7], "layercam")
+    cam = create_cam(model, "layercam", layer)
+    assert isinstance(cam, GradientCAM)
+    cam.forward(images)
+    leaves, todo, seen = [], [cam._logits.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "AccumulateGrad":
+            leaves.append(node.variable)
+        todo += [n for n, _ in node.next_functions]
+    shape = {}
+    hook = small.features.denseblock3.register_forward_hook(lambda m, a, out: shape.update(out=out.shape))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    assert len(leaves) == 1 and leaves[0] is cam._inputs[0] and leaves[0].shape == shape["out"]  # denseblock3's output
+    ours = cam(images, [0, 7])
+    assert np.abs(ours.cams.numpy() - theirs).max() < 1e-4
+
+
+def test_unknown_layer_is_one_line():
+    model = create_classifier("resnet10t", 3).eval()
+    from cxrcam.errors import CxrcamError
+
+    with pytest.raises(CxrcamError, match="no module 'layer9'.*layer3"):
+        create_cam(model, "layercam", "layer9")
+
+
+def test_maps_are_fp32_under_a_callers_autocast():
+    """CAMs are always computed in fp32: under a bf16 autocast the maps and logits are the fp32 ones."""
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", 14).eval()
+    images = torch.rand(2, 1, 64, 64)
+    for layer in ("", "layer3"):
+        cam = create_cam(model, "layercam", layer)
+        plain = cam(images, [2, 6])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                assert model(images).dtype == torch.bfloat16  # the caller's context is bf16
+            under = cam(images, [2, 6])
+        assert under.cams.dtype == torch.float32 and torch.equal(under.cams, plain.cams)
+        assert torch.equal(under.logits, plain.logits)

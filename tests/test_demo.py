@@ -23,6 +23,7 @@ def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
                              "cam.batch_size=1", "boxes.min_prob=0.99", "detector.workers=0"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stderr and len(result.stderr) < 40_000  # a log: lines, not bar redraws
     for stage in ("synth", "prepare", "train-classifier", "calibrate", "localize", "train-detector", "refine",
                   "evaluate", "report"):
         assert f"$ cxrcam {stage} " in result.stdout, stage  # each stage is the command a user would type

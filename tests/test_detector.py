@@ -15,7 +15,7 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from conftest import DETECTOR
+from conftest import DETECTOR, tensorboard_scalars
 from conftest import cxrcam as run_cxrcam
 from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache
@@ -68,6 +68,11 @@ def test_train_on_truth_boxes(vinbig_model, vinbig_detector):
     assert metrics["loss_classifier"].iloc[1] < metrics["loss_classifier"].iloc[0]  # it learns
     model, ckpt = load_detector(vinbig_detector / "last.pt")
     assert ckpt["truth"] == "truth" and ckpt["input_size"] == 64 and len(ckpt["classes"]) == 14
+    assert ckpt["precision"] == "bf16" and (metrics["precision"] == "bf16").all()  # CPU autocast, as on a GPU
+    scalars = tensorboard_scalars(vinbig_detector / "tensorboard")
+    for key in ("train_loss", "loss_classifier", "val_map"):
+        steps, values = zip(*scalars[key])
+        assert list(steps) == list(metrics["epoch"]) and values == pytest.approx(list(metrics[key]), rel=1e-5), key
     with pytest.raises(CxrcamError, match="not a cxrcam detector checkpoint"):
         load_detector(vinbig_model[1])
 

@@ -364,3 +364,41 @@ def test_invalid_truth_rows_do_not_score(vinbig_table, tmp_path):
     assert m["map"] == pytest.approx(1.0) and m["truth_rows_invalid"] == 2
     listed = pd.read_csv(tmp_path / "eval" / "invalid_rows.csv")
     assert listed["row"].tolist() == sorted(int(i) + 2 for i in finding[:2])
+
+
+def test_operating_points_and_sensitivity_specificity_against_their_definitions():
+    """F1's threshold is the best of every cut a brute-force search tries; a class with too few
+    positives has none; sensitivity and specificity count the calls at p > threshold."""
+    from cxrcam.evaluation.classification import operating_points, sensitivity_specificity
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((300, 3)) < [0.1, 0.3, 0.005]).astype(float)
+    probs = np.clip(labels * 0.3 + rng.random((300, 3)) * 0.7, 0, 1)
+    ops = operating_points(labels, probs)
+    assert np.isnan(ops[2]) and np.isfinite(ops[:2]).all()  # 1-2 positives: no operating point of its own
+
+    def f1(y, p, t):
+        tp, fp, fn = ((p > t) & y).sum(), ((p > t) & ~y).sum(), (~(p > t) & y).sum()
+        return 2 * tp / max(2 * tp + fp + fn, 1)
+
+    for c in range(2):
+        y, p = labels[:, c] > 0, probs[:, c]
+        best = max(f1(y, p, t) for t in np.r_[p - 1e-9, p])
+        assert f1(y, p, ops[c]) == pytest.approx(best)
+    sens, spec = sensitivity_specificity(labels, probs, np.nan_to_num(ops, nan=0.5))
+    for c in range(3):
+        y, called = labels[:, c] > 0, probs[:, c] > np.nan_to_num(ops, nan=0.5)[c]
+        assert sens[c] == pytest.approx((called & y).sum() / y.sum())
+        assert spec[c] == pytest.approx((~called & ~y).sum() / (~y).sum())
+
+
+def test_random_control_maps_in_chunks_are_the_same_maps():
+    """The control draws its maps a chunk at a time (flat memory on a 3,000-image test set): the
+    very maps one draw of all of them gives."""
+    import torch
+
+    from cxrcam.evaluation.weak import _chunked_maps, random_maps
+
+    whole = random_maps(600, torch.Generator().manual_seed(3), grid=4, side=16)
+    chunked = np.stack(list(_chunked_maps(600, torch.Generator().manual_seed(3), 4, 16, chunk=256)))
+    assert chunked.shape == whole.shape and np.array_equal(chunked, whole)

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import cxrcam, shared
 from cxrcam.boxes import pairwise_iou, scale_boxes
@@ -244,6 +245,7 @@ def test_batch_size_one_short_last_batch_and_a_strict_operating_point(vinbig_mod
     Every image keeps its row, and the batch size changes nothing."""
     cache, ckpt = vinbig_model
     n = len(open_cache(cache).images)
+    assert torch.load(ckpt, weights_only=True)["precision"] == "bf16"  # localize from a bf16-trained classifier
 
     def run(name: str, batch: int, min_prob: float) -> pd.DataFrame:
         result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(tmp_path / name),
@@ -313,3 +315,23 @@ def test_a_used_folder_keeps_only_the_new_pictures_and_wide_images_warn(vinbig_m
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{kind}_wide.png" for kind in KINDS) + (
         ["box_accuracy.png"] if (out / "box_accuracy.png").is_file() else [])
     assert (out / "notes.txt").read_text() == "mine"  # only pictures of the run are replaced
+
+
+def test_pictures_draw_only_boxes_above_the_floor(tmp_path):
+    """--draw-min-score: a box scored under the floor is not drawn (the tables keep it); one above is."""
+    from cxrcam.boxes import BoxRules
+    from cxrcam.localize.step import ImageResult, Plan
+    from cxrcam.localize.write import Painter
+
+    final = (np.array([[10.0, 10, 40, 40], [70, 70, 110, 110]]), np.array([3, 3]), np.array([0.05, 0.6]))
+    plan = Plan(predicted=[3], shown=[3], truth=[], need=[3])
+    result = ImageResult("x", np.zeros(14), (1.0, 1.0), final, final, [], [], np.zeros((1, 128, 128), np.float32), plan)
+    pictures = {}
+    for floor in (0.0, 0.1):
+        painter = Painter(tmp_path / str(floor), VINBIG, BoxRules(), {}, size=128, min_score=floor)
+        painter(result, torch.full((1, 128, 128), 0.4))
+        painter.close()
+        pictures[floor] = cv2.imread(str(tmp_path / str(floor) / "gtimage_x.png")).astype(int)
+    changed = np.abs(pictures[0.0] - pictures[0.1]).sum(axis=2) > 0
+    ys, xs = np.nonzero(changed)
+    assert changed.any() and xs.max() < 70 and ys.max() < 70  # only the 0.05 box (and its label) went

@@ -14,13 +14,15 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import cxrcam
+from conftest import cxrcam, tensorboard_scalars
 from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache, prepare
 from cxrcam.data.synth import synthesize
 from cxrcam.errors import CxrcamError
 from cxrcam.files import save_checkpoint
-from cxrcam.models import load_classifier
+from cxrcam.data.tables import target_columns
+from cxrcam.evaluation.classification import operating_points
+from cxrcam.models import decision_thresholds, load_classifier
 from cxrcam.train.classifier import train_classifier
 from cxrcam.train.engine import best_epoch
 
@@ -53,9 +55,15 @@ def test_run_folder_and_predict(cache, tmp_path):
     # best.pt is self-contained: localize/predict need nothing else
     model, ckpt = load_classifier(tmp_path / "run" / "best.pt")
     assert ckpt["model_name"] == "test_resnet" and ckpt["input_size"] == 48 and len(ckpt["classes"]) == 14
+    assert ckpt["precision"] == "fp32" and (table["precision"] == "fp32").all()  # train.amp=auto on a CPU
     assert ckpt["mean"] == pytest.approx(model.mean.flatten().tolist()) and ckpt["config"]["train"]["epochs"] == 2
     assert ckpt["metrics"]["val_mean_auroc"] == pytest.approx(table["val_mean_auroc"].max())
     assert metrics["best"]["epoch"] == ckpt["epoch"] + 1  # what the command prints is the epoch in best.pt
+    # TensorBoard events (`tensorboard --logdir runs/`) hold the same figures per epoch
+    scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    for key in ("train_loss", "val_loss", "val_mean_auroc"):
+        steps, values = zip(*scalars[key])
+        assert list(steps) == list(table["epoch"]) and values == pytest.approx(list(table[key]), rel=1e-5), key
     curves = cv2.imread(str(tmp_path / "run" / "curves.png"))
     assert curves is not None and curves.shape[0] > 200 and curves.std() > 10
     # predict from the command line equals the model applied to the cached images
@@ -71,8 +79,9 @@ def test_run_folder_and_predict(cache, tmp_path):
 
 
 def test_killed_mid_epoch_resumes_exactly(cache, tmp_path):
-    """Kill a real run during epoch 2; --resume ends with the weights of an uninterrupted run."""
-    overrides = tiny("train.epochs=3", "train.batch_size=4", "train.workers=2")
+    """Kill a real bf16 run (CPU autocast) during epoch 2; --resume ends with the weights of an
+    uninterrupted run, in the precision the run recorded."""
+    overrides = tiny("train.epochs=3", "train.batch_size=4", "train.workers=2", "train.amp=bf16")
     train_classifier(load_config(overrides=overrides), cache, tmp_path / "straight", progress=False)
     run = tmp_path / "killed"
     cmd = ["train-classifier", "--data", str(cache), "--out", str(run), *overrides]
@@ -86,12 +95,19 @@ def test_killed_mid_epoch_resumes_exactly(cache, tmp_path):
     proc.wait()
     assert len(pd.read_csv(run / "metrics.csv")) == 1, "the kill should land in epoch 2"
     (run / ".last.pt.x8k2j1.tmp").write_bytes(b"PK half a checkpoint")  # what a kill during a save leaves
+    other = cxrcam(*cmd, "--resume", "train.amp=fp32")
+    assert other.returncode == 1 and "trained in bf16" in other.stderr and "train.amp=bf16" in other.stderr
     resumed = cxrcam(*cmd, "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("classifier: test_resnet on cpu, precision bf16 (train.amp=bf16), resuming at epoch 2")
     assert not list(run.glob(".*.tmp")) and "partly written" in resumed.stderr
+    # a log, not a terminal: whole lines, each bar's start and end, no carriage-return redraws
+    assert "\r" not in resumed.stderr
+    assert sum("classifier epoch 3/3:" in line for line in resumed.stderr.splitlines()) == 2
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(run / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
+    assert a["epoch"] == b["epoch"] == 2 and a["precision"] == b["precision"] == "bf16"
+    assert (pd.read_csv(run / "metrics.csv")["precision"] == "bf16").all()
     for key in a["model"]:
         assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-6), key
     straight = pd.read_csv(tmp_path / "straight" / "metrics.csv")
@@ -165,6 +181,21 @@ def test_synthetic_data_is_learnable(tmp_path):
                                                  "model.output_stride=32"])
     metrics = train_classifier(config, tmp_path / "cache", tmp_path / "run", progress=False)
     assert metrics["val_mean_auroc"] > 0.8
+    # the operating points best.pt stores are F1's on its validation fold (60 images), with
+    # sensitivity and specificity there in the metrics; boxes.min_prob overrides them
+    from cxrcam.train.classifier import predict
+
+    _, ckpt = load_classifier(tmp_path / "run" / "best.pt")
+    cache = open_cache(tmp_path / "cache")
+    val = cache.images["fold"].to_numpy() == 0
+    probs = predict(tmp_path / "run" / "best.pt", tmp_path / "cache", workers=0, progress=False)
+    stored = np.asarray(ckpt["op_threshs"], np.float64)
+    expected = operating_points(cache.images[target_columns(cache.schema)].to_numpy()[val],
+                                probs.iloc[:, 1:].to_numpy(float)[val])
+    assert np.allclose(stored, expected, atol=1e-5, equal_nan=True) and np.isfinite(stored).sum() >= 3
+    assert 0 < ckpt["metrics"]["val_sensitivity"] <= 1 and 0 < ckpt["metrics"]["val_specificity"] <= 1
+    assert np.array_equal(decision_thresholds(ckpt), np.where(np.isnan(stored), 0.5, stored))
+    assert (decision_thresholds(ckpt, 0.3) == 0.3).all()
 
 
 def test_learning_rate_schedules():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +31,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from cxrcam.config import BoxConfig
+from cxrcam.config import BoxConfig, CamConfig
 from cxrcam.errors import CxrcamError
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # one image's boxes N x 4 xyxy, class ids, scores
@@ -121,9 +122,23 @@ class BoxRules:
     default: BoxConfig = field(default_factory=BoxConfig)
     per_class: dict[int, BoxConfig] = field(default_factory=dict)
     calibrated_on: list[str] = field(default_factory=list)  # the image ids the calibration saw
+    cam: dict | None = None  # the heat map the calibration chose (method, target_layer); None: the config's
 
     def __call__(self, class_id: int) -> BoxConfig:
         return self.per_class.get(int(class_id), self.default)
+
+    def cam_settings(self, cam: CamConfig) -> tuple[str, str | None]:
+        """(method, target_layer) of the maps to cut: a calibration's, whose thresholds were chosen
+        for its maps (a config that asks for other maps is named in a warning), else the config's."""
+        if self.cam is None:
+            return cam.method, cam.target_layer or None
+        method, layer = self.cam["method"], self.cam.get("target_layer") or ""
+        if (cam.method.lower(), cam.target_layer.replace(" ", "")) != (method, layer) and \
+                (cam.method, cam.target_layer) != (CamConfig.method, CamConfig.target_layer):
+            warnings.warn(f"{self.default.calibration} chose {method}{'@' + layer if layer else ''} maps, and its "
+                          f"thresholds are for them: cam.method={cam.method} cam.target_layer={cam.target_layer!r} "
+                          f"are not used; calibrate again with those to use them", stacklevel=2)
+        return method, layer or None
 
     @classmethod
     def from_config(cls, config: BoxConfig) -> "BoxRules":
@@ -141,7 +156,7 @@ class BoxRules:
             raise CxrcamError(f"calibration file not found: {path}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CxrcamError(f"{path}: not a calibration.json written by `cxrcam calibrate` ({exc!r})") from None
-        return cls(config, per_class, list(saved.get("image_ids", [])))
+        return cls(config, per_class, list(saved.get("image_ids", [])), saved.get("cam"))
 
 
 def maps_to_boxes(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Sequence[int]],

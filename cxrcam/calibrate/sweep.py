@@ -37,7 +37,7 @@ class Pair:
     image_id: str
     class_id: int
     prob: float
-    predicted: bool  # the class gets boxes in localize (prob > boxes.min_prob)
+    predicted: bool  # the class gets boxes in localize (prob above its decision threshold)
     rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 9)))  # components() at every SWEEP threshold
 
 
@@ -103,16 +103,18 @@ def choose_threshold(curve, default: float) -> tuple[float, float]:
     else the default: a flat or all-zero curve, as few boxes give, keeps the configured value."""
     curve = np.asarray(curve, np.float64)
     default_t = on_grid(default)
+    if not np.isfinite(curve).all():  # no truth to choose by (a half without the class's boxes)
+        return default_t, float(curve[SWEEP.index(default_t)])
     threshold, ap = best_threshold(curve)
     ap_default = float(curve[SWEEP.index(default_t)])
     return (threshold, ap) if ap > ap_default + 1e-9 else (default_t, ap_default)
 
 
-def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: BoxConfig, iou_thr: float
-                ) -> dict:
+def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: BoxConfig, iou_thr: float,
+                others: bool = True) -> dict:
     """For one class: AP against threshold with ``config``'s score and min_area (every 0.01), the
-    best threshold, and the best (score, min_area, threshold) of all (the others every 0.05);
-    ``config.threshold`` is snapped to the grid."""
+    best threshold, and (``others``) the best (score, min_area, threshold) of all (the others every
+    0.05); ``config.threshold`` is snapped to the grid. Without truth boxes the curve is NaN."""
     by_image, maps = truth_by_image(truth), ClassMaps.of(pairs)
     curve = ap_curve(maps, by_image, config, iou_thr)
     threshold, ap = choose_threshold(curve, config.threshold)
@@ -120,7 +122,7 @@ def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: B
     result = {"class_id": class_id, "n_truth": len(truth), "threshold": threshold, "ap": ap,
               "ap_default": ap_default, "curve": [float(v) for v in curve]}
     best = {"score": config.score, "min_area": config.min_area, "threshold": threshold, "ap": ap}
-    for score in SCORES:
+    for score in SCORES if others else ():
         for min_area in MIN_AREAS:
             if (score, min_area) == (config.score, config.min_area):
                 continue

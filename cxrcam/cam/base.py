@@ -1,4 +1,4 @@
-"""The small base class every CAM method shares: target layer, batching, scaling.
+"""The small base class every CAM engine shares: target layers, batching, scaling.
 
 A CAM object is built once for a model and then called on batches::
 
@@ -7,12 +7,12 @@ A CAM object is built once for a model and then called on batches::
     out = cam(images, [3, 10])   # the maps of classes 3 and 10 only
     out = cam(images, lambda logits: ...)   # classes chosen from the batch's own logits
 
-A method overrides one function, :meth:`BaseCAM.raw_maps`: the maps of the chosen classes
-after the forward pass that gave the logits.
+An engine overrides one function, :meth:`BaseCAM.raw_maps`: the maps of the chosen classes at
+each target layer, after the forward pass that gave the logits.
 
-Maps are scaled exactly as pytorch-grad-cam scales them (ReLU, per-map min-max, bilinear
-resize to the input, min-max again), so any method here is interchangeable with the
-library's output.
+Maps are scaled exactly as pytorch-grad-cam scales them (per layer: ReLU, per-map min-max,
+bilinear resize to the input; then the mean over the layers, ReLU, min-max again), so any
+engine here is interchangeable with the library's output, several target layers included.
 """
 from __future__ import annotations
 
@@ -112,21 +112,47 @@ def _probe(model: nn.Module, x: torch.Tensor) -> Probe:
     return Probe(captured.get("pool"), names[-1] if names else None, head, bool(linear))
 
 
-def scale_cams(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """pytorch-grad-cam's scaling of raw maps (N x C x h x w) to N x C x H x W in [0, 1]:
-    ReLU, min-max per map, bilinear resize (cv2.resize's formula), ReLU, min-max again."""
-    def minmax(x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(2)
-        lo = flat.amin(-1)[..., None, None]
-        x = x - lo
-        return x / (_EPS + x.flatten(2).amax(-1)[..., None, None])
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    x = x - x.flatten(2).amin(-1)[..., None, None]
+    return x / (_EPS + x.flatten(2).amax(-1)[..., None, None])
 
-    if maps.shape[1] == 0:  # no class asked for (a batch of normal images): empty maps, not an error
-        return maps.new_zeros((maps.shape[0], 0, *size), dtype=torch.float32)
-    maps = minmax(maps.float().clamp_min(0))
-    if tuple(maps.shape[-2:]) != tuple(size):
-        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    return minmax(maps.clamp_min(0))
+
+def scale_cams(maps: torch.Tensor | Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """pytorch-grad-cam's scaling of raw maps (N x C x h x w, or one such per target layer) to
+    N x C x H x W in [0, 1]: per layer ReLU, min-max per map, bilinear resize (cv2.resize's
+    formula); then the mean over the layers, ReLU, min-max again."""
+    layers = [maps] if isinstance(maps, torch.Tensor) else list(maps)
+    if layers[0].shape[1] == 0:  # no class asked for (a batch of normal images): empty maps, not an error
+        return layers[0].new_zeros((layers[0].shape[0], 0, *size), dtype=torch.float32)
+    scaled = []
+    for m in layers:
+        m = _minmax(m.float().clamp_min(0))
+        if tuple(m.shape[-2:]) != tuple(size):
+            m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        scaled.append(m)
+    fused = scaled[0] if len(scaled) == 1 else torch.stack(scaled).clamp_min(0).mean(0)
+    return _minmax(fused.clamp_min(0))
+
+
+def parse_layers(target_layer: str | Sequence[str] | None) -> list[str]:
+    """``cam.target_layer``: "" (the pooling's input), one module name, or several joined by commas
+    (``layer3,layer4``: their maps fused, as pytorch-grad-cam fuses several target layers)."""
+    if target_layer is None:
+        return []
+    names = target_layer.split(",") if isinstance(target_layer, str) else list(target_layer)
+    return [n.strip() for n in names if n.strip()]
+
+
+def resolve_layer(model: nn.Module, name: str) -> str:
+    """A module name of ``model``; a cxrcam classifier also takes its backbone's names (``layer3``
+    for ``backbone.layer3``)."""
+    names = dict(model.named_modules())
+    for candidate in (name, f"backbone.{name}"):
+        if candidate in names and candidate:
+            return candidate
+    stages = [n for n, _ in (model.backbone if hasattr(model, "backbone") else model).named_children()]
+    raise CxrcamError(f"cam.target_layer: the model has no module {name!r}; its stages are {', '.join(stages)} "
+                      f"(several: layer3,layer4)")
 
 
 class BaseCAM:
@@ -134,18 +160,22 @@ class BaseCAM:
 
     method: str
 
-    def __init__(self, model: nn.Module, method: str, target_layer: str | None = None, info: Probe | None = None):
+    def __init__(self, model: nn.Module, method: str, target_layer: str | Sequence[str] | None = None,
+                 info: Probe | None = None):
         self.model = model.eval()
         self.method = method
         self.info = info or probe(model)
-        self.target_name = target_layer or self.info.target_name
-        if self.target_name is None:
+        names = parse_layers(target_layer) or ([self.info.target_name] if self.info.target_name else [])
+        if not names:
             raise CxrcamError("cannot find the layer entering the global pooling of this model; "
                               "set cam.target_layer to a module name")
-        try:
-            self.target_layer = model.get_submodule(self.target_name)
-        except AttributeError:
-            raise CxrcamError(f"cam.target_layer: the model has no module {self.target_name!r}") from None
+        self.target_names = [resolve_layer(model, n) for n in names]
+        self.target_layers = [model.get_submodule(n) for n in self.target_names]
+
+    @property
+    def target_name(self) -> str:
+        """The target layer(s), as ``cam.target_layer`` writes them."""
+        return ",".join(self.target_names)
 
     @property
     def device(self) -> torch.device:
@@ -156,17 +186,22 @@ class BaseCAM:
         """The batch's logits (B x all classes)."""
         return self.model(images).float()
 
-    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> torch.Tensor:
-        """Maps B x len(classes) x h x w before scaling, right after :meth:`forward` on ``images``."""
+    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> list[torch.Tensor]:
+        """Per target layer, maps B x len(classes) x h x w before scaling, right after
+        :meth:`forward` on ``images``."""
         raise NotImplementedError
 
     def __call__(self, images: torch.Tensor, classes: Classes = None) -> CamOutput:
         """Scaled maps of ``classes`` (all by default; or a rule on the logits: only the classes
         some image needs are computed and scaled) and the logits, on the model's device. No class
-        is a normal case (a batch of normal images): the maps are then B x 0 x H x W."""
+        is a normal case (a batch of normal images): the maps are then B x 0 x H x W.
+
+        Always in fp32, whatever autocast the caller runs under and whatever precision the model
+        trained in: a bf16 map's min-max scaling and thresholds would move with the rounding."""
         images = images.to(self.device)
-        logits = self.forward(images)
-        chosen = [int(c) for c in (range(logits.shape[1]) if classes is None else
-                                   classes(logits) if callable(classes) else classes)]
-        maps = self.raw_maps(images, chosen)
+        with torch.autocast(self.device.type, enabled=False):
+            logits = self.forward(images.float())
+            chosen = [int(c) for c in (range(logits.shape[1]) if classes is None else
+                                       classes(logits) if callable(classes) else classes)]
+            maps = self.raw_maps(images, chosen)
         return CamOutput(scale_cams(maps, tuple(images.shape[-2:])), logits, chosen)

@@ -5,6 +5,8 @@ scorecam, ...) and for models whose head is not pooling + linear.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -22,7 +24,7 @@ LIBRARY_METHODS = {
 
 
 class LibraryCAM(BaseCAM):
-    def __init__(self, model: nn.Module, method: str = "gradcam++", target_layer: str | None = None,
+    def __init__(self, model: nn.Module, method: str = "gradcam++", target_layer: str | Sequence[str] | None = None,
                  info: Probe | None = None):
         if method not in LIBRARY_METHODS:
             raise CxrcamError(f"unknown CAM method {method!r}; choose one of {', '.join(LIBRARY_METHODS)}")
@@ -33,12 +35,14 @@ class LibraryCAM(BaseCAM):
             raise CxrcamError(f"CAM method {method!r} needs a newer pytorch-grad-cam (no "
                               f"{LIBRARY_METHODS[method]} in {pytorch_grad_cam.__name__}); pip install -U grad-cam")
         super().__init__(model, method, target_layer, info)
-        self.engine = engine(model=model, target_layers=[self.target_layer])
+        self.engine = engine(model=model, target_layers=self.target_layers)
 
-    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> list[torch.Tensor]:
+        """The library's maps, its target layers already fused and scaled (scaling them again
+        changes nothing)."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         maps = [torch.from_numpy(self.engine(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images)))
                 for c in classes]
         out = torch.stack(maps, 1) if maps else torch.zeros((len(images), 0, *images.shape[-2:]))
-        return out.to(images.device)
+        return [out.to(images.device)]

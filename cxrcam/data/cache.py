@@ -27,7 +27,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from cxrcam.boxes import scale_boxes
 from cxrcam.config import Config, config_to_dict
@@ -35,6 +34,7 @@ from cxrcam.data.images import read_image, warn_squashed
 from cxrcam.data.tables import BOX_COLUMNS, read_table, report_invalid, require_columns
 from cxrcam.errors import CxrcamError, ImageReadError
 from cxrcam.files import atomic_write_bytes, remove_stale_temporaries, write_csv, write_json
+from cxrcam.runtime.progress import progress_bar
 from cxrcam.schemas import Schema, get_schema
 
 CACHE_BOX_COLUMNS = ["cx_min", "cy_min", "cx_max", "cy_max"]
@@ -132,7 +132,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, config: Config = Co
     jobs = [(r.image_id, r.path, str(out / "images" / f"{r.image_id}.png"), size) for r in todo.itertuples()]
     workers = config.prepare.workers or os.cpu_count() or 1
     sources = dict(zip(todo["image_id"], todo["path"]))
-    bar = tqdm(total=len(images), initial=skipped + len(failures), desc=f"prepare {dataset}",
+    bar = progress_bar(total=len(images), initial=skipped + len(failures), desc=f"prepare {dataset}",
                unit="img", disable=not progress)
     with open(log_path, "a") as log:
         def record(result):

@@ -19,9 +19,9 @@ from typing import Callable
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from cxrcam.errors import CxrcamError
+from cxrcam.runtime.progress import progress_bar
 from cxrcam.schemas import NIH, VINBIG
 
 Box = tuple[float, float, float, float]
@@ -389,7 +389,7 @@ def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split
     (out / split).mkdir(parents=True, exist_ok=True)
     readers = [f"R{i}" for i in range(1, 18)]
     rows = []
-    for i in tqdm(range(n), desc="synth vinbig", disable=not progress, unit="img"):
+    for i in progress_bar(range(n), desc="synth vinbig", disable=not progress, unit="img"):
         rng = np.random.default_rng([seed, i])
         w = int(size * rng.uniform(0.8, 1.15))
         h = int(w * rng.uniform(1.0, 1.3))  # portrait, non-square, like most VinBigData films
@@ -420,7 +420,7 @@ def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool, normal_f
                    "Pneumonia", "Pneumothorax"}
     entries, boxes = [], []
     patient, follow = 0, 0
-    for i in tqdm(range(n), desc="synth nih", disable=not progress, unit="img"):
+    for i in progress_bar(range(n), desc="synth nih", disable=not progress, unit="img"):
         rng = np.random.default_rng([seed, i])
         if i == 0 or rng.random() > 0.3:  # some patients have follow-up images
             patient, follow = patient + 1, 0

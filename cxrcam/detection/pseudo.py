@@ -5,7 +5,8 @@
   the best-scoring CAM box (``maps_to_boxes`` with the config's threshold, or the class's
   calibrated one when ``boxes.calibration`` is set; top 1).
 - **CAM proposals** (``detector.cam_proposals_from``): for every class the classifier
-  *predicts* (p > ``boxes.min_prob``), every component of its map at the calibrated threshold
+  *predicts* (p above its decision threshold: the checkpoint's operating point, or ``boxes.min_prob``),
+  every component of its map at the calibrated threshold
   and around it (:func:`~cxrcam.boxes.cam_proposals`), the same boxes ``refine`` proposes at
   inference, so the RoI heads learn to correct them.
 
@@ -20,7 +21,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cxrcam.boxes import BoxRules, cam_proposals, maps_to_boxes, scale_boxes
 from cxrcam.cam import create_cam
@@ -28,7 +28,8 @@ from cxrcam.config import Config
 from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
 from cxrcam.data.dataset import CacheDataset
 from cxrcam.data.tables import BOX_COLUMNS, target_columns
-from cxrcam.models import load_classifier
+from cxrcam.models import decision_thresholds, load_classifier
+from cxrcam.runtime.progress import progress_bar
 
 PROPOSAL_COLUMNS = ["image_id", *CACHE_BOX_COLUMNS]
 
@@ -40,23 +41,24 @@ def cam_training_boxes(classifier: str | Path, cache: Cache, config: Config, dev
     """(pseudo-boxes of the labelled classes of the cache rows ``pseudo_rows``, CAM proposals of
     the predicted classes of ``proposal_rows``), from one pass over the rows of either: each
     image's maps are computed only for the classes its parts need."""
-    model, _ = load_classifier(classifier, device)
-    cam = create_cam(model, config.cam.method)
+    model, ckpt = load_classifier(classifier, device)
+    thresholds = decision_thresholds(ckpt, config.boxes.min_prob)
+    rules = BoxRules.from_config(config.boxes)
+    cam = create_cam(model, *rules.cam_settings(config.cam))
     wants_pseudo, wants_proposals = set(np.asarray(pseudo_rows).tolist()), set(np.asarray(proposal_rows).tolist())
     rows = np.array(sorted(wants_pseudo | wants_proposals), dtype=np.int64)
     labels = cache.images[target_columns(cache.schema)].to_numpy() >= 0.5
     pseudo_rules = BoxRules.from_config(replace(config.boxes, top_k=1))
-    rules = BoxRules.from_config(config.boxes)
     pseudo_found, proposal_found = [], []
     loader = DataLoader(CacheDataset(cache, rows), batch_size=config.cam.batch_size, num_workers=config.cam.workers)
-    for x, _, k in tqdm(loader, desc="CAM boxes for the detector", unit="batch", disable=not progress, leave=False):
+    for x, _, k in progress_bar(loader, desc="CAM boxes for the detector", unit="batch", disable=not progress, leave=False):
         idx = rows[k.numpy()]
         labelled = [np.flatnonzero(labels[i]).tolist() if i in wants_pseudo else [] for i in idx]
         predicted: list[list[int]] = [[] for _ in idx]
 
         def needed(logits: torch.Tensor) -> list[int]:
             p = torch.sigmoid(logits).cpu().numpy()
-            predicted[:] = [np.flatnonzero(row > config.boxes.min_prob).tolist() if i in wants_proposals else []
+            predicted[:] = [np.flatnonzero(row > thresholds).tolist() if i in wants_proposals else []
                             for i, row in zip(idx, p)]
             return sorted({c for w in (*labelled, *predicted) for c in w})
 

@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrcam.config import BoxConfig, Config, from_dict
+from cxrcam.config import DEFAULT_MIN_PROB, BoxConfig, Config, from_dict
 from cxrcam.boxes import BoxRules, points_in_boxes
 from cxrcam.data.tables import BOX_COLUMNS, read_table, report_invalid, target_columns
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.coco import coco_ap
 from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
 from cxrcam.evaluation.rsna import rsna_score
-from cxrcam.evaluation.weak import accuracy_table, random_control, random_detections
+from cxrcam.evaluation.weak import CURVE_COLUMNS, accuracy_table, random_control, random_detections
 from cxrcam.files import atomic_write_text, save_figure, write_csv, write_json
 from cxrcam.outputs.submission import parse_submission
 from cxrcam.schemas import NIH, RSNA, SCHEMAS, Schema
@@ -115,43 +115,132 @@ def _pointing(truth: pd.DataFrame, peaks_csv: Path) -> pd.Series:
     return pd.Series(np.where(at["peak_x"].notna(), inside.astype(float), np.nan))
 
 
-def _box_settings(localize_json: Path | None, config: Config) -> BoxRules:
+def describe(saved: dict) -> tuple[str, bool]:
+    """(what a localize/refine folder's submission is, by meaning; whether its boxes are CAM boxes),
+    from its localize.json (empty: a submission file alone)."""
+    if not saved:
+        return "submission", False
+    config = saved.get("config", {})
+    boxes, refine = config.get("boxes", {}), config.get("refine", {})
+    if saved.get("detector"):
+        if refine.get("proposals") == "rpn":
+            return ("plain detector" if refine.get("gate") == "none" else "detector + classifier gate"), False
+        return "refined (Faster R-CNN)", False
+    if boxes.get("calibration"):
+        return "CAM-only, calibrated", True
+    return f"CAM-only, threshold {boxes.get('threshold')}", True
+
+
+def _box_settings(saved: dict, config: Config, n_classes: int) -> tuple[BoxRules, np.ndarray]:
     """The box settings the predictions were made with (localize.json: the config and any
-    calibration), for the random-map control."""
-    saved = json.loads(localize_json.read_text()).get("config", {}).get("boxes", {}) if localize_json else {}
-    return BoxRules.from_config(from_dict(BoxConfig, saved, "boxes.") if saved else config.boxes)
+    calibration), for the random-map control, and the decision threshold of each class (the
+    probability above which a class got boxes)."""
+    boxes = saved.get("config", {}).get("boxes", {})
+    rules = BoxRules.from_config(from_dict(BoxConfig, boxes, "boxes.") if boxes else config.boxes)
+    if saved.get("decision_thresholds"):
+        return rules, np.asarray(saved["decision_thresholds"], np.float64)
+    min_prob = rules.default.min_prob
+    return rules, np.full(n_classes, DEFAULT_MIN_PROB if min_prob == "auto" else float(min_prob))
 
 
-def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config = Config(),
-             probs: str | Path | None = None, lenient: bool = False, out: str | Path | None = None,
-             control: bool = True, plots: bool = True) -> dict:
-    """All metrics that the inputs allow, as a dict; with ``out``, also metrics.json, metrics.md
-    and (``plots``) the AP and PR-curve plots there."""
+@dataclass
+class Scored:
+    """One submission scored against its truth: the metrics, and what their intervals need."""
+
+    metrics: dict
+    truth: GroundTruth
+    voc_truth: pd.DataFrame  # the truth the VOC metric scored ("No finding" boxes included)
+    detections: pd.DataFrame
+    per_class: list[ClassAP]
+    weak: pd.DataFrame | None  # the ChestX-ray8 table (model and control rows)
+    probs: pd.DataFrame | None
+    points: pd.Series | None  # pointing game per truth box
+    curves: Path | None  # localize's box_curves.csv: each truth (image, class) pair's best-IoU curve
+
+
+def score(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config = Config(),
+          probs: str | Path | None = None, lenient: bool = False, control: bool = True,
+          out: Path | None = None) -> Scored:
+    """Every metric the inputs allow (see :func:`evaluate`), keeping what the bootstrap needs."""
     submission, found_probs, peaks, settings = _prediction_files(Path(pred))
+    saved = json.loads(settings.read_text()) if settings else {}
+    label, cam_boxes = describe(saved)
+    if not cam_boxes:
+        peaks = None  # the pointing game scores the classifier's maps, not a detector's boxes
     truth = read_ground_truth(gt, config)
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
     report_invalid(truth.invalid, out)
     if fmt == "rsna" and truth.schema is not RSNA:
         raise CxrcamError(f"--format rsna needs RSNA ground truth; {gt} is {truth.schema.name}")
     dets, counts = _read_submission(submission, truth, fmt, lenient)
-    metrics = {"format": fmt, "ground_truth": str(gt), **counts, "iou_thr": config.eval.iou_thr}
+    metrics = {"format": fmt, "ground_truth": str(gt), "submission_label": label, "cam_boxes": cam_boxes, **counts,
+               "iou_thr": config.eval.iou_thr}
     voc_truth, per_class = _detection_metrics(truth, dets, fmt, config.eval.iou_thr, metrics)
     prob_table = _read_probabilities(Path(probs) if probs else found_probs, truth.schema)
-    weak = None
+    rules, thresholds = _box_settings(saved, config, truth.schema.num_findings)
+    weak, points = None, None
     if len(truth.boxes):
-        rules = _box_settings(settings, config) if control and truth.sizes else None
-        weak = _weak_metrics(truth, dets, voc_truth, peaks, rules, prob_table, config.eval.iou_thr, metrics)
+        points = _pointing(truth.boxes, peaks) if peaks is not None else None
+        weak = _weak_metrics(truth, dets, voc_truth, points, rules if control and truth.sizes else None, thresholds,
+                             prob_table, config.eval.iou_thr, metrics)
     pred_dir = Path(pred) if Path(pred).is_dir() else None
-    if pred_dir is not None and (pred_dir / "maxboxacc.csv").is_file():
+    curves = None
+    if cam_boxes and pred_dir is not None and (pred_dir / "maxboxacc.csv").is_file():  # the maps' own figure
         metrics["maxboxacc"] = pd.read_csv(pred_dir / "maxboxacc.csv").to_dict(orient="records")
+        curves = pred_dir / "box_curves.csv" if (pred_dir / "box_curves.csv").is_file() else None
     if prob_table is not None and truth.labels is not None:
-        metrics.update(_auroc(truth, prob_table))
+        metrics.update(_classification(truth, prob_table, thresholds))
+    return Scored(metrics, truth, voc_truth, dets, per_class, weak, prob_table, points, curves)
+
+
+def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config = Config(),
+             probs: str | Path | None = None, lenient: bool = False, out: str | Path | None = None,
+             control: bool = True, plots: bool = True, bootstrap: int = 0, seed: int = 0) -> dict:
+    """All metrics that the inputs allow, as a dict; with ``out``, also metrics.json, metrics.md
+    and (``plots``) the AP and PR-curve plots there. ``bootstrap``: that many resamples of the
+    images give each headline figure a 95% interval (``ci``; :mod:`cxrcam.evaluation.bootstrap`)."""
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+    scored = score(pred, gt, fmt, config, probs, lenient, control, out)
+    metrics = scored.metrics
+    if bootstrap:
+        from cxrcam.evaluation.bootstrap import bootstrap as resample
+
+        result = resample([bootstrap_inputs(scored)], len(scored.truth.image_ids), bootstrap, seed)
+        metrics["ci"] = {name: f["ci"] for name, f in result["submissions"][0].items()}
+        metrics["bootstrap"] = {k: result[k] for k in ("method", "level", "resamples", "seed", "unit")}
     metrics = _clean(metrics)
     if out is not None:
-        _write(out, metrics, weak, per_class if plots else None, truth.schema)
+        _write(out, metrics, scored.weak, scored.per_class if plots else None, scored.truth.schema)
     return metrics
+
+
+def bootstrap_inputs(scored: Scored):
+    """What :mod:`cxrcam.evaluation.bootstrap` resamples for one scored submission, matched once."""
+    from cxrcam.evaluation.bootstrap import Inputs, match_classes
+    from cxrcam.evaluation.weak import box_overlaps
+
+    truth, schema = scored.truth, scored.truth.schema
+    index = pd.Index(truth.image_ids)
+    classes = match_classes(scored.voc_truth, scored.detections, truth.image_ids, scored.metrics["iou_thr"])
+    names = {c: schema.class_name(c) for c in classes}
+    x = Inputs(classes, list(range(schema.num_findings)), names)
+    if scored.probs is not None and truth.labels is not None:
+        joined = pd.DataFrame({"image_id": truth.image_ids}).merge(truth.labels, on="image_id", how="left").merge(
+            scored.probs, on="image_id", how="left")
+        x.labels = joined[target_columns(schema)].to_numpy(np.float64)
+        x.probs = joined[list(schema.findings)].to_numpy(np.float64)
+    if len(truth.boxes):
+        boxes = box_overlaps(truth.boxes, scored.detections)
+        x.boxes = pd.DataFrame({"image": index.get_indexer(boxes["image_id"]), "best_iou": boxes["best_iou"],
+                                "best_iobb": boxes["best_iobb"]})
+        if scored.points is not None:
+            x.boxes["pointing"] = scored.points.to_numpy(float)
+    if scored.curves is not None:
+        table = pd.read_csv(scored.curves, dtype={"image_id": str})
+        table = table[(table["source"] == "model") & table["image_id"].isin(index)]
+        x.curves = (index.get_indexer(table["image_id"]), table[CURVE_COLUMNS].to_numpy(np.float64))
+    return x
 
 
 def _read_submission(submission: Path, truth: GroundTruth, fmt: str, lenient: bool) -> tuple[pd.DataFrame, dict]:
@@ -203,13 +292,13 @@ def _read_probabilities(probs: Path | None, schema: Schema) -> pd.DataFrame | No
     return table[["image_id", *schema.findings]]
 
 
-def _weak_metrics(truth: GroundTruth, dets: pd.DataFrame, voc_truth: pd.DataFrame, peaks: Path | None,
-                  rules: BoxRules | None, prob_table: pd.DataFrame | None, iou_thr: float, metrics: dict
-                  ) -> pd.DataFrame:
+def _weak_metrics(truth: GroundTruth, dets: pd.DataFrame, voc_truth: pd.DataFrame, points: pd.Series | None,
+                  rules: BoxRules | None, thresholds: np.ndarray, prob_table: pd.DataFrame | None, iou_thr: float,
+                  metrics: dict) -> pd.DataFrame:
     """The ChestX-ray8 accuracies and pointing game, beside the random-map control (``rules``: the
-    box settings the predictions were cut with; None: no control), and the control's mAP."""
+    box settings the predictions were cut with; None: no control), and the control's mAP (boxes
+    from random maps for the classes above their decision ``thresholds``)."""
     schema = truth.schema
-    points = _pointing(truth.boxes, peaks) if peaks is not None else None
     weak = accuracy_table(truth.boxes, dets, schema, points).assign(source="model")
     if rules is not None:
         metrics["control_threshold"] = rules.default.threshold
@@ -217,7 +306,7 @@ def _weak_metrics(truth: GroundTruth, dets: pd.DataFrame, voc_truth: pd.DataFram
         ctrl = random_control(truth.boxes, truth.sizes, schema, rules).assign(source="random map")
         weak = pd.concat([weak, ctrl], ignore_index=True)
         if prob_table is not None:  # the same classifier's boxes cut from random maps: the mAP control
-            random_dets = pd.concat([random_detections(prob_table, truth.sizes, rules),
+            random_dets = pd.concat([random_detections(prob_table, truth.sizes, rules, thresholds),
                                      dets[dets["class_id"] >= schema.num_findings]], ignore_index=True)
             metrics["control_map"], control_ap = voc_map(voc_truth, random_dets, iou_thr)
             metrics["control_ap"] = {schema.class_name(r.class_id): r.ap for r in control_ap}
@@ -225,13 +314,21 @@ def _weak_metrics(truth: GroundTruth, dets: pd.DataFrame, voc_truth: pd.DataFram
     return weak
 
 
-def _auroc(truth: GroundTruth, prob_table: pd.DataFrame) -> dict:
-    from cxrcam.evaluation.classification import auroc_per_class, mean_auroc  # scikit-learn: 1 s to import
+def _classification(truth: GroundTruth, prob_table: pd.DataFrame, thresholds: np.ndarray) -> dict:
+    """AUROC per class, and sensitivity and specificity at the decision thresholds the predictions used."""
+    from cxrcam.evaluation.classification import auroc_per_class, mean_auroc, sensitivity_specificity  # sklearn: 1 s
 
     schema = truth.schema
     joined = truth.labels.merge(prob_table, on="image_id")
-    per = auroc_per_class(joined[target_columns(schema)].to_numpy(), joined[list(schema.findings)].to_numpy())
-    return {"auroc": {c: float(v) for c, v in zip(schema.findings, per)}, "mean_auroc": mean_auroc(per)}
+    labels, probs = joined[target_columns(schema)].to_numpy(), joined[list(schema.findings)].to_numpy()
+    per = auroc_per_class(labels, probs)
+    sens, spec = sensitivity_specificity(labels, probs, thresholds)
+    return {"auroc": {c: float(v) for c, v in zip(schema.findings, per)}, "mean_auroc": mean_auroc(per),
+            "decision_thresholds": {c: float(t) for c, t in zip(schema.findings, thresholds)},
+            "sensitivity": {c: float(v) for c, v in zip(schema.findings, sens)},
+            "specificity": {c: float(v) for c, v in zip(schema.findings, spec)},
+            "mean_sensitivity": float(np.nanmean(sens)) if np.isfinite(sens).any() else None,
+            "mean_specificity": float(np.nanmean(spec)) if np.isfinite(spec).any() else None}
 
 
 def _write(out: Path, metrics: dict, weak: pd.DataFrame | None, per_class: list[ClassAP] | None,
@@ -297,10 +394,19 @@ def markdown(metrics: dict) -> str:
                        ("coco_ap40", "COCO AP@.4"), ("rsna_score", "RSNA score"), ("mean_auroc", "mean AUROC")]:
         if key in metrics:
             head.append(f"{label} = {_fmt(metrics[key])}")
-    lines += ["; ".join(head), "", "| class | truth boxes | AP | AUROC |", "|---|---|---|---|"]
+    lines += ["; ".join(head)]
+    ci = metrics.get("ci")
+    if ci:
+        b = metrics["bootstrap"]
+        lines += ["", f"{int(b['level'] * 100)}% {b['method']} intervals ({b['resamples']} bootstrap resamples of the "
+                      f"images, seed {b['seed']}): " + "; ".join(
+                          f"{k} [{_fmt(v[0])}, {_fmt(v[1])}]" for k, v in ci.items() if not k.startswith("AP "))]
+    lines += ["", "| class | truth boxes | AP | AUROC |", "|---|---|---|---|"]
     auroc = metrics.get("auroc", {})
     for name, ap in metrics["ap"].items():
-        lines.append(f"| {name} | {metrics['n_truth'][name]} | {_fmt(ap)} | {_fmt(auroc.get(name))} |")
+        interval = ci.get(f"AP {name}") if ci else None
+        ap_text = _fmt(ap) + (f" [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "")
+        lines.append(f"| {name} | {metrics['n_truth'][name]} | {ap_text} | {_fmt(auroc.get(name))} |")
     if "localization" in metrics:
         cols = {"iobb@0.1": "T(IoBB)=0.1", "iobb@0.5": "T(IoBB)=0.5", "iou@0.1": "T(IoU)=0.1", "iou@0.5": "T(IoU)=0.5",
                 "pointing": "pointing"}

@@ -82,6 +82,13 @@ def random_maps(n: int, seed, grid: int = 16, side: int = 256) -> np.ndarray:
     return (maps - maps.min((1, 2), keepdims=True)) / np.ptp(maps, axis=(1, 2), keepdims=True)
 
 
+def _chunked_maps(n: int, generator, grid: int, side: int, chunk: int = 256):
+    """The ``n`` maps of :func:`random_maps` drawn ``chunk`` at a time: the same maps (the generator's
+    stream does not depend on how it is cut), in memory that does not grow with the test set."""
+    for start in range(0, n, chunk):
+        yield from random_maps(min(chunk, n - start), generator, grid, side)
+
+
 def random_control(truth: pd.DataFrame, sizes: dict[str, tuple[float, float]], schema: Schema,
                    config: BoxConfig | BoxRules = BoxConfig(), grid: int = 16, side: int = 256, repeats: int = 5,
                    seed: int = 0) -> pd.DataFrame:
@@ -94,9 +101,8 @@ def random_control(truth: pd.DataFrame, sizes: dict[str, tuple[float, float]], s
     keys = [k for k in keys if k.image_id in sizes]
     tables = []
     for _ in range(repeats):
-        maps = random_maps(len(keys), gen, grid, side)
         dets, peaks = [], {}
-        for key, cam in zip(keys, maps):
+        for key, cam in zip(keys, _chunked_maps(len(keys), gen, grid, side)):
             h, w = sizes[key.image_id]
             boxes, scores = cam_to_boxes(cam, 1.0, rules(key.class_id))
             for box, score in zip(scale_boxes(boxes, w / side, h / side), scores):
@@ -192,17 +198,17 @@ def plot_box_accuracy(curves: pd.DataFrame, path) -> None:
 
 
 def random_detections(probs: pd.DataFrame, sizes: dict[str, tuple[float, float]], rules: BoxRules,
-                      side: int = 256) -> pd.DataFrame:
+                      thresholds: np.ndarray, side: int = 256) -> pd.DataFrame:
     """The submission rows localize would write if every map were random: each image's classes
-    above ``min_prob`` (``probs``: image_id + one column per class id, in order) get boxes cut
-    from a random map seeded by the pair, scored with the classifier's probability as usual."""
+    above their decision ``thresholds`` (``probs``: image_id + one column per class id, in order)
+    get boxes cut from a random map seeded by the pair, scored with the classifier's probability."""
     rows = []
     values = probs.drop(columns="image_id").to_numpy(np.float64)
     for image_id, p in zip(probs["image_id"], values):
         if image_id not in sizes:
             continue
         h, w = sizes[image_id]
-        for c in np.flatnonzero(p > rules.default.min_prob):
+        for c in np.flatnonzero(p > thresholds):
             cam = random_maps(1, zlib.crc32(f"{image_id}/{c}".encode()), side=side)[0]
             boxes, scores = cam_to_boxes(cam, float(p[c]), rules(c))
             rows += [(image_id, int(c), s, *b) for b, s in zip(scale_boxes(boxes, w / side, h / side), scores)]

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cxrcam.boxes import BoxRules
 from cxrcam.cam import create_cam
@@ -27,9 +26,10 @@ from cxrcam.errors import CxrcamError
 from cxrcam.files import write_json
 from cxrcam.localize.step import Step
 from cxrcam.localize.write import Collector, LocalizeSummary, Painter, merge_ranks, write_outputs
-from cxrcam.models import load_classifier
+from cxrcam.models import decision_thresholds, load_classifier
 from cxrcam.outputs.pictures import PICTURE_SIZE, remove_pictures
 from cxrcam.runtime import dist
+from cxrcam.runtime.progress import progress_bar
 from cxrcam.schemas import Schema, get_schema
 
 
@@ -71,16 +71,16 @@ def _check_calibration(rules: BoxRules, source, path: str) -> None:
 def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: Config = Config(),
              dataset: str | None = None, classes: list[str] | None = None, pictures: bool = True,
              progress: bool = True, detector: str | Path | None = None, picture_size: int = PICTURE_SIZE,
-             show_proposals: bool = False) -> LocalizeSummary | None:
+             show_proposals: bool = False, draw_min_score: float = 0.0) -> LocalizeSummary | None:
     """Localise every image of ``data`` with the classifier ``checkpoint``; outputs in ``out``.
 
     ``detector``: a ``train-detector`` checkpoint that refines the CAM boxes (``cxrcam refine``,
     see :mod:`cxrcam.detection.refine`); ``submission.csv`` then holds the refined detections and
-    ``cam_submission.csv`` the CAM boxes. Pictures are ``picture_size`` px on the long side at least;
-    ``show_proposals`` adds the CAM boxes, faint, to refine's. Returns the summary on rank 0 (None on
-    other ranks)."""
+    ``cam_submission.csv`` the CAM boxes. Pictures are ``picture_size`` px on the long side at least,
+    with the boxes scored ``draw_min_score`` or more; ``show_proposals`` adds the CAM boxes, faint, to
+    refine's. Returns the summary on rank 0 (None on other ranks)."""
     start, out = time.perf_counter(), Path(out)
-    info = dist.setup()
+    info = dist.setup(config.runtime.device)
     model, ckpt = load_classifier(checkpoint, info.device)
     schema, size = get_schema(ckpt["schema"]), int(ckpt["input_size"])
     source = open_source(data, dataset, config)
@@ -90,7 +90,9 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     truth = {k: (g[BOX_COLUMNS].to_numpy(np.float64), g["class_id"].to_numpy()) for k, g in source.truth.groupby("image_id")}
     rules = BoxRules.from_config(config.boxes)
     _check_calibration(rules, source, config.boxes.calibration)
-    step = Step(create_cam(model, config.cam.method, config.cam.target_layer or None), config, truth,
+    thresholds = decision_thresholds(ckpt, config.boxes.min_prob)
+    cam = create_cam(model, *rules.cam_settings(config.cam))
+    step = Step(cam, config, truth, thresholds,
                 parse_classes(classes, schema), pictures, refiner, rules)
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
@@ -105,8 +107,9 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     loader = DataLoader(ImageFiles(list(shard["path"]), size), batch_size=config.cam.batch_size,
                         num_workers=config.cam.workers, persistent_workers=False)
     collected = Collector(schema, refiner is not None)
-    painter = Painter(out, schema, rules, truth, refiner is not None and show_proposals, pictures, picture_size)
-    bar = tqdm(total=len(shard), desc=("refine " if refiner else "localize ") + config.cam.method, unit="img",
+    painter = Painter(out, schema, rules, truth, refiner is not None and show_proposals, pictures, picture_size,
+                      draw_min_score)
+    bar = progress_bar(total=len(shard), desc=("refine " if refiner else "localize ") + config.cam.method, unit="img",
                disable=not (progress and info.is_main))
     seen: dict[str, tuple[float, float]] = {}
     for x, idx, heights, widths, errors in loader:
@@ -135,6 +138,9 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
         write_json(out / "localize.json", {"checkpoint": str(checkpoint), "detector": detector and str(detector),
                                            "data": str(data), "classes": classes,
                                            "pictures": pictures, "picture_size": picture_size,
+                                           "draw_min_score": draw_min_score,
+                                           "decision_thresholds": [float(t) for t in thresholds],
+                                           "cam": {"method": cam.method, "target_layer": cam.target_name},
                                            "config": config_to_dict(config)})
     dist.cleanup()
     return summary

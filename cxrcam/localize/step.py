@@ -1,7 +1,8 @@
 """One batch of ``localize``: heat maps -> probabilities, CAM boxes, (refined detections), map peaks.
 
 Per image the classifier's probabilities decide a :class:`Plan`: the *predicted* classes
-(above ``boxes.min_prob``, among ``--classes`` if given) get boxes, the *shown* ones are drawn,
+(above their decision thresholds: the checkpoint's operating points, or ``boxes.min_prob``; among
+``--classes`` if given) get boxes, the *shown* ones are drawn,
 and the truth classes add their maps for the pointing game and the box accuracy curves
 (MaxBoxAccV2, with a random-map control). One CAM call per batch computes only the maps some
 image needs; one call turns them into boxes, each class with its own settings
@@ -48,14 +49,15 @@ class Step:
     """Localise one batch; built once per run."""
 
     def __init__(self, cam: BaseCAM, config: Config, truth: dict[str, tuple[np.ndarray, np.ndarray]],
-                 classes: list[int] | None = None, pictures: bool = True, refiner=None, rules: BoxRules | None = None):
-        self.cam, self.config, self.truth = cam, config, truth
+                 thresholds: np.ndarray, classes: list[int] | None = None, pictures: bool = True, refiner=None,
+                 rules: BoxRules | None = None):
+        self.cam, self.config, self.truth, self.thresholds = cam, config, truth, thresholds
         self.classes, self.pictures, self.refiner = classes, pictures, refiner
         self.rules = rules or BoxRules(config.boxes)
 
     def plan(self, p: np.ndarray, image_id: str) -> Plan:
-        predicted = [c for c in (self.classes or range(len(p))) if p[c] > self.config.boxes.min_prob]
-        shown = (self.classes or predicted or [int(np.argmax(p))]) if self.pictures else []
+        predicted = [c for c in (self.classes or range(len(p))) if p[c] > self.thresholds[c]]
+        shown = (self.classes or predicted) if self.pictures else []  # a normal image: no class drawn
         truth = sorted({int(c) for c in self.truth.get(image_id, NO_TRUTH)[1]})
         return Plan(predicted, shown, truth, sorted({int(c) for c in (*predicted, *shown, *truth)}))
 

@@ -5,7 +5,10 @@ Tables: ``submission.csv`` (every input image once, the "No finding" group appen
 ``cam_submission.csv`` (refine only: the CAM boxes), ``probabilities.csv``, ``peaks.csv`` (each
 truth class's map peak, for the pointing game), ``bb_results.csv`` and ``failures.csv``; where
 truth is known, ``maxboxacc.csv`` (MaxBoxAccV2 per class, with its random-map control),
-``box_accuracy.csv`` and ``box_accuracy.png`` (box accuracy against the map threshold).
+``box_accuracy.csv`` and ``box_accuracy.png`` (box accuracy against the map threshold) and
+``box_curves.csv`` (each truth image and class's best IoU at every threshold: what ``evaluate
+--ci`` resamples). A run without truth removes an earlier run's copies of these, so that no
+figure of another model is read as this one's.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from cxrcam.runtime import dist
 from cxrcam.schemas import Schema
 
 FAILURE_COLUMNS = ["image_id", "path", "reason"]
+CURVE_FILES = ("maxboxacc.csv", "box_accuracy.csv", "box_accuracy.png", "box_curves.csv")  # from truth only
 PEAK_COLUMNS = ["image_id", "class_id", "peak_x", "peak_y"]
 
 
@@ -53,12 +57,13 @@ class LocalizeSummary:
 
 class Painter:
     """Draws each image's four pictures in two background threads; at most 64 wait (flat memory).
-    ``proposals``: refine pictures also show the CAM boxes, faint, under the detections."""
+    ``proposals``: refine pictures also show the CAM boxes, faint, under the detections;
+    ``min_score``: boxes scored below it are not drawn (the tables keep them)."""
 
     def __init__(self, out: Path, schema: Schema, rules: BoxRules, truth: dict, proposals: bool = False,
-                 enabled: bool = True, size: int = PICTURE_SIZE):
+                 enabled: bool = True, size: int = PICTURE_SIZE, min_score: float = 0.0):
         self.out, self.schema, self.rules, self.truth, self.proposals = out, schema, rules, truth, proposals
-        self.size = size
+        self.size, self.min_score = size, min_score
         self.pool = ThreadPoolExecutor(2) if enabled else None
         self.pending: deque = deque()
 
@@ -68,7 +73,8 @@ class Painter:
         sx, sy = result.scale
         truth_boxes, truth_classes = self.truth.get(result.image_id, NO_TRUTH)
         picture = np.round(image[0].cpu().numpy() * 255).astype(np.uint8)
-        drawn = np.isin(result.final[1], result.plan.predicted)  # refined boxes too: the predicted classes only
+        # refined boxes too: the predicted classes' boxes alone, above the drawing floor
+        drawn = np.isin(result.final[1], result.plan.predicted) & (result.final[2] >= self.min_score)
         self.pending.append(self.pool.submit(
             write_pictures, self.out, result.image_id, picture, self.schema,
             (scale_boxes(truth_boxes, sx, sy), truth_classes), tuple(a[drawn] for a in result.final), result.maps,
@@ -157,12 +163,17 @@ def write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schema
     write_csv(out / "bb_results.csv", results)
     truth_rows = results[results["gt_x_min"].notna()]
     wsol = {"model": float("nan"), "random map": float("nan")}
-    if len(parts["curves"]):
-        table = maxboxacc_table(parts["curves"], schema)
+    curves = parts["curves"]
+    if len(curves):
+        table = maxboxacc_table(curves, schema)
         write_csv(out / "maxboxacc.csv", table)
-        write_csv(out / "box_accuracy.csv", curve_table(parts["curves"], schema))
-        plot_box_accuracy(parts["curves"], out / "box_accuracy.png")
+        write_csv(out / "box_accuracy.csv", curve_table(curves, schema))
+        write_csv(out / "box_curves.csv", curves[curves["source"] == "model"].round(4))
+        plot_box_accuracy(curves, out / "box_accuracy.png")
         wsol.update(table[table["class"] == "all"].set_index("source")["maxboxacc_v2"].to_dict())
+    else:
+        for name in CURVE_FILES:
+            (out / name).unlink(missing_ok=True)
     return LocalizeSummary(len(image_ids), len(failures), len(detections), len(truth_rows),
                            float(truth_rows["iou"].mean()) if len(truth_rows) else float("nan"),
                            float(truth_rows["hit"].mean()) if len(truth_rows) else float("nan"),

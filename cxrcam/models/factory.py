@@ -12,10 +12,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from torch import nn
 
+from cxrcam.config import DEFAULT_MIN_PROB
 from cxrcam.errors import CxrcamError
 from cxrcam.files import checkpoint_contents, load_checkpoint
 
@@ -141,3 +143,15 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
                                   in_chans=ckpt["in_chans"], output_stride=ckpt.get("output_stride", 32))
         model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
+
+
+def decision_thresholds(ckpt: dict[str, Any], min_prob: float | str = "auto") -> np.ndarray:
+    """Per class, the probability above which a class is *predicted* (gets boxes, pictures and
+    refine's CAM proposals): ``boxes.min_prob`` for every class when it is a number; with "auto",
+    the operating points ``train-classifier`` chose on the validation fold and stored in the
+    checkpoint (``op_threshs``, as torchxrayvision keeps them), 0.5 for a class without one."""
+    n = len(ckpt["classes"])
+    if min_prob != "auto":
+        return np.full(n, float(min_prob))
+    saved = np.asarray(ckpt.get("op_threshs") or [np.nan] * n, np.float64)
+    return np.where(np.isnan(saved), DEFAULT_MIN_PROB, saved)

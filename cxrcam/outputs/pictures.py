@@ -8,7 +8,8 @@ heat map, so the labels can be read):
 * ``mask_<name>.png``      the image where any shown class's map is >= the threshold, black elsewhere;
 * ``pred_<name>.png``      the heat map (pixel-wise max over the shown classes) over the image
   (pytorch-grad-cam's ``show_cam_on_image``), with the predicted boxes; after ``refine``, the
-  refined detections, and with ``show_proposals`` the CAM boxes faint beneath them.
+  refined detections, and with ``show_proposals`` the CAM boxes faint beneath them. An image
+  with no class above its operating point shows no map, and says so.
 
 ``<name>`` is the image id without an image file extension.
 """
@@ -153,14 +154,16 @@ def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Sc
     _draw(gt, tbox, [TRUTH_BGR] * len(tbox), thick)  # truth last, so neither a box nor a label hides it
 
     if cams is None or len(cams) == 0:
-        heat, mask = np.zeros(image.shape, np.float32), np.zeros_like(image)
+        mask, pred = np.zeros_like(image), grey.copy()
+        if not len(pbox):
+            _Labels(pred).add("no finding predicted", np.array([4.0, 4.0, 4.0, 4.0]), (255, 255, 255))
     else:
         heat = np.max(cams, axis=0)
         above = cams >= np.asarray(threshold, np.float32).reshape(-1, 1, 1)  # one threshold, or one per map
         mask = np.where(above.any(0), image, 0).astype(np.uint8)
-    from pytorch_grad_cam.utils.image import show_cam_on_image  # here: the library imports sklearn and matplotlib
+        from pytorch_grad_cam.utils.image import show_cam_on_image  # here: the library imports sklearn, matplotlib
 
-    pred = show_cam_on_image(grey.astype(np.float32) / 255, heat, use_rgb=False)
+        pred = show_cam_on_image(grey.astype(np.float32) / 255, heat, use_rgb=False)
     if cam_boxes is not None and len(cam_boxes[0]):
         faint = pred.copy()
         cbox, ccls = cam_boxes

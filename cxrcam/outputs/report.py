@@ -72,28 +72,58 @@ def _section(title: str, parts: list[str], collapsed: bool = False) -> str:
     return f'<section id="{slug}"><h2>{title}</h2>{"".join(parts)}</section>'
 
 
+def verdict(label: str, figures: dict, ci: dict | None = None) -> str | None:
+    """One sentence: whether a submission's CAM boxes beat their random-map control (MaxBoxAccV2,
+    else T(IoBB)=0.5), and, given the figure's bootstrap interval, whether beyond noise; None where
+    no control was measured."""
+    for name in ("MaxBoxAccV2", "T(IoBB)=0.5"):
+        model, control = figures.get(name, (None, None))
+        if model is not None and control is not None:
+            ratio = f" ({model / control:.1f}x)" if control > 0 else ""
+            beat = "beat" if model > control else "do not beat"
+            interval = (ci or {}).get(name)
+            noise = ""
+            if interval and interval[0] is not None:
+                clear = interval[0] > control if model > control else interval[1] < control
+                noise = (f"; its 95% interval [{interval[0]:.3f}, {interval[1]:.3f}] "
+                         f"{'clears' if clear else 'holds'} the control: {'beyond' if clear else 'within'} noise")
+            return (f"{label}: the CAM boxes {beat} their random-map control, {name} {model:.3f} against "
+                    f"{control:.3f}{ratio}{noise}.")
+    return None
+
+
 def _summary(evals: list[Path], run: Path, page_dir: Path) -> str:
-    """One row per evaluated submission: its headline figures beside the random-map control, and a
-    link to the submission itself."""
+    """One row per evaluated submission, named by what it is: its headline figures beside the
+    random-map control, and a link to the submission itself; above them, a sentence per CAM-box
+    submission on whether it beats that control."""
     from cxrcam.evaluation.evaluate import headline
 
-    rows, labels = [], []
+    rows, labels, verdicts = [], [], []
     for path in evals:
         m = _json(path)
         figures = headline(m) if "ap" in m else {}
         labels = labels or list(figures)
+        name = m.get("submission_label") or str(path.parent.relative_to(run))
+        if m.get("cam_boxes") and verdict(name, figures):
+            verdicts.append(verdict(name, figures, m.get("ci")))
         submission = Path(m.get("submission", ""))
         link = (f'<a href="{html.escape(_src(submission, page_dir, False))}">{html.escape(submission.name)}</a>'
                 if submission.is_file() else "-")
-        cells = "".join(f"<td>{_pair(*figures.get(k, (None, None)))}</td>" for k in labels)
-        rows.append(f"<tr><td>{html.escape(str(path.parent.relative_to(run)))}</td><td>{_num(m.get('map'))}</td>"
-                    f"{cells}<td>{_num(m.get('mean_auroc'))}</td><td>{link}</td></tr>")
+        ci = m.get("ci", {})
+        cells = "".join(f"<td>{_pair(*figures.get(k, (None, None)), ci.get(k))}</td>" for k in labels)
+        where = html.escape(str(path.parent.relative_to(run)))
+        rows.append(f"<tr><td>{html.escape(name)} <small>({where})</small></td>"
+                    f"<td>{_pair(m.get('map'), None, ci.get('mAP@0.4'))}</td>{cells}"
+                    f"<td>{_pair(m.get('mean_auroc'), None, ci.get('mean AUROC'))}</td><td>{link}</td></tr>")
     if not rows:
         return ""
     head = "".join(f"<th>{html.escape(k)}</th>" for k in labels)
-    return ("<p>Each evaluated submission on its ground truth. In brackets: the same figure for random heat maps "
-            "(the control a localisation method must beat); - where not measured.</p>"
-            f"<table><tr><th>evaluation</th><th>mAP@0.4</th>{head}<th>mean AUROC</th><th>submission</th></tr>"
+    said = "".join(f'<p class="verdict">{html.escape(v)}</p>' for v in verdicts)
+    return (f"{said}<p>Each evaluated submission on its ground truth. Under a figure, in grey: its 95% bootstrap "
+            "interval (evaluate --ci). In brackets: the same figure for random heat maps (the control a localisation "
+            "method must beat); - where not measured (MaxBoxAccV2 and the pointing game describe a classifier's "
+            "maps, so a detector's submission has none).</p>"
+            f"<table><tr><th>submission</th><th>mAP@0.4</th>{head}<th>mean AUROC</th><th>file</th></tr>"
             f"{''.join(rows)}</table>")
 
 
@@ -101,8 +131,12 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def _pair(model, control) -> str:
-    return _num(model) + (f" <small>({_num(control)})</small>" if control is not None else "")
+def _pair(model, control, ci=None) -> str:
+    """A figure, its random-map control in brackets, its interval below it."""
+    text = _num(model) + (f" <small>({_num(control)})</small>" if control is not None else "")
+    if ci and model is not None and ci[0] is not None:
+        text += f'<br><small class="ci">[{ci[0]:.3f}, {ci[1]:.3f}]</small>'
+    return text
 
 
 def _data_uri(png: bytes) -> str:
@@ -299,6 +333,8 @@ summary h2 {{ display: inline; }} summary {{ cursor: pointer; margin: 1em 0; }}
 .card[hidden] {{ display: none; }}
 figcaption {{ font-size: 12px; }}
 .filters {{ margin: .5em 0; }}
+p.verdict {{ font-size: 1.1em; font-weight: 600; margin: .4em 0; }}
+small.ci {{ color: #777; }}
 </style></head>
 <body data-errors="0">
 <h1>{title}</h1>

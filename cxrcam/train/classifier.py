@@ -17,17 +17,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
 
 from cxrcam.config import Config, config_to_dict
 from cxrcam.data.cache import open_cache
 from cxrcam.data.dataset import CacheDataset, train_transforms
 from cxrcam.data.splits import train_val_rows
 from cxrcam.errors import CxrcamError
-from cxrcam.evaluation.classification import auroc_per_class, mean_auroc
+from cxrcam.evaluation.classification import auroc_per_class, mean_auroc, operating_points, sensitivity_specificity
 from cxrcam.files import save_figure
-from cxrcam.models import create_classifier, load_classifier
+from cxrcam.models import DEFAULT_MIN_PROB, create_classifier, load_classifier
 from cxrcam.runtime import dist
+from cxrcam.runtime.progress import progress_bar
 from cxrcam.train.engine import Run, check_run_folder, fit
 
 
@@ -69,8 +69,10 @@ def _predict_shard(model, loader, info, autocast) -> tuple[torch.Tensor, torch.T
     return torch.cat(logits), torch.cat(targets), torch.cat(rows)
 
 
-def _validation(model, loader, loss_fn, info, classes: list[str]):
-    """The validation step: loss and per-class AUROC over every rank's shard, gathered in row order."""
+def _validation(model, loader, loss_fn, info, classes: list[str], meta: dict[str, Any]):
+    """The validation step: loss and per-class AUROC over every rank's shard, gathered in row order;
+    each class's operating point (F1 on the fold) goes into ``meta``, which the epoch's checkpoints
+    store as ``op_threshs``, with the mean sensitivity and specificity there in the metrics."""
     def validate(autocast) -> dict[str, float]:
         logits, targets, rows = _predict_shard(model, loader, info, autocast)
         loss_sum = torch.stack([loss_fn(logits, targets) * len(rows),
@@ -79,8 +81,14 @@ def _validation(model, loader, loss_fn, info, classes: list[str]):
             torch.distributed.all_reduce(loss_sum)
         probs, truth, rows = (dist.gather_cat(t, info) for t in (torch.sigmoid(logits), targets, rows))
         order = torch.argsort(rows)
-        per_class = auroc_per_class(truth[order].cpu().numpy(), probs[order].cpu().numpy())
+        truth, probs = truth[order].cpu().numpy(), probs[order].cpu().numpy()
+        per_class = auroc_per_class(truth, probs)
+        ops = operating_points(truth, probs)
+        meta["op_threshs"] = [float(v) for v in ops]  # NaN: too few positives, boxes.min_prob's default
+        sens, spec = sensitivity_specificity(truth, probs, np.where(np.isnan(ops), DEFAULT_MIN_PROB, ops))
         return {"val_loss": float(loss_sum[0] / loss_sum[1]), "val_mean_auroc": mean_auroc(per_class),
+                "val_sensitivity": float(np.nanmean(sens)) if np.isfinite(sens).any() else float("nan"),
+                "val_specificity": float(np.nanmean(spec)) if np.isfinite(spec).any() else float("nan"),
                 **{f"auroc_{name}": float(v) for name, v in zip(classes, per_class)}}
 
     return validate
@@ -108,7 +116,7 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
                      progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train on the cache at ``data``; write checkpoints and logs to ``out`` (a folder
     holding a run needs ``resume`` or ``overwrite``). Returns the last epoch's metrics."""
-    info = dist.setup()
+    info = dist.setup(config.runtime.device)
     check_run_folder(out, resume, overwrite, info)
     tcfg = config.train
     cuda = info.device.type == "cuda"
@@ -172,7 +180,7 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
             "mean": raw_model.mean.flatten().tolist(), "std": raw_model.std.flatten().tolist(),
             "config": config_to_dict(config)}
     run = Run("classifier", config.model.name, model, raw_model, optimizer, scheduler, epoch_loader, batch_loss,
-              _validation(model, val_loader, loss_fn, info, classes), "val_mean_auroc", tcfg.epochs, tcfg.amp,
+              _validation(model, val_loader, loss_fn, info, classes, meta), "val_mean_auroc", tcfg.epochs, tcfg.amp,
               tcfg.grad_clip, "train.lr", meta,
               {"train loss": "train_loss", "val loss": "val_loss", "mean AUROC": "val_mean_auroc"}, _plot_curves)
     return fit(run, out, info, resume, progress)
@@ -180,16 +188,16 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
 
 @torch.no_grad()
 def predict(checkpoint: str | Path, data: str | Path, batch_size: int = 64, workers: int = 2,
-            progress: bool = True) -> pd.DataFrame:
+            progress: bool = True, device: str = "auto") -> pd.DataFrame:
     """Image-level probabilities for every image of a cache: ``image_id`` + one column per class."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.pick_device(device)
     model, ckpt = load_classifier(checkpoint, device)
     cache = open_cache(data)
     if list(cache.schema.findings) != ckpt["classes"]:
         raise CxrcamError(f"{checkpoint} predicts {ckpt['schema']} classes; {data} is a {cache.schema.name} cache")
     loader = DataLoader(CacheDataset(cache), batch_size=batch_size, num_workers=workers)
     probs = [torch.sigmoid(model(x.to(device)).float()).cpu()
-             for x, _, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress)]
+             for x, _, _ in progress_bar(loader, desc="predict", unit="batch", disable=not progress)]
     table = pd.DataFrame(torch.cat(probs).numpy(), columns=ckpt["classes"])
     table.insert(0, "image_id", cache.images["image_id"].to_numpy())
     return table

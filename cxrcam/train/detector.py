@@ -208,7 +208,7 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
                    progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train on the cache at ``data``; write checkpoints and logs to ``out`` (a folder
     holding a run needs ``resume`` or ``overwrite``). Returns the last epoch's metrics."""
-    info = dist.setup()
+    info = dist.setup(config.runtime.device)
     check_run_folder(out, resume, overwrite, info)
     dcfg = config.detector
     cuda = info.device.type == "cuda"

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from cxrcam.errors import CxrcamError
 from cxrcam.files import load_checkpoint, remove_stale_temporaries, save_checkpoint, write_csv
 from cxrcam.runtime import dist
+from cxrcam.runtime.progress import progress_bar
 
 # a batch -> ({loss name: scalar}, images in the batch); runs under autocast
 LossFn = Callable[[Any], tuple[dict[str, torch.Tensor], int]]
@@ -47,9 +48,9 @@ class Run:
     validate: Callable[[Any], dict[str, float] | None]  # autocast -> validation metrics (None: not on this rank)
     score: str  # the validation metric that picks best.pt (higher is better)
     epochs: int
-    amp: str = "none"  # none, bf16, fp16 (CUDA only)
+    amp: str = "auto"  # train.amp / detector.amp: auto, fp32, bf16, fp16 (resolved by dist.resolve_precision)
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
-    lr_key: str = "train.lr"  # the setting to lower when the loss diverges
+    lr_key: str = "train.lr"  # the setting to lower when the loss diverges (its section's amp sets the precision)
     meta: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint
     report: dict[str, str] = field(default_factory=dict)  # printed label -> metric key, each epoch
     plot: Callable[[list[dict[str, Any]], Path], None] | None = None  # curves of the history
@@ -62,7 +63,7 @@ def train_one_epoch(run: Run, loader: DataLoader, epoch: int, autocast, scaler, 
     run.model.train()
     sums: dict[str, float] = {}
     seen, wait, start = 0, 0.0, time.perf_counter()
-    bar = tqdm(total=len(loader), desc=f"{run.name} epoch {epoch + 1}/{run.epochs}", unit="step",
+    bar = progress_bar(total=len(loader), desc=f"{run.name} epoch {epoch + 1}/{run.epochs}", unit="step",
                disable=not (progress and info.is_main), leave=False)
     fetch = time.perf_counter()
     for batch in loader:
@@ -84,8 +85,8 @@ def train_one_epoch(run: Run, loader: DataLoader, epoch: int, autocast, scaler, 
             sums[key] = sums.get(key, 0.0) + value.item() * n
         seen += n
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{sum(sums.values()) / seen:.4f}", img_s=f"{seen * info.world_size / elapsed:.1f}",
-                        data=f"{100 * wait / elapsed:.0f}%")
+        bar.set_postfix(refresh=False, loss=f"{sum(sums.values()) / seen:.4f}",  # drawn with the next update
+                        img_s=f"{seen * info.world_size / elapsed:.1f}", data=f"{100 * wait / elapsed:.0f}%")
         bar.update()
         fetch = time.perf_counter()
     bar.close()
@@ -102,14 +103,14 @@ def train_one_epoch(run: Run, loader: DataLoader, epoch: int, autocast, scaler, 
 
 
 def save_epoch(run: Run, out: Path, epoch: int, metrics: dict[str, Any], history: list[dict[str, Any]],
-               best: float, scaler) -> float:
+               best: float, scaler, precision: str = "fp32") -> float:
     """The checkpoint + log step (rank 0): best.pt when the score improves (and after the first
     epoch, so a run whose score is undefined still leaves one), last.pt, metrics.csv, curves.
     Returns the best score so far."""
     score = metrics.get(run.score, float("nan"))
     improved = not math.isnan(score) and score > best
     state = {**run.meta, "kind": run.name, "arch": run.arch, "model": run.raw_model.state_dict(),
-             "metrics": metrics, "epoch": epoch}
+             "metrics": metrics, "epoch": epoch, "precision": precision}
     if improved or epoch == 0:
         save_checkpoint(out / "best.pt", state)
     if math.isnan(score):
@@ -143,8 +144,9 @@ def check_run_folder(out: str | Path, resume: bool, overwrite: bool, info: dist.
             (out / name).unlink(missing_ok=True)
 
 
-def restore_last(run: Run, out: Path, scaler, device: torch.device) -> tuple[int, float, list[dict[str, Any]]]:
-    """Restore ``out/last.pt`` into the run, which must be of its kind and architecture.
+def restore_last(run: Run, out: Path, scaler, device: torch.device, precision: str = "fp32"
+                 ) -> tuple[int, float, list[dict[str, Any]]]:
+    """Restore ``out/last.pt`` into the run, which must be of its kind, architecture and precision.
     Returns (first epoch to run, best score, history)."""
     path = out / "last.pt"
     if not path.is_file():
@@ -153,6 +155,10 @@ def restore_last(run: Run, out: Path, scaler, device: torch.device) -> tuple[int
     arch = ckpt.get("arch", ckpt.get("model_name", ckpt.get("backbone")))  # checkpoints from before `arch`
     if arch != run.arch:
         raise CxrcamError(f"{path} trained a {arch} {run.name}; the config asks for {run.arch}")
+    saved = ckpt.get("precision", "fp32")
+    if saved != precision:
+        key = run.lr_key.split(".")[0] + ".amp"
+        raise CxrcamError(f"{path} trained in {saved}; this run would continue in {precision}: set {key}={saved}")
     run.raw_model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
@@ -165,8 +171,14 @@ def fit(run: Run, out: str | Path, info: dist.DistInfo, resume: bool = False, pr
     """The epoch loop: train, validate, then (rank 0) log and checkpoint. Returns the last epoch's
     metrics, with ``best``: those of the epoch saved as best.pt."""
     out = Path(out)
-    autocast, scaler = dist.mixed_precision(run.amp, info.device)
-    start_epoch, best, history = restore_last(run, out, scaler, info.device) if resume else (0, -math.inf, [])
+    precision = dist.resolve_precision(run.amp, info.device, run.lr_key.split(".")[0] + ".amp")
+    autocast, scaler = dist.mixed_precision(precision, info.device)
+    start_epoch, best, history = (restore_last(run, out, scaler, info.device, precision) if resume
+                                  else (0, -math.inf, []))
+    if info.is_main:
+        tqdm.write(f"{run.name}: {run.arch} on {info.device}"
+                   f"{f' x {info.world_size} processes' if info.distributed else ''}, precision {precision} "
+                   f"({run.lr_key.split('.')[0]}.amp={run.amp})" + (f", resuming at epoch {start_epoch + 1}" if resume else ""))
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)  # a checkpoint cut short by a kill: hundreds of MB for a ResNet-50
@@ -177,9 +189,10 @@ def fit(run: Run, out: str | Path, info: dist.DistInfo, resume: bool = False, pr
         trained = train_one_epoch(run, loader, epoch, autocast, scaler, info, progress)
         validated = run.validate(autocast)
         if info.is_main:
-            metrics = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], **trained, **(validated or {})}
+            metrics = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], "precision": precision,
+                       **trained, **(validated or {})}
             history.append(metrics)
-            best = save_epoch(run, out, epoch, metrics, history, best, scaler)
+            best = save_epoch(run, out, epoch, metrics, history, best, scaler, precision)
             _log(writer, metrics)
             shown = "  ".join(f"{label} {metrics[key]:.4f}" for label, key in run.report.items())
             tqdm.write(f"{run.name} epoch {epoch + 1}/{run.epochs}: {shown}  {metrics['images_per_s']:.1f} img/s  "

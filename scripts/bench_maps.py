@@ -1,0 +1,101 @@
+"""CAM quality over several trainings (issue 26): which heat map draws the finding, as mean +- sd.
+
+One synthetic train set and one held-out test set (another seed); the classifier is trained
+``--train-seeds`` times (``train.seed``: initialisation, shuffling, augmentation), each through the
+real pipeline up to the CAM rows (``cxrcam.pipeline``, cam-only): prepare, train-classifier,
+calibrate (which now also chooses the map, confirmed on held-out halves of the validation fold),
+localize at 0.65 and calibrated, evaluate. Then each ``--variant`` map is cut at the configured
+threshold on the same test set (localize + evaluate), so every row of the table is the same
+trainings seen through another map.
+
+Per row: MaxBoxAccV2 beside its random-map control, pointing game, T(IoBB)=0.5 and T(IoU)=0.5
+(controls in brackets), findings mAP@0.4 beside its random-map control, as mean +- sd over the
+trainings, and the classifier's AUROC.
+
+    python scripts/bench_maps.py --out /tmp/maps --n-images 800 --n-test 400 --train-seeds 0 1 2 \\
+        --variant gradcam++ --variant layercam@layer3 --variant layercam@layer3,layer4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cxrcam.cli import main as cli
+from cxrcam.evaluation.evaluate import headline
+from cxrcam.pipeline import TINY, PipelineSettings, run_command, run_pipeline
+
+FIGURES = ("MaxBoxAccV2", "pointing game", "T(IoBB)=0.5", "T(IoU)=0.5", "findings mAP@0.4")
+
+
+def variant_args(text: str) -> list[str]:
+    method, _, layer = text.partition("@")
+    return [f"cam.method={method}", f"cam.target_layer={layer}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--n-images", type=int, default=800)
+    parser.add_argument("--n-test", type=int, default=400)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--model", default="resnet10t")
+    parser.add_argument("--config", type=Path, default=TINY)
+    parser.add_argument("--data-seed", type=int, default=7, help="the synthetic sets' seed (tests use others)")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variant", action="append", default=[], help="METHOD[@LAYER[,LAYER]] cut at the threshold")
+    parser.add_argument("--normal-fraction", type=float, default=None)
+    parser.add_argument("overrides", nargs="*", help="section.key=value for every stage")
+    a = parser.parse_args()
+    start = time.perf_counter()
+    rows: dict[str, list[dict]] = {}
+    aurocs = []
+    for seed in a.train_seeds:
+        out = a.out / f"train_seed{seed}"
+        summary = run_pipeline(cli, PipelineSettings(
+            out, a.n_images, a.size, a.epochs, 1, a.data_seed, a.model, a.config, [*a.overrides, f"train.seed={seed}"],
+            pictures=False, n_test=a.n_test, cam_only=True, reuse=(out / "summary.json").is_file(),
+            normal_fraction=a.normal_fraction))
+        aurocs.append(summary["mean_auroc"])
+        folders = {"configured map, threshold 0.65": out / "localize", "calibrated (map and thresholds)": out / "calibrated"}
+        for text in a.variant:
+            folder = out / f"variant_{text.replace('@', '_').replace(',', '+')}"
+            if not (folder / "eval" / "metrics.json").is_file():
+                run_command(cli, "localize", "--checkpoint", out / "runs" / "classifier" / "best.pt", "--data",
+                            out / "cache" / "test", "--out", folder, "--threshold", 0.65, "--no-images", "--config",
+                            a.config, *a.overrides, *variant_args(text))
+                run_command(cli, "evaluate", "--pred", folder, "--gt", out / "cache" / "test", "--out", folder / "eval",
+                            "--config", a.config, *a.overrides)
+            folders[f"{text}, threshold 0.65"] = folder
+        for name, folder in folders.items():
+            metrics = json.loads((folder / "eval" / "metrics.json").read_text())
+            chosen = json.loads((folder / "localize.json").read_text()).get("cam", {})
+            rows.setdefault(name, []).append({"figures": headline(metrics), "cam": chosen})
+    lines = [f"command: {' '.join(sys.argv)}", f"machine: {platform.machine()}, {platform.processor() or 'cpu'}",
+             f"{len(a.train_seeds)} trainings, {(time.perf_counter() - start) / 60:.1f} min; classifier mean AUROC "
+             f"{np.mean(aurocs):.3f} +- {np.std(aurocs, ddof=1) if len(aurocs) > 1 else 0:.3f}", "",
+             "| map | " + " | ".join(FIGURES) + " |", "|---" * (len(FIGURES) + 1) + "|"]
+    for name, runs in rows.items():
+        cells = []
+        for figure in FIGURES:
+            model, control = (np.array([np.nan if r["figures"][figure][k] is None else r["figures"][figure][k]
+                                        for r in runs], float) for k in (0, 1))
+            sd = np.std(model, ddof=1) if len(model) > 1 else 0.0
+            cells.append(f"{np.nanmean(model):.3f} +- {sd:.3f} ({np.nanmean(control):.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    chosen = [f"{r['cam'].get('method')}@{r['cam'].get('target_layer')}" for r in rows["calibrated (map and thresholds)"]]
+    lines += ["", f"maps chosen by calibrate, per training: {', '.join(chosen)}"]
+    text = "\n".join(lines)
+    (a.out / "maps.md").write_text(text + "\n")
+    (a.out / "maps.json").write_text(json.dumps(rows, indent=2, default=str))
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
