@@ -126,16 +126,19 @@ def synth(fmt: str, out: Path, n_images: int, seed: int, size: int, split: str, 
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
 @click.option("--size", type=click.IntRange(min=16), help="Cached image side in pixels [config: prepare.size, 512].")
 @click.option("--workers", type=click.IntRange(min=0), help="Decoding processes, 0 = all cores [config: prepare.workers].")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a cache already in --out (its files and images) instead of resuming it.")
 @config_options
-def prepare(dataset: str, root: Path, out: Path, size: int | None, workers: int | None, config: Config) -> None:
-    """Decode every image once into a resized training cache."""
+def prepare(dataset: str, root: Path, out: Path, size: int | None, workers: int | None, overwrite: bool,
+            config: Config) -> None:
+    """Decode every image once into a resized training cache; a run into the same --out resumes."""
     from cxrcam.data.cache import prepare as run_prepare
 
     if size is not None:
         config.prepare.size = size
     if workers is not None:
         config.prepare.workers = workers
-    result = run_prepare(dataset, root, out, config)
+    result = run_prepare(dataset, root, out, config, overwrite=overwrite)
     click.echo(f"cached {result.cached} images ({result.skipped} already done, {result.failed} failed) "
                f"in {result.seconds:.1f}s -> {out}")
     if result.failed:

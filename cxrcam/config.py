@@ -229,6 +229,19 @@ def check_ranges(config: Config) -> None:
             raise CxrcamError(f"config key {key!r}: {value!r} must be {bounds}")
 
 
+def _describe(tp: Any) -> str:
+    """A type annotation in words, for a user's error line ("an integer or 'none'")."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = [repr(a) if isinstance(a, str) else str(a) for a in typing.get_args(tp)]
+        return choices[0] if len(choices) == 1 else "one of " + ", ".join(choices)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(tp, str(tp))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -247,7 +260,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except CxrcamError:
                 pass
-        raise CxrcamError(f"config key {key!r}: {value!r} does not fit {tp}")
+        raise CxrcamError(f"config key {key!r}: {value!r} is not {_describe(tp)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise CxrcamError(f"config key {key!r}: expected a list, got {value!r}")
@@ -262,7 +275,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             pass
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
-    raise CxrcamError(f"config key {key!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise CxrcamError(f"config key {key!r}: expected {_describe(tp)}, got {value!r}")
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

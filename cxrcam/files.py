@@ -131,6 +131,23 @@ def checkpoint_contents(path: str | Path) -> Iterator[None]:
                           f"({str(exc).strip().splitlines()[0][:300]})") from None
 
 
+def _check_checkpoint_file(path: Path) -> None:
+    """A file torch.save never writes (a CSV, a config, an image) is named as what it looks like, not
+    as a refused pickle: torch.save writes a zip archive (a bare pickle in torch before 1.6)."""
+    import zipfile
+
+    from cxrcam.errors import CxrcamError
+
+    if zipfile.is_zipfile(path):
+        return
+    head = path.open("rb").read(64)
+    if head[:1] == b"\x80":  # a pickle protocol marker: an old-format checkpoint
+        return
+    looks = "text (a CSV, YAML or JSON file?)" if head and all(32 <= b < 127 or b in b"\r\n\t" for b in head) \
+        else "an image" if head.startswith((b"\x89PNG", b"\xff\xd8")) else "another kind of file"
+    raise CxrcamError(f"{path}: not a checkpoint (torch.save's zip archive); it reads as {looks}")
+
+
 def load_checkpoint(path: str | Path, device: Any = "cpu", kind: str | None = None) -> dict[str, Any]:
     """A cxrcam checkpoint as a dict, loaded with ``weights_only=True`` (no code runs).
 
@@ -147,6 +164,7 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", kind: str | None = No
         path = path / "best.pt"
     if not path.is_file():
         raise CxrcamError(f"checkpoint not found: {path}")
+    _check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:

@@ -14,6 +14,8 @@ exact) and of its whole process tree (DataLoader / prepare workers included; /pr
 
     python scripts/bench_scale.py --out /tmp/scale                # 3,000 + 750 images, 256 px
     python scripts/bench_scale.py --out /tmp/scale_q --n-images 200 --small 50 --size 128   # a quick try
+    python scripts/bench_scale.py --out /tmp/scale --reuse    # again from calibrate on: the data, caches
+                                                              # and trainings of the last run
 """
 from __future__ import annotations
 
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the data, caches and trainings of the last run in --out (their rows too)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every stage")
     args = parser.parse_args()
     out: Path = args.out
@@ -109,8 +113,13 @@ def main() -> None:
     log = out / "stages.log"
     cfg = ["--config", TINY, *args.overrides]
     rows = []
+    earlier = {r["stage"]: r for r in json.loads((out / "scale.json").read_text())["rows"]} if args.reuse else {}
+    kept = ("synth", "prepare", "train-classifier", "train-detector")
 
     def stage(name, cmd, images, target):
+        if name.startswith(kept) and name in earlier:
+            rows.append({**earlier[name], "reused": True})
+            return
         rows.append(run_stage(name, cmd, images, target, log))
         (out / "scale.json").write_text(json.dumps({"machine": machine(), "args": vars(args) | {"out": str(out)},
                                                     "rows": rows}, indent=2, default=str))

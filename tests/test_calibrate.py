@@ -130,6 +130,13 @@ def test_per_class_rules_from_a_calibration(tmp_path):
     assert rules(3).threshold == 0.9 and rules(5).threshold == 0.4 and rules.calibrated_on == ["a"]
     ((boxes, classes, _),) = maps_to_boxes(cam, [3, 5], [[3, 5]], None, rules)
     assert dict(zip(classes.tolist(), boxes.tolist())) == {3: [6, 6, 10, 10], 5: [4, 4, 12, 12]}
+    rules.check_schema(VINBIG)  # Cardiomegaly is VinBigData's class 3
+    # another dataset's calibration (NIH's class 3 is Infiltration; or a file that says "nih") is refused
+    for other in ({"classes": {"Infiltration": {"class_id": 3, "threshold": 0.9}}},
+                  {"schema": "nih", "classes": {"Cardiomegaly": {"class_id": 3, "threshold": 0.9}}}):
+        path.write_text(json.dumps(other))
+        with pytest.raises(CxrcamError, match="calibrates .* classes .*the classifier predicts vinbig classes"):
+            BoxRules.from_config(BoxConfig(calibration=str(path))).check_schema(VINBIG)
     path.write_text("{}")
     with pytest.raises(CxrcamError, match="not a calibration.json"):
         BoxRules.from_config(BoxConfig(calibration=str(path)))
@@ -151,6 +158,9 @@ def test_calibrate_then_localize_reproduces_its_ap(vinbig_model, tmp_path):
     data = subset_of(cache.parent / "data", 48, tmp_path / "data")  # a released folder, no cache
     cal = tmp_path / "calibration.json"
     weak_model = ["cam.workers=0", "boxes.min_prob=0.1", "eval.iou_thr=0.1"]  # 2 x 2 maps: box more, count looser hits
+    default_fold = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(cal), *weak_model)
+    assert default_fold.returncode == 1 and "is a dataset, not a `cxrcam prepare` cache" in default_fold.stderr
+    assert "--fold all" in default_fold.stderr and not cal.exists()  # not every image read as fold 0
     result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(cal), "--fold", "all",
                     "--min-boxes", "3", *weak_model)
     assert result.returncode == 0, result.stderr
@@ -260,3 +270,31 @@ def test_few_boxes_keep_the_configured_threshold():
                    "few": {"n_truth": 2, "curve": [0.0] * len(SWEEP), "threshold": 0.65, "ap": 0.0}}
         _choose(classes, 5, "threshold", Config())
         assert classes["few"]["threshold"] == pytest.approx(expected) and classes["few"]["source"] == "all classes"
+
+
+def test_a_threshold_or_map_stands_only_where_its_gain_holds_on_both_halves():
+    """Chosen on one half and scored on the other, both ways: a class whose better threshold shows on
+    one half only keeps the configured one; a candidate map that beats the configured map on one
+    half only is not taken."""
+    from cxrcam.calibrate.run import _choose, _gains_on_both_halves, _held_out
+    from cxrcam.config import Config
+
+    def curve(peak_at: float | None, low: float = 0.2) -> list[float]:
+        return [1.0 if peak_at is not None and abs(t - peak_at) < 0.05 else low for t in SWEEP]
+
+    def entries(halves_b):
+        classes = {"steady": {"n_truth": 9, "curve": curve(0.3), "halves": [curve(0.3), curve(0.3)]},
+                   "one half": {"n_truth": 9, "curve": curve(0.3), "halves": [curve(0.3), halves_b]}}
+        for e in classes.values():  # as sweep_class leaves them: the best threshold on all images
+            e.update(threshold=0.3, ap=1.0, ap_default=0.2)
+        _held_out(classes, 5, 0.65)
+        return classes
+
+    classes = entries(curve(None))  # the second half sees nothing better than 0.65
+    _choose(classes, 5, "threshold", Config(), confirm=True)
+    assert classes["steady"]["threshold"] == pytest.approx(0.3)
+    assert classes["one half"]["threshold"] == 0.65 and classes["one half"]["source"].startswith("configured")
+    configured = {"classes": {"c": {"default_halves": [0.5, 0.5]}}}
+    both = {"classes": {"c": {"heldout_halves": [0.6, 0.55]}}}
+    one = {"classes": {"c": {"heldout_halves": [0.9, 0.45]}}}  # a higher mean, from one half alone
+    assert _gains_on_both_halves(both, configured) and not _gains_on_both_halves(one, configured)

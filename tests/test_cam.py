@@ -257,3 +257,17 @@ def test_maps_are_fp32_under_a_callers_autocast():
             under = cam(images, [2, 6])
         assert under.cams.dtype == torch.float32 and torch.equal(under.cams, plain.cams)
         assert torch.equal(under.logits, plain.logits)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_gradient_engine_under_a_callers_no_grad(context):
+    """Callers wrap inference in no_grad or inference_mode (the detector's CAM pass does): the
+    gradient engine still records its own pass, both backward ways, and gives the same maps."""
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", 14).eval()
+    images = torch.rand(2, 1, 64, 64)
+    expected = create_cam(model, "layercam", "layer3,layer4")(images, [1, 2]).cams
+    for batched in (True, False):
+        cam = GradientCAM(model, "layercam", "layer3,layer4", batched=batched)
+        with context():
+            assert torch.allclose(cam(images, [1, 2]).cams, expected, atol=1e-6)

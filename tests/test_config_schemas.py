@@ -24,6 +24,22 @@ def test_defaults_file_and_overrides(tmp_path):
     assert load_config(path, ["prepare.size=64"]).prepare.size == 64  # override wins over the file
 
 
+def test_default_yaml_documents_every_key_with_its_default():
+    """configs/default.yaml holds every section and key the code defines, at the built-in value."""
+    import dataclasses
+
+    import yaml
+
+    from cxrcam.config import Config
+
+    written = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    defaults = dataclasses.asdict(Config())
+    assert list(written) == list(defaults)  # every section, in the code's order
+    for section, keys in defaults.items():
+        assert set(written[section]) == set(keys), section
+    assert load_config(CONFIGS / "default.yaml") == Config()
+
+
 def test_shipped_configs_load():
     files = sorted(CONFIGS.glob("*.yaml"))
     assert files
@@ -35,7 +51,9 @@ def test_shipped_configs_load():
     ("fusion.iuo_thr=0.5", "unknown config key 'fusion.iuo_thr'"),
     ("fusoin.iou_thr=0.5", "unknown config key 'fusoin'"),
     ("fusion.method=nms", "'fusion.method'.*not one of wbf, reader, union"),
-    ("prepare.size=big", "'prepare.size': expected int"),
+    ("prepare.size=big", "'prepare.size': expected an integer, got 'big'"),
+    ("detector.box_images=some", "'detector.box_images': 'some' is not an integer or 'none'$"),
+    ("boxes.min_prob=high", "'boxes.min_prob': 'high' is not a number or 'auto'$"),
     ("prepare.size", "not of the form"),
     ("boxes.threshhold=0.5", "unknown config key 'boxes.threshhold'; did you mean 'boxes.threshold'"),
     ("boxs.threshold=0.5", "did you mean 'boxes'"),

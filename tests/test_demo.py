@@ -19,7 +19,7 @@ def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "cxrcam", "demo", "--out", str(out), "--n-images", "20",
                              "--n-test", "10", "--size", "64", "--epochs", "2", "--detector-epochs", "1",
-                             "--normal-fraction", "0.7", "split.n_folds=2", "train.workers=0", "cam.workers=0",
+                             "--normal-fraction", "0.7", "train.workers=0", "cam.workers=0",
                              "cam.batch_size=1", "boxes.min_prob=0.99", "detector.workers=0"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -27,6 +27,9 @@ def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
     for stage in ("synth", "prepare", "train-classifier", "calibrate", "localize", "train-detector", "refine",
                   "evaluate", "report"):
         assert f"$ cxrcam {stage} " in result.stdout, stage  # each stage is the command a user would type
+    # a re-run into the same folder starts afresh (another --size or --seed included); 20 images: 2 folds
+    prepares = [line for line in result.stdout.splitlines() if line.startswith("$ cxrcam prepare ")]
+    assert len(prepares) == 2 and all("--overwrite" in line and "split.n_folds=2" in line for line in prepares)
     summary = json.loads((out / "summary.json").read_text())
     for name, folder in (("cam", "localize"), ("calibrated", "calibrated"), ("refined", "refine")):
         metrics = json.loads((out / folder / "eval" / "metrics.json").read_text())
@@ -48,4 +51,9 @@ def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
         assert cache.images[target_columns(cache.schema)].sum(axis=1).eq(0).mean() >= 0.5
     # it ends with the report, summary first, and says to open it
     assert f"open first: {out / 'report.html'}" in result.stdout
-    assert '<section id="summary">' in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert '<section id="summary">' in page
+    # refined against CAM-only on the same bootstrap resamples: in the table, the summary and the report
+    assert summary["refined_vs_cam"]["figure"] == "findings mAP@0.4" and "refined against CAM-only" in result.stdout
+    assert "refined (Faster R-CNN) against CAM-only, calibrated (paired, same resamples)" in page
+    assert summary["ci"]["refined"]["mAP@0.4"][0] <= summary["map"]["refined"] <= summary["ci"]["refined"]["mAP@0.4"][1]

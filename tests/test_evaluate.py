@@ -3,6 +3,7 @@ the RSNA definition, ChestX-ray8 accuracies, ground-truth formats, CLI outputs a
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from conftest import cxrcam, shared
 from cxrcam.config import load_config
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS
+from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.coco import coco_ap
 from cxrcam.evaluation.detection import voc_ap, voc_map, with_no_finding
 from cxrcam.evaluation.evaluate import evaluate
@@ -222,7 +224,7 @@ def test_evaluate_a_localize_folder(vinbig_model, tmp_path):
                                                                     "boxes.threshold=0.5"]),
              pictures=False, progress=False)
     result = cxrcam("evaluate", "--pred", str(tmp_path / "loc"), "--gt", str(cache), "--json", str(tmp_path / "ev" / "m.json"),
-                    "--format", "coco")
+                    "--out", str(tmp_path / "ev"), "--format", "coco")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "ev" / "m.json").read_text())
     assert metrics["images"] == 160 and metrics["predictions"] > 0 and "No finding" in metrics["ap"]
@@ -245,6 +247,12 @@ def test_evaluate_a_localize_folder(vinbig_model, tmp_path):
     for name in ["ap_per_class.png", "pr_curves.png"]:
         image = cv2.imread(str(tmp_path / "ev" / name))
         assert image is not None and image.shape[0] > 100 and image.std() > 5
+    # VinBigData predictions against NIH truth: the dataset mismatch is named, not a missing column
+    nih = shared("nih")
+    for args in (["--pred", str(tmp_path / "loc")],
+                 ["--pred", str(tmp_path / "loc" / "submission.csv"), "--probs", str(tmp_path / "loc" / "probabilities.csv")]):
+        wrong = cxrcam("evaluate", *args, "--gt", str(nih))
+        assert wrong.returncode == 1 and re.search(r"holds vinbig .*(is nih truth|ground truth is nih)", wrong.stderr)
 
 
 def test_ground_truth_formats_on_real_tables(vinbig_table, tmp_path):
@@ -402,3 +410,45 @@ def test_random_control_maps_in_chunks_are_the_same_maps():
     whole = random_maps(600, torch.Generator().manual_seed(3), grid=4, side=16)
     chunked = np.stack(list(_chunked_maps(600, torch.Generator().manual_seed(3), 4, 16, chunk=256)))
     assert chunked.shape == whole.shape and np.array_equal(chunked, whole)
+
+
+def test_a_row_that_reads_as_both_layouts_is_refused(tmp_path):
+    """--format rsna on a file whose header does not say RSNA (image_id): a row of 30 numbers reads
+    as 5 VinBigData groups and as 6 RSNA groups; refused, naming the row. With RSNA's own header
+    (patientId) the same row is read as RSNA without question."""
+    from cxrcam.outputs.submission import parse_submission
+
+    row = " ".join(["0 0.9 10 10 50 50"] * 5)  # 30 tokens: class 0 (RSNA's one class), or confidence 0 ...
+    pd.DataFrame({"image_id": ["p1"], "PredictionString": [row]}).to_csv(tmp_path / "a.csv", index=False)
+    with pytest.raises(CxrcamError, match=r"row 2 \(p1\): reads both as VinBigData groups .* and as RSNA"):
+        parse_submission(tmp_path / "a.csv", num_classes=1, fmt="rsna")
+    assert len(parse_submission(tmp_path / "a.csv", num_classes=15)[0]) == 5  # its header: VinBigData
+    pd.DataFrame({"patientId": ["p1"], "PredictionString": [row]}).to_csv(tmp_path / "b.csv", index=False)
+    found = parse_submission(tmp_path / "b.csv", num_classes=1)[0]
+    assert len(found) == 6 and found["score"].iloc[0] == 0.0  # RSNA groups: confidence x y width height
+
+
+def test_a_truth_table_beside_its_images_is_clipped_as_prepare_clips(synth_vinbig, tmp_path):
+    """A finding boxed far past its image's right edge: `evaluate --gt train.csv` next to the images
+    clips it to the width the DICOM header gives, as prepare does, so the clipped box scores 1."""
+    import pydicom
+
+    from cxrcam.data.readers import read_dataset
+
+    table = pd.read_csv(synth_vinbig / "train.csv")
+    k = table.index[table["class_id"] < 14][0]
+    image, cls = table.at[k, "image_id"], table.at[k, "class_id"]
+    width = pydicom.dcmread(synth_vinbig / "train" / f"{image}.dicom", stop_before_pixels=True).Columns
+    rows = (table["image_id"] == image) & (table["class_id"] == cls)
+    table.loc[rows, "x_max"] = width + 4 * (table.loc[rows, "x_max"] - table.loc[rows, "x_min"])
+    (tmp_path / "data").mkdir()
+    table.to_csv(tmp_path / "data" / "train.csv", index=False)
+    (tmp_path / "data" / "train").symlink_to(synth_vinbig / "train")
+    truth = read_dataset("vinbig", tmp_path / "data")  # what prepare reads: clipped to the header's width
+    assert truth.boxes.loc[truth.boxes["image_id"] == image, "x_max"].max() <= width
+    ids = list(truth.images["image_id"])
+    normal = pd.Series(1.0, index=sorted(set(ids) - set(truth.boxes["image_id"])))
+    submission_table(ids, truth.boxes.assign(score=1.0), normal).to_csv(tmp_path / "sub.csv", index=False)
+    with pytest.warns(UserWarning, match="past the image"):
+        m = evaluate(tmp_path / "sub.csv", tmp_path / "data" / "train.csv", control=False)
+    assert m["map"] == pytest.approx(1.0) and m["truth_rows_invalid"] >= 1

@@ -317,6 +317,26 @@ def test_a_used_folder_keeps_only_the_new_pictures_and_wide_images_warn(vinbig_m
     assert (out / "notes.txt").read_text() == "mine"  # only pictures of the run are replaced
 
 
+def test_a_run_without_truth_leaves_no_earlier_figures_behind(vinbig_model, tmp_path):
+    """Re-localizing into a used folder from input without truth: the earlier run's MaxBoxAccV2
+    files go, so evaluate cannot report another model's figure as this one's."""
+    cache, ckpt = vinbig_model
+    out = tmp_path / "out"
+    localize(ckpt, cache, out, config("boxes.min_prob=0.3"), pictures=False, progress=False)
+    assert (out / "maxboxacc.csv").is_file() and (out / "box_curves.csv").is_file()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    cv2.imwrite(str(plain / "x.png"), np.full((64, 64), 90, np.uint8))
+    localize(ckpt, plain, out, config(), pictures=False, progress=False)
+    assert not [n for n in ("maxboxacc.csv", "box_accuracy.csv", "box_accuracy.png", "box_curves.csv")
+                if (out / n).exists()]
+    from cxrcam.evaluation.evaluate import evaluate
+
+    with pytest.warns(UserWarning, match="have no row"):
+        metrics = evaluate(out, cache, control=False, plots=False)
+    assert "maxboxacc" not in metrics  # before the fix: the first run's MaxBoxAccV2, read as this run's
+
+
 def test_pictures_draw_only_boxes_above_the_floor(tmp_path):
     """--draw-min-score: a box scored under the floor is not drawn (the tables keep it); one above is."""
     from cxrcam.boxes import BoxRules
@@ -335,3 +355,39 @@ def test_pictures_draw_only_boxes_above_the_floor(tmp_path):
     changed = np.abs(pictures[0.0] - pictures[0.1]).sum(axis=2) > 0
     ys, xs = np.nonzero(changed)
     assert changed.any() and xs.max() < 70 and ys.max() < 70  # only the 0.05 box (and its label) went
+
+
+def test_rsna_data_gets_the_rsna_submission_format(tmp_path):
+    """On RSNA data localize writes RSNA's own submission (patientId, confidence x y width height),
+    which `evaluate --format rsna` scores as it is."""
+    from cxrcam.data.images import read_image
+    from cxrcam.data.synth import dicom_dataset
+    from cxrcam.files import save_checkpoint
+    from cxrcam.models import create_classifier
+
+    mapping = pd.read_csv(shared("rsna", "rsna_to_nih.csv")).head(8)
+    labels = pd.read_csv(shared("rsna", "stage_2_train_labels.csv"))
+    data = tmp_path / "rsna"
+    (data / "stage_2_train_images").mkdir(parents=True)
+    labels[labels["patientId"].isin(mapping["patientId"])].to_csv(data / "stage_2_train_labels.csv", index=False)
+    for row in mapping.itertuples():
+        pixels = read_image(shared("nih", "images", row.nih_image), 128).image
+        dicom_dataset(pixels, 8).save_as(data / "stage_2_train_images" / f"{row.patientId}.dcm", enforce_file_format=True)
+    torch.manual_seed(0)
+    model = create_classifier("test_resnet", 1)
+    save_checkpoint(tmp_path / "rsna.pt", {
+        "kind": "classifier", "model_name": "test_resnet", "in_chans": 3, "classes": ["Lung Opacity"], "schema": "rsna",
+        "input_size": 64, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(), "config": {},
+        "model": model.state_dict()})
+    result = cxrcam("localize", "--checkpoint", str(tmp_path / "rsna.pt"), "--data", str(data), "--out",
+                    str(tmp_path / "loc"), "--no-images", "boxes.min_prob=0", "cam.workers=0")
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(tmp_path / "loc" / "submission.csv", keep_default_na=False)
+    assert list(table.columns) == ["patientId", "PredictionString"] and len(table) == 8
+    tokens = [len(s.split()) for s in table["PredictionString"]]
+    assert sum(tokens) > 0 and all(n % 5 == 0 for n in tokens)
+    scored = cxrcam("evaluate", "--pred", str(tmp_path / "loc"), "--gt", str(data), "--format", "rsna",
+                    "--json", str(tmp_path / "m.json"))
+    assert scored.returncode == 0, scored.stderr
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert 0 <= metrics["rsna_score"] <= 1 and metrics["predictions"] == sum(tokens) // 5

@@ -114,3 +114,8 @@ def test_checkpoints_say_what_they_are(tmp_path):
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(CxrcamError, match="empty_run is a folder without best.pt"):
         load_checkpoint(tmp_path / "empty_run")
+    # a CSV given as a checkpoint is named as what it is, not as a pickle that "calls code"
+    (tmp_path / "probs.csv").write_text("image_id,Aortic enlargement\na,0.5\n")
+    with pytest.raises(CxrcamError, match=r"probs.csv: not a checkpoint .*reads as text \(a CSV") as csv:
+        load_checkpoint(tmp_path / "probs.csv")
+    assert "calls" not in str(csv.value)

@@ -18,6 +18,7 @@ from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache, prepare
 from cxrcam.data.images import read_image
 from cxrcam.data.readers import read_dataset
+from cxrcam.data.synth import synthesize
 from cxrcam.errors import CxrcamError
 from cxrcam.schemas import VINBIG
 
@@ -71,8 +72,18 @@ def test_rerun_skips_and_other_size_refused(synth_nih, tmp_path):
     again = prepare("nih", synth_nih, tmp_path / "c", config, progress=False)
     assert (again.cached, again.skipped) == (0, 40)
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c" / "images").iterdir()}
-    with pytest.raises(CxrcamError, match="at 64 px"):
+    with pytest.raises(CxrcamError, match="at 64 px.*--overwrite"):
         prepare("nih", synth_nih, tmp_path / "c", load_config(overrides=["prepare.size=128"]), progress=False)
+    # another dataset into the same folder: counted as itself (the old images are named, not counted) ...
+    other = synthesize("nih", tmp_path / "other", 20, seed=99, size=96, progress=False)
+    with pytest.warns(UserWarning, match="21 cached image\\(s\\) are not in this dataset"):  # 19 ids are in both
+        mixed = prepare("nih", other, tmp_path / "c", config, progress=False)
+    assert (mixed.cached, mixed.skipped) == (20, 0) and len(open_cache(tmp_path / "c").images) == 20
+    # ... and --overwrite starts afresh, at another size too
+    fresh = prepare("nih", other, tmp_path / "c", load_config(overrides=["prepare.size=32", "prepare.workers=1"]),
+                    progress=False, overwrite=True)
+    assert (fresh.cached, fresh.skipped) == (20, 0) and len(list((tmp_path / "c" / "images").iterdir())) == 20
+    assert open_cache(tmp_path / "c").size == 32
 
 
 def _children(pid: int) -> list[int]:

@@ -72,6 +72,10 @@ def test_report_renders_with_gallery_and_filters(run_dir, tmp_path):
     assert f"<td>{metrics['map']:.3f}</td>" in summary  # the headline mAP
     assert re.search(r"MaxBoxAccV2.*\(\d\.\d{3}\)", summary, re.S)  # beside its random-map control
     assert '<a href="../../' in summary and "submission.csv</a>" in summary  # where the submission is
+    # rows are named by what they are, under one sentence on the CAM boxes against their control
+    assert "<td>CAM-only, threshold 0.65 <small>(localize/eval)</small></td>" in summary
+    assert re.search(r'<p class="verdict">CAM-only, threshold 0.65: the CAM boxes (beat|do not beat) their '
+                     r'random-map control, MaxBoxAccV2 \d\.\d{3} against \d\.\d{3}', summary)
     shown = cards(dom)
     bb = pd.read_csv(run_dir / "localize" / "bb_results.csv")
     assert len(shown) == 160  # every image has pictures
@@ -92,6 +96,19 @@ def test_report_renders_with_gallery_and_filters(run_dir, tmp_path):
     index = 0 if outcome == "hit" else 1
     assert all(str(hit_class) in c[index].split() for c in visible)
     assert re.search(r'class="shown">(\d+) shown<', dom).group(1) == str(expected)
+
+
+def test_report_links_do_not_depend_on_where_evaluate_ran(run_dir, tmp_path, monkeypatch):
+    """evaluate run from inside the run folder with relative paths, the report written from
+    elsewhere: its link still reaches the submission (metrics.json keeps absolute paths)."""
+    monkeypatch.chdir(run_dir)
+    ev = cxrcam("evaluate", "--pred", "localize", "--gt", "cache", "--no-control", "--out", "relative_eval")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    page = write_report(run_dir, tmp_path / "elsewhere" / "r.html")
+    links = re.findall(r'<a href="([^"]+)">submission.csv</a>', page.read_text())
+    assert links and all((page.parent / link).resolve() == run_dir / "localize" / "submission.csv" for link in links)
+    shutil.rmtree(run_dir / "relative_eval")
 
 
 def test_report_command_and_errors(run_dir, tmp_path):

@@ -58,7 +58,7 @@ def test_run_folder_and_predict(cache, tmp_path):
     assert ckpt["precision"] == "fp32" and (table["precision"] == "fp32").all()  # train.amp=auto on a CPU
     assert ckpt["mean"] == pytest.approx(model.mean.flatten().tolist()) and ckpt["config"]["train"]["epochs"] == 2
     assert ckpt["metrics"]["val_mean_auroc"] == pytest.approx(table["val_mean_auroc"].max())
-    assert metrics["best"]["epoch"] == ckpt["epoch"] + 1  # what the command prints is the epoch in best.pt
+    assert metrics["best"]["epoch"] == ckpt["epoch"]  # what the command prints is the epoch in best.pt, from 1
     # TensorBoard events (`tensorboard --logdir runs/`) hold the same figures per epoch
     scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
     for key in ("train_loss", "val_loss", "val_mean_auroc"):
@@ -106,7 +106,7 @@ def test_killed_mid_epoch_resumes_exactly(cache, tmp_path):
     assert sum("classifier epoch 3/3:" in line for line in resumed.stderr.splitlines()) == 2
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(run / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["precision"] == b["precision"] == "bf16"
+    assert a["epoch"] == b["epoch"] == 3 and a["precision"] == b["precision"] == "bf16"
     assert (pd.read_csv(run / "metrics.csv")["precision"] == "bf16").all()
     for key in a["model"]:
         assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-6), key
@@ -215,6 +215,12 @@ def test_sgd_step_run(cache, tmp_path):
                                         "train.lr=0.01", "model.in_chans=1"))
     metrics = train_classifier(config, cache, tmp_path / "sgd", progress=False)
     assert np.isfinite(metrics["train_loss"])
+    # --resume to more epochs than the run was planned for changes its schedule: said, not silent
+    longer = cxrcam("train-classifier", "--data", str(cache), "--out", str(tmp_path / "sgd"), "--resume",
+                    *tiny("train.epochs=2", "train.optimizer=sgd", "train.scheduler=step", "train.lr=0.01",
+                          "model.in_chans=1"))
+    assert longer.returncode == 0, longer.stderr
+    assert "trained on a 1-epoch schedule and resumes to 2 epochs" in longer.stderr
     state = torch.load(tmp_path / "sgd" / "last.pt", weights_only=True)
     assert "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
     assert load_classifier(tmp_path / "sgd" / "best.pt")[0].in_chans == 1

@@ -123,6 +123,19 @@ class BoxRules:
     per_class: dict[int, BoxConfig] = field(default_factory=dict)
     calibrated_on: list[str] = field(default_factory=list)  # the image ids the calibration saw
     cam: dict | None = None  # the heat map the calibration chose (method, target_layer); None: the config's
+    schema: str | None = None  # the dataset whose classes the calibration set
+    names: dict[int, str] = field(default_factory=dict)  # class id -> the class name the calibration gave it
+
+    def check_schema(self, schema) -> None:
+        """A calibration sets thresholds by class id: another dataset's (NIH's thresholds on a VinBigData
+        model) would land on the wrong classes. Refused, naming both."""
+        wrong = self.schema not in (None, schema.name) or any(
+            c >= schema.num_findings or schema.class_name(c) != name for c, name in self.names.items())
+        if wrong:
+            theirs = self.schema or "another dataset"
+            raise CxrcamError(f"{self.default.calibration} calibrates {theirs} classes "
+                              f"({', '.join(list(self.names.values())[:3])}, ...); the classifier predicts "
+                              f"{schema.name} classes: calibrate on its own boxed data")
 
     def __call__(self, class_id: int) -> BoxConfig:
         return self.per_class.get(int(class_id), self.default)
@@ -152,11 +165,12 @@ class BoxRules:
             per_class = {int(entry["class_id"]): dataclasses.replace(
                 config, **{k: entry[k] for k in ("threshold", "score", "min_area") if k in entry})
                 for entry in saved["classes"].values()}
+            names = {int(entry["class_id"]): str(name) for name, entry in saved["classes"].items()}
         except FileNotFoundError:
             raise CxrcamError(f"calibration file not found: {path}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CxrcamError(f"{path}: not a calibration.json written by `cxrcam calibrate` ({exc!r})") from None
-        return cls(config, per_class, list(saved.get("image_ids", [])), saved.get("cam"))
+        return cls(config, per_class, list(saved.get("image_ids", [])), saved.get("cam"), saved.get("schema"), names)
 
 
 def maps_to_boxes(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Sequence[int]],

@@ -12,10 +12,11 @@ issue-26 measurements showed the map itself (method and layer) matters as much. 
    images and on each half of them (split by image id); a class with fewer than ``min_boxes``
    truth boxes takes the threshold best for the mean of the well-boxed classes;
 3. the evidence, without overfitting a few boxes: each threshold is chosen on one half and scored
-   on the other (both ways, averaged). A candidate map replaces the configured one only if its
-   held-out mean AP beats the configured map at the configured threshold; within the chosen map,
-   a class keeps its calibrated threshold only where that held-out AP beats the configured
-   threshold's, else the configured threshold. The thresholds kept are then chosen on all images;
+   on the other, both ways. A candidate map replaces the configured one only if it beats the
+   configured map at the configured threshold on each half (the best mean of those that do);
+   within the chosen map, a class keeps its calibrated threshold only where that held-out AP beats
+   the configured threshold's on each half, else the configured threshold. The thresholds kept are
+   then chosen on all images;
 4. MaxBoxAccV2 and its random-map control for every candidate;
 5. ``calibration.json`` (the map, each class's setting, and the evidence; ``localize --threshold
    calibration.json``, ``refine`` and pseudo-boxes read it) and plots next to it.
@@ -66,9 +67,9 @@ class Calibration:
 def _images(source, fold: str, config: Config, data: Path) -> pd.DataFrame:
     images = source.readable
     if fold == "val":
-        if "fold" not in images.columns:
-            raise CxrcamError(f"{data} has no folds (not a `cxrcam prepare` cache): pass --fold all to calibrate "
-                              f"on all its images")
+        if source.kind != "cache" or "fold" not in images.columns:
+            raise CxrcamError(f"{data} is a {source.kind}, not a `cxrcam prepare` cache: it has no validation fold "
+                              f"(--fold val); pass --fold all to calibrate on all its images (never the ones you score)")
         images = images[images["fold"] == config.split.val_fold].reset_index(drop=True)
     boxed = set(source.truth["image_id"])
     if not boxed & set(images["image_id"]):
@@ -79,12 +80,13 @@ def _images(source, fold: str, config: Config, data: Path) -> pd.DataFrame:
 
 def candidate_maps(model, config: Config, maps: list[str] | None) -> list[tuple[str, str]]:
     """(method, target_layer) of each candidate, the configured map first. ``maps``: "method" or
-    "method@layer[,layer]" strings; default: LayerCAM at the backbone's next-to-last stage, alone
-    and fused with the last (issue 26: these doubled MaxBoxAccV2 where the last layer's did not)."""
+    "method@layer[,layer]" strings; default: Grad-CAM++ at the pooling's input, and LayerCAM at the
+    backbone's next-to-last stage, alone and fused with the last (docs/BENCHMARKS.md, issue 26)."""
     configured = (config.cam.method.lower(), ",".join(parse_layers(config.cam.target_layer)))
     if maps is None:
         stages = [s["module"] for s in getattr(getattr(model, "backbone", model), "feature_info", [])]
-        maps = [f"layercam@{stages[-2]}", f"layercam@{stages[-2]},{stages[-1]}"] if len(stages) >= 2 else []
+        maps = ["gradcam++", *([f"layercam@{stages[-2]}", f"layercam@{stages[-2]},{stages[-1]}"]
+                               if len(stages) >= 2 else [])]
     found = [configured]
     for text in maps:
         method, _, layer = text.partition("@")
@@ -156,8 +158,8 @@ def _sweep(pairs: list[Pair], truth: pd.DataFrame, schema, config: Config, progr
 
 
 def _held_out(classes: dict, min_boxes: int, default: float) -> None:
-    """Each class's held-out AP with a calibrated threshold (chosen on one half, scored on the other,
-    both ways, averaged) and with the configured ``default`` threshold; a class with fewer than
+    """Each class's held-out AP on each half with a calibrated threshold (chosen on the other half)
+    and with the configured ``default`` threshold, and their means; a class with fewer than
     ``min_boxes`` boxes is scored with the threshold best for the mean of the well-boxed ones."""
     own = [e for e in classes.values() if e["n_truth"] >= min_boxes] or list(classes.values())
     k0 = SWEEP.index(on_grid(default))
@@ -172,15 +174,31 @@ def _held_out(classes: dict, min_boxes: int, default: float) -> None:
             t_a, t_b = choose_threshold(a, default)[0], choose_threshold(b, default)[0]
         else:
             t_a, t_b = shared
-        e["heldout_ap"] = float((b[SWEEP.index(t_a)] + a[SWEEP.index(t_b)]) / 2)
-        e["heldout_ap_default"] = float((a[k0] + b[k0]) / 2)
+        e["heldout_halves"] = [float(a[SWEEP.index(t_b)]), float(b[SWEEP.index(t_a)])]  # half 0 by 1's choice ...
+        e["default_halves"] = [float(a[k0]), float(b[k0])]
+        e["heldout_ap"] = float(np.mean(e["heldout_halves"]))
+        e["heldout_ap_default"] = float(np.mean(e["default_halves"]))
+
+
+def _gains_on_both_halves(candidate: dict, baseline: dict) -> bool:
+    """Whether a candidate map, thresholds chosen on one half, beats the configured map at the
+    configured threshold on each half it did not choose on (the mean could hide a loss on one)."""
+    ours = [_mean(e["heldout_halves"][h] for e in candidate["classes"].values()) for h in (0, 1)]
+    theirs = [_mean(e["default_halves"][h] for e in baseline["classes"].values()) for h in (0, 1)]
+    return all(o > t + 1e-9 for o, t in zip(ours, theirs))
+
+
+def _configured(entry: dict, config: Config) -> None:
+    """A class at the configured box setting: no calibration gain held out for it."""
+    entry.update(threshold=on_grid(config.boxes.threshold), ap=entry["ap_default"], score=config.boxes.score,
+                 min_area=config.boxes.min_area, source="configured (no held-out gain)")
 
 
 def _choose(classes: dict, min_boxes: int, search: str, config: Config, confirm: bool = False) -> None:
     """Each class's setting: its own best where it has ``min_boxes`` truth boxes, else the
     threshold best for the mean AP of the classes that do (the configured one unless beaten). With
-    ``confirm``, a class whose calibrated threshold did not beat the configured one on held-out
-    halves (:func:`_held_out`) keeps the configured threshold."""
+    ``confirm``, a class whose calibrated threshold did not beat the configured one on both
+    held-out halves (:func:`_held_out`) keeps the configured setting."""
     own = [e for e in classes.values() if e["n_truth"] >= min_boxes]
     if not own:
         warnings.warn(f"no class has {min_boxes} truth boxes among the calibration images: one threshold for all "
@@ -195,9 +213,9 @@ def _choose(classes: dict, min_boxes: int, search: str, config: Config, confirm:
             e["threshold"], e["ap"] = float(shared_t), e["curve"][SWEEP.index(shared_t)]
         elif search == "all":
             e.update({k: e["best_setting"][k] for k in ("score", "min_area", "threshold", "ap")})
-        if confirm and not e["heldout_ap"] > e["heldout_ap_default"] + 1e-9 and e["threshold"] != default_t:
-            e.update(threshold=default_t, ap=e["ap_default"], score=config.boxes.score, min_area=config.boxes.min_area,
-                     source="configured (no held-out gain)")
+        gains = all(h > d + 1e-9 for h, d in zip(e.get("heldout_halves", ()), e.get("default_halves", ())))
+        if confirm and not gains and e["threshold"] != default_t:
+            _configured(e, config)
         e.setdefault("score", config.boxes.score)
         e.setdefault("min_area", config.boxes.min_area)
 
@@ -240,19 +258,20 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
                            "heldout_ap_default": _mean(e["heldout_ap_default"] for e in classes.values())})
         del pairs, cam
     baseline = candidates[0]["heldout_ap_default"]  # the configured map at the configured threshold
-    best = max(candidates, key=lambda m: m["heldout_ap"])
-    if not best["heldout_ap"] > baseline + 1e-9:
-        best, why = candidates[0], "no candidate beat the configured map and threshold on held-out halves"
+    winners = [m for m in candidates if _gains_on_both_halves(m, candidates[0])]
+    if winners:
+        best = max(winners, key=lambda m: m["heldout_ap"])
+        why = (f"held-out mean AP@{config.eval.iou_thr} {best['heldout_ap']:.4f} against {baseline:.4f} for the "
+               f"configured map at threshold {config.boxes.threshold}, higher on each half")
     else:
-        why = (f"held-out mean AP@{config.eval.iou_thr} {best['heldout_ap']:.4f} against {baseline:.4f} "
-               f"for the configured map at threshold {config.boxes.threshold}")
-    calibrated = best["heldout_ap"] > baseline + 1e-9
-    _choose(best["classes"], min_boxes, search, config, confirm=True)
-    if not calibrated:  # the configured procedure stands: every class at the configured setting
-        for e in best["classes"].values():
-            e.update(threshold=on_grid(config.boxes.threshold), ap=e["ap_default"], score=config.boxes.score,
-                     min_area=config.boxes.min_area, source="configured (no held-out gain)")
+        best, why = candidates[0], ("no candidate beat the configured map and threshold on both held-out halves: "
+                                    "the configured procedure stands")
     classes = best["classes"]
+    if winners:
+        _choose(classes, min_boxes, search, config, confirm=True)
+    else:  # the configured procedure stands: every class at the configured setting
+        for e in classes.values():
+            _configured(e, config)
     own = [e for e in classes.values() if e["source"] == "class"] or list(classes.values())
     chosen = {"method": best["method"], "target_layer": best["target_layer"], "why": why}
     evidence = [{k: m[k] for k in ("method", "target_layer", "heldout_ap", "heldout_ap_default", "maxboxacc",

@@ -46,6 +46,14 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def _recording() -> Iterator[None]:
+    """Autograd on, whatever the caller runs under (``torch.no_grad()``, ``torch.inference_mode()``):
+    the maps need the gradients of this pass and nothing else does."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 class GradientCAM(BaseCAM):
     def __init__(self, model: nn.Module, method: str = "layercam", target_layer: str | Sequence[str] | None = None,
                  info: Probe | None = None, batched: bool | None = None):
@@ -78,7 +86,7 @@ class GradientCAM(BaseCAM):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n = len(self.target_layers)
         self._inputs, self._values = [None] * n, [None] * n
-        with _frozen(self.model), torch.enable_grad():
+        with _frozen(self.model), _recording():
             self._recording = True
             try:
                 self._logits = self.model(images)
@@ -95,7 +103,8 @@ class GradientCAM(BaseCAM):
         if not classes:
             return [v.new_zeros((len(images), 0, *v.shape[-2:]), dtype=torch.float32) for v in values]
         batched = self.batched if self.batched is not None else BATCHED.get(images.device.type, False)
-        grads = self._batched_grads(logits, inputs, classes) if batched else self._grads_per_class(logits, inputs, classes)
+        with _recording():
+            grads = (self._batched_grads if batched else self._grads_per_class)(logits, inputs, classes)
         return [METHODS[self.method](v.float(), g.float()) for v, g in zip(values, grads)]
 
     @staticmethod

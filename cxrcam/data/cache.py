@@ -18,8 +18,10 @@ import ctypes
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,30 +85,53 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _read_progress(path: Path) -> dict[str, tuple[int, int]]:
-    done: dict[str, tuple[int, int]] = {}
+def _stamp(path: str) -> str:
+    """Which file an image was cached from: its path, size and modification time (another dataset
+    or a rewritten file under the same image id is decoded again, not taken from the cache)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return ""
+    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _read_progress(path: Path) -> dict[str, tuple[int, int, str | None]]:
+    """image id -> (height, width, source stamp; None in logs written before stamps)."""
+    done: dict[str, tuple[int, int, str | None]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
-                done[rec["id"]] = (int(rec["h"]), int(rec["w"]))
+                done[rec["id"]] = (int(rec["h"]), int(rec["w"]), rec.get("src"))
             except (ValueError, KeyError):
                 continue  # a line cut short by a kill
     return done
 
 
-def _check_existing(out: Path, dataset: str, size: int) -> None:
+CACHE_FILES = ("cache.json", "manifest.csv", "boxes.csv", "failures.csv", "progress.jsonl", "invalid_rows.csv")
+
+
+def _check_existing(out: Path, dataset: str, size: int, overwrite: bool) -> None:
+    """A cache of another dataset or size is refused, or with ``overwrite`` removed first (its files
+    and images, nothing else in the folder)."""
     meta_path = out / "cache.json"
+    if overwrite:
+        for name in CACHE_FILES:
+            (out / name).unlink(missing_ok=True)
+        if (out / "images").is_dir():
+            shutil.rmtree(out / "images")
+        return
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("dataset") != dataset or meta.get("size") != size:
             raise CxrcamError(f"{out} holds a {meta.get('dataset')} cache at {meta.get('size')} px; "
-                              f"choose another --out for {dataset} at {size} px")
+                              f"choose another --out for {dataset} at {size} px, or pass --overwrite to replace it")
 
 
 def prepare(dataset: str, root: str | Path, out: str | Path, config: Config = Config(),
-            progress: bool = True) -> PrepareResult:
-    """Read ``dataset`` at ``root`` and cache it at ``out``; resumes where a run stopped."""
+            progress: bool = True, overwrite: bool = False) -> PrepareResult:
+    """Read ``dataset`` at ``root`` and cache it at ``out``; resumes where a run stopped, or with
+    ``overwrite`` starts afresh."""
     from cxrcam.data.readers import read_dataset
     from cxrcam.data.splits import assign_folds
 
@@ -114,7 +139,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, config: Config = Co
     out, size = Path(out), config.prepare.size
     if size < 16:
         raise CxrcamError(f"prepare.size must be at least 16 pixels, got {size}")
-    _check_existing(out, dataset, size)
+    _check_existing(out, dataset, size, overwrite)
     tables = read_dataset(dataset, root, config.fusion)
     out.mkdir(parents=True, exist_ok=True)
     report_invalid(tables.invalid, out)
@@ -122,7 +147,14 @@ def prepare(dataset: str, root: str | Path, out: str | Path, config: Config = Co
     (out / "images").mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out, out / "images")
     log_path = out / "progress.jsonl"
-    done = {k: v for k, v in _read_progress(log_path).items() if (out / "images" / f"{k}.png").is_file()}
+    stamps = {i: _stamp(p) for i, p in zip(images["image_id"], images["path"]) if isinstance(p, str)}
+    done = {k: v[:2] for k, v in _read_progress(log_path).items()
+            if (out / "images" / f"{k}.png").is_file() and v[2] in (None, stamps.get(k, v[2]))}
+    stray = set(done) - set(images["image_id"])
+    if stray:
+        warnings.warn(f"{out}: {len(stray)} cached image(s) are not in this dataset and stay out of its manifest "
+                      f"(pass --overwrite to start the cache afresh)", stacklevel=2)
+        done = {k: v for k, v in done.items() if k not in stray}
     skipped = int(images["image_id"].isin(list(done)).sum())
 
     failures = [(i, None, "file not found") for i in images.loc[images["path"].isna(), "image_id"]]
@@ -139,7 +171,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, config: Config = Co
             image_id, h, w, reason = result
             if reason is None:
                 done[image_id] = (h, w)
-                log.write(json.dumps({"id": image_id, "h": h, "w": w}) + "\n")
+                log.write(json.dumps({"id": image_id, "h": h, "w": w, "src": stamps.get(image_id)}) + "\n")
                 log.flush()
             else:
                 failures.append((image_id, sources[image_id], reason))

@@ -31,6 +31,7 @@ class Source:
     truth: pd.DataFrame  # BOX_TABLE_COLUMNS
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # image_id, path, reason
     invalid: pd.DataFrame = field(default_factory=no_invalid)  # truth rows dropped or fixed by the reader
+    kind: str = "folder"  # cache (with prepare's folds), dataset (a released layout), folder (plain images)
 
     @property
     def readable(self) -> pd.DataFrame:
@@ -56,7 +57,7 @@ def open_source(data: str | Path, dataset: str | None = None, config: Config = C
         cache = open_cache(data)
         images = cache.images.assign(path=[str(data / f) for f in cache.images["file"]])
         failures = [(r.image_id, r.path, r.reason) for r in cache.failures.itertuples()]
-        return Source(cache.schema, images, cache.boxes, failures)
+        return Source(cache.schema, images, cache.boxes, failures, kind="cache")
     if dataset is None and data.is_dir():
         dataset = detect_dataset(data)
     if dataset not in (None, PLAIN):
@@ -64,7 +65,7 @@ def open_source(data: str | Path, dataset: str | None = None, config: Config = C
         images = tables.images.astype({"height": "float64", "width": "float64"})
         missing = images["path"].isna()
         failures = [(i, "", "file not found") for i in images.loc[missing, "image_id"]]
-        return Source(tables.schema, images, tables.boxes, failures, tables.invalid)
+        return Source(tables.schema, images, tables.boxes, failures, tables.invalid, kind="dataset")
     files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise CxrcamError(f"no images (DICOM, PNG, JPEG) found in {data}")

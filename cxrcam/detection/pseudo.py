@@ -29,6 +29,7 @@ from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
 from cxrcam.data.dataset import CacheDataset
 from cxrcam.data.tables import BOX_COLUMNS, target_columns
 from cxrcam.models import decision_thresholds, load_classifier
+from cxrcam.schemas import get_schema
 from cxrcam.runtime.progress import progress_bar
 
 PROPOSAL_COLUMNS = ["image_id", *CACHE_BOX_COLUMNS]
@@ -44,6 +45,7 @@ def cam_training_boxes(classifier: str | Path, cache: Cache, config: Config, dev
     model, ckpt = load_classifier(classifier, device)
     thresholds = decision_thresholds(ckpt, config.boxes.min_prob)
     rules = BoxRules.from_config(config.boxes)
+    rules.check_schema(get_schema(ckpt["schema"]))
     cam = create_cam(model, *rules.cam_settings(config.cam))
     wants_pseudo, wants_proposals = set(np.asarray(pseudo_rows).tolist()), set(np.asarray(proposal_rows).tolist())
     rows = np.array(sorted(wants_pseudo | wants_proposals), dtype=np.int64)

@@ -152,7 +152,7 @@ def figures(x: Inputs, w: np.ndarray) -> dict[str, np.ndarray]:
         findings = [ap[c] for c in x.findings if c in ap]
         out["findings mAP@0.4"] = np.nanmean(findings, axis=0) if findings else np.full(len(w), np.nan)
     for c, values in ap.items():
-        out[f"AP {x.names[c]}"] = values
+        out[f"AP {x.names.get(c, c)}"] = values
     if x.labels is not None:
         per = np.array([weighted_auroc(x.labels[:, k], x.probs[:, k], w) for k in range(x.labels.shape[1])])
         with _quiet():

@@ -53,7 +53,7 @@ class GroundTruth:
 def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTruth:
     """Truth from a cache or dataset folder (recognised as localize recognises its input), or
     from a label table file."""
-    from cxrcam.data.readers import nih_from_tables, rsna_from_table, vinbig_from_table
+    from cxrcam.data.readers import nih_from_tables, read_vinbig, rsna_from_table
     from cxrcam.data.sources import detect_dataset, open_source
 
     path = Path(path)
@@ -69,7 +69,9 @@ def read_ground_truth(path: str | Path, config: Config = Config()) -> GroundTrut
         table = read_table(path)
         columns = set(table.columns)
         if {"image_id", "class_id", "rad_id", "x_min"} <= columns:
-            tables = vinbig_from_table(table, fusion=config.fusion, source=str(path))
+            # with the images beside it (train.csv + train/), boxes past an image's edge are clipped to
+            # the size its header gives, as prepare clips them
+            tables = read_vinbig(path.parent, config.fusion, table=path)
         elif {"patientId", "Target"} <= columns:
             tables = rsna_from_table(table)
         elif "Finding Label" in columns or any(str(c).startswith("Bbox") for c in columns):
@@ -168,11 +170,15 @@ def score(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config 
     if not cam_boxes:
         peaks = None  # the pointing game scores the classifier's maps, not a detector's boxes
     truth = read_ground_truth(gt, config)
+    if saved.get("schema") not in (None, truth.schema.name):
+        raise CxrcamError(f"{pred} holds {saved['schema']} predictions; {gt} is {truth.schema.name} truth: "
+                          f"their classes differ, evaluate against the same dataset")
     report_invalid(truth.invalid, out)
     if fmt == "rsna" and truth.schema is not RSNA:
         raise CxrcamError(f"--format rsna needs RSNA ground truth; {gt} is {truth.schema.name}")
     dets, counts = _read_submission(submission, truth, fmt, lenient)
-    metrics = {"format": fmt, "ground_truth": str(gt), "submission_label": label, "cam_boxes": cam_boxes, **counts,
+    metrics = {"format": fmt, "ground_truth": str(Path(gt).resolve()), "submission_label": label, "cam_boxes": cam_boxes,
+               **counts,
                "iou_thr": config.eval.iou_thr}
     voc_truth, per_class = _detection_metrics(truth, dets, fmt, config.eval.iou_thr, metrics)
     prob_table = _read_probabilities(Path(probs) if probs else found_probs, truth.schema)
@@ -257,7 +263,8 @@ def _read_submission(submission: Path, truth: GroundTruth, fmt: str, lenient: bo
     elif unlisted:
         warnings.warn(f"{unlisted} of {len(truth.image_ids)} ground-truth images have no row in {submission}: "
                       f"scored as predicting nothing", stacklevel=3)
-    return dets, {"submission": str(submission), "dataset": schema.name, "images": len(truth.image_ids),
+    # absolute: a report written from another folder links to it all the same
+    return dets, {"submission": str(submission.resolve()), "dataset": schema.name, "images": len(truth.image_ids),
                   "truth_boxes": len(truth.boxes), "predictions": len(dets), "predictions_ignored": ignored,
                   "rows_skipped": skipped, "images_not_listed": unlisted, "truth_rows_invalid": len(truth.invalid),
                   "images_without_prediction": len(truth_ids - set(dets["image_id"]))}
@@ -288,6 +295,11 @@ def _read_probabilities(probs: Path | None, schema: Schema) -> pd.DataFrame | No
     table = read_table(probs, dtype={"image_id": str})
     missing = [c for c in schema.findings if c not in table.columns]
     if missing:
+        other = next((s.name for s in SCHEMAS.values() if s is not schema and set(s.findings) <= set(table.columns)),
+                     None)
+        if other:
+            raise CxrcamError(f"{probs} holds {other} class probabilities; the ground truth is {schema.name}: "
+                              f"evaluate against the same dataset")
         raise CxrcamError(f"{probs}: missing class column(s) {', '.join(missing)}")
     return table[["image_id", *schema.findings]]
 

@@ -89,6 +89,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     refiner = _refiner(detector, config, info.device, schema, checkpoint)
     truth = {k: (g[BOX_COLUMNS].to_numpy(np.float64), g["class_id"].to_numpy()) for k, g in source.truth.groupby("image_id")}
     rules = BoxRules.from_config(config.boxes)
+    rules.check_schema(schema)
     _check_calibration(rules, source, config.boxes.calibration)
     thresholds = decision_thresholds(ckpt, config.boxes.min_prob)
     cam = create_cam(model, *rules.cam_settings(config.cam))
@@ -136,6 +137,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     if parts is not None:
         summary = write_outputs(parts, source, schema, config, out, start, refined=refiner is not None)
         write_json(out / "localize.json", {"checkpoint": str(checkpoint), "detector": detector and str(detector),
+                                           "schema": schema.name,
                                            "data": str(data), "classes": classes,
                                            "pictures": pictures, "picture_size": picture_size,
                                            "draw_min_score": draw_min_score,

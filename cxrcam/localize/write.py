@@ -153,9 +153,10 @@ def write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schema
     normal = pd.Series(normal_scores(probs[list(schema.findings)].to_numpy(), config.boxes.normal_score),
                        index=probs["image_id"].to_numpy())
     image_ids = list(source.images["image_id"]) + [i for i, _, _ in source.failures if i not in order]
-    write_submission(out / "submission.csv", image_ids, detections, normal, schema.no_finding_id)
+    fmt = "rsna" if schema.name == "rsna" else "vinbig"  # the competition's own format for its data
+    write_submission(out / "submission.csv", image_ids, detections, normal, schema.no_finding_id, fmt)
     if refined:
-        write_submission(out / "cam_submission.csv", image_ids, cam_detections, normal, schema.no_finding_id)
+        write_submission(out / "cam_submission.csv", image_ids, cam_detections, normal, schema.no_finding_id, fmt)
     write_csv(out / "probabilities.csv", probs.reset_index(drop=True))
     write_csv(out / "peaks.csv", parts["peaks"])
     write_csv(out / "failures.csv", failures)

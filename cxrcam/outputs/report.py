@@ -42,7 +42,8 @@ def write_report(run: str | Path, out: str | Path, embed: bool = False, max_pict
     predictions = sorted(p.parent for p in run.rglob("localize.json"))
     if not (caches or runs or evals or predictions):
         raise CxrcamError(f"nothing to report under {run}: no cache, training run, evaluate or localize output")
-    sections = [_section("Summary", [_summary(evals, run, out.parent)]),
+    comparisons = sorted(run.rglob("comparison.json"))
+    sections = [_section("Summary", [_summary(evals, run, out.parent), *(_comparison(c) for c in comparisons)]),
                 _section("Per-class metrics", [_evaluation(e, run) for e in evals]),
                 _section("Gallery", [_gallery(p, run, out.parent, embed, max_pictures) for p in predictions]),
                 _section("Training", [_training(r, run) for r in runs], collapsed=True),
@@ -125,6 +126,24 @@ def _summary(evals: list[Path], run: Path, page_dir: Path) -> str:
             "maps, so a detector's submission has none).</p>"
             f"<table><tr><th>submission</th><th>mAP@0.4</th>{head}<th>mean AUROC</th><th>file</th></tr>"
             f"{''.join(rows)}</table>")
+
+
+def _comparison(path: Path) -> str:
+    """A paired comparison (evaluate with several --pred) in sentences: each pair's findings mAP
+    difference with its interval and p-value, and whether that is beyond noise."""
+    from cxrcam.evaluation.compare import beyond_noise
+
+    c = _json(path)
+    lines = []
+    for pair in c.get("pairs", []):
+        f = pair["figures"].get("findings mAP@0.4") or pair["figures"].get("mAP@0.4")
+        if not f or f.get("difference") is None or f["ci"][0] is None:
+            continue
+        p = "p < 0.001" if f["p"] < 0.001 else f"p = {f['p']:.3f}"
+        lines.append(f"{pair['b']} against {pair['a']} (paired, same resamples): findings mAP@0.4 "
+                     f"{f['difference']:+.3f} [{f['ci'][0]:+.3f}, {f['ci'][1]:+.3f}], {p}: "
+                     f"{'beyond noise' if beyond_noise(f) else 'not beyond noise'}.")
+    return "".join(f'<p class="verdict">{html.escape(line)}</p>' for line in lines)
 
 
 def _num(v) -> str:

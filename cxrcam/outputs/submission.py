@@ -1,10 +1,11 @@
-"""VinBigData ``submission.csv``: ``image_id,PredictionString`` with groups of
-``class_id confidence x_min y_min x_max y_max`` in original pixels (RSNA's
-``patientId,PredictionString`` with ``confidence x y width height`` groups is read too).
+"""``submission.csv`` in the competition's own format: VinBigData's ``image_id,PredictionString``
+with groups of ``class_id confidence x_min y_min x_max y_max`` in original pixels, or, for RSNA
+data, RSNA's ``patientId,PredictionString`` with groups of ``confidence x y width height``.
 
-Written by localize and refine, read by evaluate. Every input image gets exactly one row;
-"No finding" is the group ``<no_finding_id> p_normal 0 0 1 1``; an image that could not be
-read keeps an empty string, so it is visible, never dropped.
+Written by localize and refine, read by evaluate (the header says which layout a file has; a row
+that would read as both is refused). Every input image gets exactly one row; VinBigData's "No
+finding" is the group ``<no_finding_id> p_normal 0 0 1 1``; an image that could not be read keeps
+an empty string, so it is visible, never dropped.
 """
 from __future__ import annotations
 
@@ -28,28 +29,36 @@ def normal_scores(probs: np.ndarray, rule: str = "max") -> np.ndarray:
     return 1 - probs.max(1) if rule == "max" else np.prod(1 - probs, axis=1)
 
 
-def prediction_string(group: pd.DataFrame) -> str:
+ID_COLUMN = {"vinbig": "image_id", "rsna": "patientId"}
+
+
+def prediction_string(group: pd.DataFrame, fmt: str = "vinbig") -> str:
     """One image's detections (DETECTION_COLUMNS) as a PredictionString, best score first."""
     group = group.sort_values("score", ascending=False, kind="stable")
+    if fmt == "rsna":
+        return " ".join(f"{r.score:.6g} {r.x_min:.8g} {r.y_min:.8g} {r.x_max - r.x_min:.8g} {r.y_max - r.y_min:.8g}"
+                        for r in group.itertuples())
     return " ".join(f"{int(r.class_id)} {r.score:.6g} {r.x_min:.8g} {r.y_min:.8g} {r.x_max:.8g} {r.y_max:.8g}"
                     for r in group.itertuples())
 
 
 def submission_table(image_ids: list[str], detections: pd.DataFrame, normal: pd.Series | None = None,
-                     no_finding_id: int | None = 14) -> pd.DataFrame:
-    """``image_id,PredictionString`` with every id in ``image_ids`` once, in that order.
-    ``normal`` (image_id -> p_normal) appends the "No finding" group to those images."""
+                     no_finding_id: int | None = 14, fmt: str = "vinbig") -> pd.DataFrame:
+    """``image_id,PredictionString`` (``patientId,...`` for ``fmt`` rsna) with every id in ``image_ids``
+    once, in that order. ``normal`` (image_id -> p_normal) appends the "No finding" group to those images."""
     dets = detections[DETECTION_COLUMNS]
     if normal is not None and no_finding_id is not None:
         extra = no_finding_rows(normal.index, no_finding_id, normal.to_numpy())
         dets = pd.concat([dets, extra], ignore_index=True) if len(dets) else extra
-    strings = dets.groupby("image_id", sort=False).apply(prediction_string, include_groups=False) if len(dets) else {}
-    return pd.DataFrame({"image_id": image_ids, "PredictionString": [strings.get(i, "") for i in image_ids]})
+    strings = (dets.groupby("image_id", sort=False).apply(prediction_string, fmt=fmt, include_groups=False)
+               if len(dets) else {})
+    return pd.DataFrame({ID_COLUMN[fmt]: image_ids, "PredictionString": [strings.get(i, "") for i in image_ids]})
 
 
 def write_submission(path: str | Path, image_ids: list[str], detections: pd.DataFrame,
-                     normal: pd.Series | None = None, no_finding_id: int | None = 14) -> pd.DataFrame:
-    table = submission_table(image_ids, detections, normal, no_finding_id)
+                     normal: pd.Series | None = None, no_finding_id: int | None = 14, fmt: str = "vinbig"
+                     ) -> pd.DataFrame:
+    table = submission_table(image_ids, detections, normal, no_finding_id, fmt)
     write_csv(path, table)
     return table
 
@@ -71,17 +80,18 @@ def parse_submission(path: str | Path, num_classes: int = 15, image_ids: set[str
     if not path.is_file():
         raise CxrcamError(f"submission not found: {path}")
     table = read_table(path, dtype=str, keep_default_na=False)
-    if not {"image_id", "PredictionString"} <= set(table.columns):
-        id_col = next((c for c in ("patientId", "image_id") if c in table.columns), None)
-        if id_col is None or "PredictionString" not in table.columns:
-            raise CxrcamError(f"{path}: expected columns image_id,PredictionString "
-                              f"(found: {', '.join(table.columns)})")
-        table = table.rename(columns={id_col: "image_id"})
+    id_col = next((c for c in ("image_id", "patientId") if c in table.columns), None)
+    if id_col is None or "PredictionString" not in table.columns:
+        raise CxrcamError(f"{path}: expected columns image_id,PredictionString (VinBigData) or "
+                          f"patientId,PredictionString (RSNA) (found: {', '.join(table.columns)})")
+    xywh = fmt == "rsna" or id_col == "patientId"  # RSNA's groups: confidence x y width height
+    told = id_col == ID_COLUMN["rsna" if xywh else "vinbig"]  # the header agrees with the layout read
+    table = table.rename(columns={id_col: "image_id"})
     _check_unique_ids(table["image_id"], path, lenient)
     records, skipped = [], 0
     for row, (image_id, text) in enumerate(zip(table["image_id"], table["PredictionString"]), start=2):
         try:
-            records.extend(_parse(image_id, text, num_classes, image_ids, fmt == "rsna"))
+            records.extend(_parse(image_id, text, num_classes, image_ids, xywh, told))
         except ValueError as exc:
             message = f"{path} row {row} ({image_id}): {exc}"
             if not lenient:
@@ -107,9 +117,25 @@ def _check_unique_ids(ids: pd.Series, path: Path, lenient: bool) -> None:
     warnings.warn(message + "; their boxes are merged", stacklevel=3)
 
 
-def _parse(image_id: str, text: str, num_classes: int, image_ids: set[str] | None, xywh: bool) -> list[tuple]:
+def _parse(image_id: str, text: str, num_classes: int, image_ids: set[str] | None, xywh: bool,
+           told: bool = True) -> list[tuple]:
+    """One row's detections; where the header does not name the layout (``told``) a row that reads
+    both as groups of 6 and of 5 is refused."""
     if image_ids is not None and image_id not in image_ids:
         raise ValueError("image id not in the ground truth")
+    found = _groups(image_id, text, num_classes, xywh)
+    if not told and found and len(text.split()) % 30 == 0:  # groups of 5 and of 6 both fit: the other reads too?
+        try:
+            _groups(image_id, text, num_classes, not xywh)
+        except ValueError:
+            return found
+        raise ValueError("reads both as VinBigData groups (class confidence x_min y_min x_max y_max) and as RSNA "
+                         "groups (confidence x y width height): name the layout by the header (image_id for "
+                         "VinBigData, patientId for RSNA)")
+    return found
+
+
+def _groups(image_id: str, text: str, num_classes: int, xywh: bool) -> list[tuple]:
     tokens = text.split()
     n = 5 if xywh else 6
     if len(tokens) % n:

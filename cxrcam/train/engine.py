@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -110,7 +111,7 @@ def save_epoch(run: Run, out: Path, epoch: int, metrics: dict[str, Any], history
     score = metrics.get(run.score, float("nan"))
     improved = not math.isnan(score) and score > best
     state = {**run.meta, "kind": run.name, "arch": run.arch, "model": run.raw_model.state_dict(),
-             "metrics": metrics, "epoch": epoch, "precision": precision}
+             "metrics": metrics, "epoch": epoch + 1, "precision": precision}  # counted from 1, as the logs count
     if improved or epoch == 0:
         save_checkpoint(out / "best.pt", state)
     if math.isnan(score):
@@ -155,16 +156,22 @@ def restore_last(run: Run, out: Path, scaler, device: torch.device, precision: s
     arch = ckpt.get("arch", ckpt.get("model_name", ckpt.get("backbone")))  # checkpoints from before `arch`
     if arch != run.arch:
         raise CxrcamError(f"{path} trained a {arch} {run.name}; the config asks for {run.arch}")
+    section = run.lr_key.split(".")[0]
     saved = ckpt.get("precision", "fp32")
     if saved != precision:
-        key = run.lr_key.split(".")[0] + ".amp"
-        raise CxrcamError(f"{path} trained in {saved}; this run would continue in {precision}: set {key}={saved}")
+        raise CxrcamError(f"{path} trained in {saved}; this run would continue in {precision}: set {section}.amp={saved}")
+    planned = ckpt.get("config", {}).get(section, {}).get("epochs")
+    if planned is not None and planned != run.epochs:
+        warnings.warn(f"{path} was trained on a {planned}-epoch schedule and resumes to {run.epochs} epochs: its "
+                      f"learning-rate schedule ({section}.scheduler) is stretched to the new length mid-run, so the rate "
+                      f"jumps from where the run had brought it (after a finished cosine run, from 0 back to the middle "
+                      f"of the curve)", stacklevel=2)
     run.raw_model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"].cpu())
-    return ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
+    return len(ckpt["history"]), ckpt["best"], ckpt["history"]  # one history row per finished epoch
 
 
 def fit(run: Run, out: str | Path, info: dist.DistInfo, resume: bool = False, progress: bool = True) -> dict[str, Any]:
