@@ -45,7 +45,7 @@ from cxrcam.cli import main as cli  # noqa: E402
 from cxrcam.pipeline import run_command  # noqa: E402
 
 FULL = dict(model="resnet50", size=512, n_images=640, n_test=200, epochs=6, batch=32, cam_batch=16, workers=8)
-QUICK = dict(model="resnet10t", size=64, n_images=40, n_test=16, epochs=1, batch=8, cam_batch=4, workers=0)
+QUICK = dict(model="resnet10t", size=64, n_images=32, n_test=12, epochs=1, batch=8, cam_batch=4, workers=0)
 
 
 def pure_step_rate(model_name: str, size: int, batch: int, device: torch.device, precision: str, steps: int) -> float:
@@ -110,7 +110,7 @@ def main() -> None:
         run_command(cli, "synth", "--out", work / "data" / split, "--n-images", n, "--seed", seed, "--size",
                     int(s["size"] * 1.25), "--split", split, "--overwrite")
         run_command(cli, "prepare", "--dataset", "vinbig", "--root", work / "data" / split, "--out", work / "cache" / split,
-                    "--size", s["size"], "--workers", 0 if a.quick else s["workers"])
+                    "--size", s["size"], "--workers", 1 if a.quick else s["workers"])  # 1: in this process
     run = work / "runs" / "classifier"
     run_command(cli, "train-classifier", "--data", work / "cache" / "train", "--out", run, "--overwrite", *cfg, *common,
                 f"train.epochs={s['epochs']}")

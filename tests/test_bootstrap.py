@@ -45,7 +45,7 @@ def test_the_bootstrap_is_the_plain_evaluator_on_each_resample(localized):
     scored = score(folder, cache)
     x = bootstrap_inputs(scored)
     truth, ids = scored.truth, scored.truth.image_ids
-    w = weights(len(ids), 8, seed=5)
+    w = weights(len(ids), 3, seed=5)
     drawn = figures(x, w)
     curves = pd.read_csv(folder / "box_curves.csv", dtype={"image_id": str})
     points = truth.boxes.assign(pointing=scored.points.to_numpy(float))

@@ -162,7 +162,7 @@ def test_calibrate_then_localize_reproduces_its_ap(vinbig_model, tmp_path):
     assert default_fold.returncode == 1 and "is a dataset, not a `cxrcam prepare` cache" in default_fold.stderr
     assert "--fold all" in default_fold.stderr and not cal.exists()  # not every image read as fold 0
     result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(cal), "--fold", "all",
-                    "--min-boxes", "3", *weak_model)
+                    "--min-boxes", "3", "--maps", "none", *weak_model)  # the map search: its own test
     assert result.returncode == 0, result.stderr
     assert "MaxBoxAccV2" in result.stdout
     saved = json.loads(cal.read_text())
@@ -204,7 +204,7 @@ def test_calibrate_at_batch_size_one_with_a_strict_operating_point(vinbig_model,
     for batch in ("1", "16"):
         out = tmp_path / f"b{batch}.json"
         result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(out),
-                        "--batch-size", batch, "boxes.min_prob=0.99", "cam.workers=0")
+                        "--batch-size", batch, "--maps", "none", "boxes.min_prob=0.99", "cam.workers=0")
         assert result.returncode == 0, result.stderr
         saved[batch] = json.loads(out.read_text())
     assert saved["1"]["images"] == saved["16"]["images"] > 0
@@ -298,3 +298,32 @@ def test_a_threshold_or_map_stands_only_where_its_gain_holds_on_both_halves():
     both = {"classes": {"c": {"heldout_halves": [0.6, 0.55]}}}
     one = {"classes": {"c": {"heldout_halves": [0.9, 0.45]}}}  # a higher mean, from one half alone
     assert _gains_on_both_halves(both, configured) and not _gains_on_both_halves(one, configured)
+
+
+def test_calibrate_tries_maps_records_the_evidence_and_localize_uses_the_choice(vinbig_model, tmp_path):
+    """Each candidate map's held-out AP and MaxBoxAccV2 (beside its control) are recorded with the
+    choice and why; localize, refine and the pseudo-boxes cut the maps the calibration chose, and a
+    config asking for others is named in a warning."""
+    from cxrcam.config import CamConfig
+
+    cache, ckpt = vinbig_model
+    cal = tmp_path / "cal.json"
+    result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(cal),
+                    "--maps", "layercam@layer3", "cam.workers=0")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(cal.read_text())
+    assert [(m["method"], m["target_layer"]) for m in saved["maps"]] == [("gradcam++", ""), ("layercam", "layer3")]
+    for m in saved["maps"]:
+        assert m["maxboxacc"] >= 0 and m["control"] >= 0 and "heldout_ap" in m and "heldout_ap_default" in m
+    assert (saved["cam"]["method"], saved["cam"]["target_layer"]) in {("gradcam++", ""), ("layercam", "layer3")}
+    assert saved["cam"]["why"] and saved["schema"] == "vinbig" and "layercam@layer3" in result.stdout
+    saved["cam"] = {"method": "layercam", "target_layer": "layer3", "why": "set by the test"}  # whichever won
+    cal.write_text(json.dumps(saved))
+    rules = BoxRules.from_config(BoxConfig(calibration=str(cal)))
+    assert rules.cam_settings(CamConfig()) == ("layercam", "layer3")  # what pseudo-boxes and refine build
+    loc = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(tmp_path / "loc"),
+                 "--threshold", str(cal), "--no-images", "cam.workers=0", "cam.method=gradcam")
+    assert loc.returncode == 0, loc.stderr
+    assert json.loads((tmp_path / "loc" / "localize.json").read_text())["cam"] == {
+        "method": "layercam", "target_layer": "backbone.layer3"}
+    assert "chose layercam@layer3 maps" in loc.stderr and "cam.method=gradcam" in loc.stderr

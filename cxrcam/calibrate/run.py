@@ -141,20 +141,25 @@ def half_of(image_id: str) -> int:
 
 
 def _sweep(pairs: list[Pair], truth: pd.DataFrame, schema, config: Config, progress: bool) -> dict:
-    """Each boxed class's sweep on all images (with the other box settings) and its AP curve on each half."""
+    """Each boxed class's AP curve on all images and on each half (the other box settings are
+    tried for the chosen map alone: :func:`_other_settings`)."""
     classes, iou_thr = {}, config.eval.iou_thr
     for c in progress_bar(range(schema.num_findings), desc="calibrate sweep", unit="class", disable=not progress,
-                  leave=False):
+                          leave=False):
         class_truth = truth_of(truth, c)
         if not len(class_truth):
             continue
-        mine = [p for p in pairs if p.class_id == c]
-        entry = sweep_class(mine, class_truth, c, config.boxes, iou_thr)
-        halves = class_truth["image_id"].map(half_of).to_numpy()
-        entry["halves"] = [sweep_class([p for p in mine if half_of(p.image_id) == h], class_truth[halves == h], c,
-                                       config.boxes, iou_thr, others=False)["curve"] for h in (0, 1)]
-        classes[schema.class_name(c)] = entry
+        classes[schema.class_name(c)] = sweep_class([p for p in pairs if p.class_id == c], class_truth, c,
+                                                    config.boxes, iou_thr, others=False, half=half_of)
     return classes
+
+
+def _other_settings(classes: dict, pairs: list[Pair], truth: pd.DataFrame, config: Config) -> None:
+    """Every other box score and min_area, tried for each class of the chosen map (``best_setting``)."""
+    for e in classes.values():
+        c = e["class_id"]
+        e["best_setting"] = sweep_class([p for p in pairs if p.class_id == c], truth_of(truth, c), c, config.boxes,
+                                        config.eval.iou_thr)["best_setting"]
 
 
 def _held_out(classes: dict, min_boxes: int, default: float) -> None:
@@ -251,12 +256,12 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
         _held_out(classes, min_boxes, config.boxes.threshold)
         table = maxboxacc_table(curves, schema)
         overall = table[table["class"] == "all"].set_index("source")["maxboxacc_v2"].to_dict()
-        candidates.append({"method": method, "target_layer": layer, "classes": classes, "curves": curves,
+        candidates.append({"method": method, "target_layer": layer, "classes": classes, "curves": curves, "pairs": pairs,
                            "table": table, "maxboxacc": overall.get("model", math.nan),
                            "control": overall.get("random map", math.nan),
                            "heldout_ap": _mean(e["heldout_ap"] for e in classes.values()),
                            "heldout_ap_default": _mean(e["heldout_ap_default"] for e in classes.values())})
-        del pairs, cam
+        del cam
     baseline = candidates[0]["heldout_ap_default"]  # the configured map at the configured threshold
     winners = [m for m in candidates if _gains_on_both_halves(m, candidates[0])]
     if winners:
@@ -267,6 +272,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
         best, why = candidates[0], ("no candidate beat the configured map and threshold on both held-out halves: "
                                     "the configured procedure stands")
     classes = best["classes"]
+    _other_settings(classes, best["pairs"], truth, config)
     if winners:
         _choose(classes, min_boxes, search, config, confirm=True)
     else:  # the configured procedure stands: every class at the configured setting

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -81,9 +82,20 @@ def class_boxes(maps: ClassMaps, threshold: float, config: BoxConfig) -> tuple[n
 
 
 def ap_curve(maps: ClassMaps, truth: dict[str, np.ndarray], config: BoxConfig, iou_thr: float,
-             thresholds=SWEEP) -> np.ndarray:
-    """AP@iou_thr of one class at each threshold (truth: image_id -> that class's boxes)."""
-    return np.array([ap_of(truth, *class_boxes(maps, t, config), iou_thr)[0] for t in thresholds])
+             thresholds=SWEEP, half: Callable[[str], int] | None = None) -> np.ndarray:
+    """AP@iou_thr of one class at each threshold (truth: image_id -> that class's boxes). With
+    ``half`` (image_id -> 0 or 1), three rows: all images, then each half, from the same boxes."""
+    if half is None:
+        return np.array([ap_of(truth, *class_boxes(maps, t, config), iou_thr)[0] for t in thresholds])
+    subsets = [{k: v for k, v in truth.items() if half(k) == h} for h in (0, 1)]
+    out = np.zeros((3, len(thresholds)))
+    for k, t in enumerate(thresholds):
+        ids, boxes, scores = class_boxes(maps, t, config)
+        out[0, k] = ap_of(truth, ids, boxes, scores, iou_thr)[0]
+        halves = np.array([half(i) for i in ids], dtype=np.int64)
+        for h, sub in enumerate(subsets):
+            out[1 + h, k] = ap_of(sub, ids[halves == h], boxes[halves == h], scores[halves == h], iou_thr)[0]
+    return out
 
 
 def best_threshold(curve: np.ndarray, thresholds=SWEEP) -> tuple[float, float]:
@@ -111,16 +123,20 @@ def choose_threshold(curve, default: float) -> tuple[float, float]:
 
 
 def sweep_class(pairs: list[Pair], truth: pd.DataFrame, class_id: int, config: BoxConfig, iou_thr: float,
-                others: bool = True) -> dict:
+                others: bool = True, half: Callable[[str], int] | None = None) -> dict:
     """For one class: AP against threshold with ``config``'s score and min_area (every 0.01), the
     best threshold, and (``others``) the best (score, min_area, threshold) of all (the others every
-    0.05); ``config.threshold`` is snapped to the grid. Without truth boxes the curve is NaN."""
+    0.05); ``config.threshold`` is snapped to the grid. Without truth boxes the curve is NaN.
+    ``half`` (image_id -> 0 or 1): also each half's curve (``halves``), from the same boxes."""
     by_image, maps = truth_by_image(truth), ClassMaps.of(pairs)
-    curve = ap_curve(maps, by_image, config, iou_thr)
+    curves = ap_curve(maps, by_image, config, iou_thr, half=half)
+    curve = curves if half is None else curves[0]
     threshold, ap = choose_threshold(curve, config.threshold)
     ap_default = float(curve[SWEEP.index(on_grid(config.threshold))])
     result = {"class_id": class_id, "n_truth": len(truth), "threshold": threshold, "ap": ap,
               "ap_default": ap_default, "curve": [float(v) for v in curve]}
+    if half is not None:
+        result["halves"] = [[float(v) for v in c] for c in curves[1:]]
     best = {"score": config.score, "min_area": config.min_area, "threshold": threshold, "ap": ap}
     for score in SCORES if others else ():
         for min_area in MIN_AREAS:
