@@ -69,7 +69,8 @@ def probe(model: nn.Module, example: torch.Tensor | None = None, size: int = 64)
     The pass runs on one random ``size`` x ``size`` image with the channels of ``example`` (a batch
     the model takes) or of the model's first convolution: a 64 px probe costs about 3% of one
     384 px image, where probing on the batch itself cost half a forward pass of a batch of 4. A
-    model that refuses that size (a fixed-size ViT) is probed on one image of ``example``."""
+    model that refuses that size (a head sized for one input, as a flattening head is) is probed
+    on one image of ``example``."""
     param = next(model.parameters())
     channels = example.shape[1] if example is not None and example.ndim == 4 else _input_channels(model)
     tiny = torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0))

@@ -69,14 +69,18 @@ def weighted_ap(m: MatchedClass, w: np.ndarray) -> np.ndarray:
     """VOC 2010 AP of the class under each row of image weights ``w`` (B x images); NaN where a
     resample holds none of its truth boxes."""
     n_truth = w @ m.truth
-    if not len(m.tp):
+    hits = np.flatnonzero(m.tp)
+    if not len(hits):
         return np.where(n_truth > 0, 0.0, np.nan)
-    dw = w[:, m.image]
-    ctp = np.cumsum(dw * m.tp, axis=1)
-    precision = ctp / np.maximum(np.cumsum(dw, axis=1), np.finfo(np.float64).eps)
+    # Only the true positives' precisions matter: between two of them precision only falls (false
+    # positives add to the count alone), so the envelope at a true positive is the largest precision
+    # at this or a later true positive.
+    counts = np.cumsum(w[:, m.image[:hits[-1] + 1]], axis=1)[:, hits]
+    tp_weight = w[:, m.image[hits]]
+    precision = np.cumsum(tp_weight, axis=1) / np.maximum(counts, np.finfo(np.float64).eps)
     envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n_truth > 0, (dw * m.tp * envelope).sum(1) / n_truth, np.nan)
+        return np.where(n_truth > 0, (tp_weight * envelope).sum(1) / n_truth, np.nan)
 
 
 def weighted_auroc(labels: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
