@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -120,6 +121,10 @@ def main() -> None:
         if name.startswith(kept) and name in earlier:
             rows.append({**earlier[name], "reused": True})
             return
+        if target.is_dir():  # a fresh output, so that "written" is what this run wrote (a rerun replaces files)
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
         rows.append(run_stage(name, cmd, images, target, log))
         (out / "scale.json").write_text(json.dumps({"machine": machine(), "args": vars(args) | {"out": str(out)},
                                                     "rows": rows}, indent=2, default=str))

@@ -116,6 +116,10 @@ def test_report_command_and_errors(run_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     text = (tmp_path / "r.html").read_text()
     assert text.count('<figure class="card"') == 5 and 'src="data:image/png;base64,' in text
+    # a capped gallery says so, and shows images with truth boxes first
+    assert "The first 5 of 160 images, those with truth boxes first" in text
+    assert "no truth boxes</figcaption>" not in text
+    assert "The first" not in write_report(run_dir, tmp_path / "all.html").read_text()  # 160 <= 300: all shown
     assert "gtimage_" not in text  # embedded, not linked
     assert '<option value="3">Cardiomegaly</option>' in text  # the class filter names the VinBigData findings
     (tmp_path / "empty").mkdir()

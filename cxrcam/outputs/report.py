@@ -285,6 +285,7 @@ def _gallery(folder: Path, run: Path, page_dir: Path, embed: bool, max_pictures:
     ids = list(dict.fromkeys([*bb["image_id"], *probs["image_id"]]))
     truth = bb[bb["gt_x_min"].notna()]
     with_truth = set(truth["image_id"])
+    total = len(ids)
     ids = sorted(ids, key=lambda i: i not in with_truth)[:max_pictures]  # images with truth first
     groups = {k: g for k, g in bb.groupby("image_id")}
     cards = []
@@ -310,7 +311,10 @@ def _gallery(folder: Path, run: Path, page_dir: Path, embed: bool, max_pictures:
     title = folder.relative_to(run)
     kind = "refined: yellow truth, refined boxes; pred_: heat map + CAM boxes" if settings.get("detector") \
         else "CAM: yellow truth, predicted boxes; pred_: heat map"
-    return (f'<div class="gallery"><h3>{html.escape(str(title))} <small>({kind})</small></h3>'
+    shown = (f'<p>The first {len(cards)} of {total} images, those with truth boxes first '
+             f'(<code>cxrcam report --max-pictures</code>); every picture is in {html.escape(str(title))}/.</p>'
+             if total > len(ids) else "")
+    return (f'<div class="gallery"><h3>{html.escape(str(title))} <small>({kind})</small></h3>{shown}'
             f'<div class="filters">class <select class="cls"><option value="">all</option>{options}</select> '
             f'outcome <select class="outcome"><option value="">all</option><option value="hit">hit (IoU &gt; '
             f'threshold)</option><option value="miss">missed truth box</option><option value="pred">predicted'
