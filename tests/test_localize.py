@@ -393,3 +393,32 @@ def test_rsna_data_gets_the_rsna_submission_format(tmp_path):
     assert scored.returncode == 0, scored.stderr
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert 0 <= metrics["rsna_score"] <= 1 and metrics["predictions"] == sum(tokens) // 5
+
+
+def test_operating_points_decide_boxes_and_pictures(vinbig_model, tmp_path):
+    """At the default boxes.min_prob=auto a class is predicted above the checkpoint's own operating
+    point, not above 0.5: only those classes get boxes, and only they are drawn in the pictures."""
+    from cxrcam.localize.step import Step
+    from cxrcam.models import decision_thresholds
+
+    cache, ckpt = vinbig_model
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    thresholds = decision_thresholds(saved)
+    assert not np.allclose(thresholds, 0.5)  # the fixture's classifier has operating points of its own
+    out = tmp_path / "loc"
+    localize(ckpt, cache, out, config(), pictures=False, progress=False)
+    assert np.allclose(json.loads((out / "localize.json").read_text())["decision_thresholds"], thresholds)
+    probs = pd.read_csv(out / "probabilities.csv", dtype={"image_id": str}).set_index("image_id")
+    above = probs[list(VINBIG.findings)].to_numpy() > thresholds
+    predicted = {i: set(np.flatnonzero(row)) for i, row in zip(probs.index, above)}
+    sub = read_submission(out / "submission.csv")
+    boxed = sub[sub["class_id"] != VINBIG.no_finding_id].groupby("image_id")["class_id"].agg(set)
+    assert len(boxed) and all(set(classes) <= predicted[i] for i, classes in boxed.items())
+    # the two rules disagree somewhere, so the check above could fail under the 0.5 rule
+    assert (above != (probs[list(VINBIG.findings)].to_numpy() > 0.5)).any()
+
+    step = Step(None, config(), {}, thresholds)
+    p = np.where(thresholds > 0.5, (thresholds + 0.5) / 2, thresholds + 0.01)  # between 0.5 and each point
+    plan = step.plan(p, "x")
+    assert plan.shown == plan.predicted == [c for c in range(len(p)) if thresholds[c] <= 0.5]
+    assert step.plan(np.zeros(len(p)), "x").shown == []  # a normal image: no class drawn
