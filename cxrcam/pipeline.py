@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from cxrcam.errors import CxrcamError
-from cxrcam.evaluation.compare import beyond_noise
+from cxrcam.evaluation.compare import beyond_noise, pair_sentence, with_interval
 from cxrcam.evaluation.evaluate import findings_map, headline
 from cxrcam.runtime.inprocess import run_in_process
 
@@ -151,9 +151,7 @@ def _fmt(v: float | None) -> str:
 
 def _ci(v: float | None, interval: list | None) -> str:
     """A figure with its bootstrap interval, when it has one."""
-    if v is None or not interval or interval[0] is None:
-        return _fmt(v)
-    return f"{v:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return _fmt(v) if v is None else with_interval(v, interval)
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -172,11 +170,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines += [f"{a:<{width}}  {b:>22}  {c:>22}" for a, b, c in rows]
     paired = summary.get("refined_vs_cam")
     if paired:
-        lo, hi = paired["ci"]
-        p = "p < 0.001" if paired["p"] < 0.001 else f"p = {paired['p']:.3f}"
-        lines += ["", f"refined against CAM-only calibrated (paired, same resamples): findings mAP@0.4 "
-                      f"{paired['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}], {p}: "
-                      f"{'beyond noise' if paired['beyond_noise'] else 'not beyond noise'}"]
+        lines += ["", pair_sentence("CAM-only calibrated", "refined", paired, paired["figure"])]
     cam_rows = summary.get("cam_rows", {})
     if cam_rows:
         labels = list(next(iter(cam_rows.values())))

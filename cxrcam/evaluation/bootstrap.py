@@ -20,7 +20,10 @@ zero, doubled, at most 1) come from the same draws of images.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -173,18 +176,12 @@ def figures(x: Inputs, w: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-class _quiet:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     """np.nanmean of an all-NaN column warns; an undefined figure is NaN here, not a warning."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._catch.__exit__(*exc)
+        yield
 
 
 def bootstrap(inputs: list[Inputs], n_images: int, n: int = 1000, seed: int = 0, level: float = LEVEL) -> dict:

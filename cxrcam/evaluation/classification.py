@@ -16,10 +16,17 @@ def auroc_per_class(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return out
 
 
+def defined_mean(values: np.ndarray) -> float:
+    """Mean over the classes where a figure is defined (NaN if none): a class without positives has
+    no AUROC or sensitivity, and is left out rather than counted as 0."""
+    values = np.asarray(values, np.float64)
+    valid = values[~np.isnan(values)]
+    return float(valid.mean()) if len(valid) else float("nan")
+
+
 def mean_auroc(per_class: np.ndarray) -> float:
     """Mean over the classes where AUROC is defined (NaN if none)."""
-    valid = per_class[~np.isnan(per_class)]
-    return float(valid.mean()) if len(valid) else float("nan")
+    return defined_mean(per_class)
 
 
 MIN_POSITIVES = 3  # fewer validation positives than this: no operating point of the class's own

@@ -47,12 +47,25 @@ def compare(preds: list[str | Path], gt: str | Path, fmt: str = "vinbig", config
     return comparison
 
 
+def with_interval(value: float, ci: list | tuple | None) -> str:
+    """``0.126 [0.065, 0.147]``: a figure with its interval, or alone where the interval is undefined."""
+    if not ci or ci[0] is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def _ci(f: dict | None) -> str:
-    if not f or f.get("value", f.get("difference")) is None:
-        return "-"
-    value = f.get("value", f.get("difference"))
+    value = f.get("value", f.get("difference")) if f else None
+    return "-" if value is None else with_interval(value, f["ci"])
+
+
+def pair_sentence(a: str, b: str, f: dict, figure: str = "findings mAP@0.4") -> str:
+    """``b`` against ``a`` in words: a paired difference of ``figure`` with its interval, its p-value,
+    and whether that is beyond noise."""
+    p = "p < 0.001" if f["p"] < 0.001 else f"p = {f['p']:.3f}"
     lo, hi = f["ci"]
-    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{value:.3f}"
+    return (f"{b} against {a} (paired, same resamples): {figure} {f['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
+            f"{p}: {'beyond noise' if beyond_noise(f) else 'not beyond noise'}")
 
 
 def markdown(c: dict) -> str:
@@ -120,4 +133,4 @@ def _plot(c: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-__all__ = ["compare", "markdown", "beyond_noise", "HEADLINE"]
+__all__ = ["compare", "markdown", "beyond_noise", "pair_sentence", "with_interval", "HEADLINE"]

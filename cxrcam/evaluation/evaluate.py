@@ -328,7 +328,8 @@ def _weak_metrics(truth: GroundTruth, dets: pd.DataFrame, voc_truth: pd.DataFram
 
 def _classification(truth: GroundTruth, prob_table: pd.DataFrame, thresholds: np.ndarray) -> dict:
     """AUROC per class, and sensitivity and specificity at the decision thresholds the predictions used."""
-    from cxrcam.evaluation.classification import auroc_per_class, mean_auroc, sensitivity_specificity  # sklearn: 1 s
+    from cxrcam.evaluation.classification import (  # scikit-learn: 1 s to import
+        auroc_per_class, defined_mean, mean_auroc, sensitivity_specificity)
 
     schema = truth.schema
     joined = truth.labels.merge(prob_table, on="image_id")
@@ -339,8 +340,7 @@ def _classification(truth: GroundTruth, prob_table: pd.DataFrame, thresholds: np
             "decision_thresholds": {c: float(t) for c, t in zip(schema.findings, thresholds)},
             "sensitivity": {c: float(v) for c, v in zip(schema.findings, sens)},
             "specificity": {c: float(v) for c, v in zip(schema.findings, spec)},
-            "mean_sensitivity": float(np.nanmean(sens)) if np.isfinite(sens).any() else None,
-            "mean_specificity": float(np.nanmean(spec)) if np.isfinite(spec).any() else None}
+            "mean_sensitivity": defined_mean(sens), "mean_specificity": defined_mean(spec)}  # NaN -> null in JSON
 
 
 def _write(out: Path, metrics: dict, weak: pd.DataFrame | None, per_class: list[ClassAP] | None,

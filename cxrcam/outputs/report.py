@@ -131,18 +131,16 @@ def _summary(evals: list[Path], run: Path, page_dir: Path) -> str:
 def _comparison(path: Path) -> str:
     """A paired comparison (evaluate with several --pred) in sentences: each pair's findings mAP
     difference with its interval and p-value, and whether that is beyond noise."""
-    from cxrcam.evaluation.compare import beyond_noise
+    from cxrcam.evaluation.compare import pair_sentence
 
     c = _json(path)
     lines = []
     for pair in c.get("pairs", []):
-        f = pair["figures"].get("findings mAP@0.4") or pair["figures"].get("mAP@0.4")
+        figure = "findings mAP@0.4" if pair["figures"].get("findings mAP@0.4") else "mAP@0.4"
+        f = pair["figures"].get(figure)
         if not f or f.get("difference") is None or f["ci"][0] is None:
             continue
-        p = "p < 0.001" if f["p"] < 0.001 else f"p = {f['p']:.3f}"
-        lines.append(f"{pair['b']} against {pair['a']} (paired, same resamples): findings mAP@0.4 "
-                     f"{f['difference']:+.3f} [{f['ci'][0]:+.3f}, {f['ci'][1]:+.3f}], {p}: "
-                     f"{'beyond noise' if beyond_noise(f) else 'not beyond noise'}.")
+        lines.append(pair_sentence(pair["a"], pair["b"], f, figure) + ".")
     return "".join(f'<p class="verdict">{html.escape(line)}</p>' for line in lines)
 
 

@@ -23,7 +23,8 @@ from cxrcam.data.cache import open_cache
 from cxrcam.data.dataset import CacheDataset, train_transforms
 from cxrcam.data.splits import train_val_rows
 from cxrcam.errors import CxrcamError
-from cxrcam.evaluation.classification import auroc_per_class, mean_auroc, operating_points, sensitivity_specificity
+from cxrcam.evaluation.classification import (auroc_per_class, defined_mean, mean_auroc, operating_points,
+                                              sensitivity_specificity)
 from cxrcam.files import save_figure
 from cxrcam.models import DEFAULT_MIN_PROB, create_classifier, load_classifier
 from cxrcam.runtime import dist
@@ -87,8 +88,7 @@ def _validation(model, loader, loss_fn, info, classes: list[str], meta: dict[str
         meta["op_threshs"] = [float(v) for v in ops]  # NaN: too few positives, boxes.min_prob's default
         sens, spec = sensitivity_specificity(truth, probs, np.where(np.isnan(ops), DEFAULT_MIN_PROB, ops))
         return {"val_loss": float(loss_sum[0] / loss_sum[1]), "val_mean_auroc": mean_auroc(per_class),
-                "val_sensitivity": float(np.nanmean(sens)) if np.isfinite(sens).any() else float("nan"),
-                "val_specificity": float(np.nanmean(spec)) if np.isfinite(spec).any() else float("nan"),
+                "val_sensitivity": defined_mean(sens), "val_specificity": defined_mean(spec),
                 **{f"auroc_{name}": float(v) for name, v in zip(classes, per_class)}}
 
     return validate

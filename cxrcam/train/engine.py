@@ -56,6 +56,11 @@ class Run:
     report: dict[str, str] = field(default_factory=dict)  # printed label -> metric key, each epoch
     plot: Callable[[list[dict[str, Any]], Path], None] | None = None  # curves of the history
 
+    @property
+    def section(self) -> str:
+        """The config section of this training (``train`` or ``detector``): where its amp and epochs are."""
+        return self.lr_key.split(".")[0]
+
 
 def train_one_epoch(run: Run, loader: DataLoader, epoch: int, autocast, scaler, info: dist.DistInfo,
                     progress: bool = True) -> dict[str, float]:
@@ -156,7 +161,7 @@ def restore_last(run: Run, out: Path, scaler, device: torch.device, precision: s
     arch = ckpt.get("arch", ckpt.get("model_name", ckpt.get("backbone")))  # checkpoints from before `arch`
     if arch != run.arch:
         raise CxrcamError(f"{path} trained a {arch} {run.name}; the config asks for {run.arch}")
-    section = run.lr_key.split(".")[0]
+    section = run.section
     saved = ckpt.get("precision", "fp32")
     if saved != precision:
         raise CxrcamError(f"{path} trained in {saved}; this run would continue in {precision}: set {section}.amp={saved}")
@@ -178,15 +183,14 @@ def fit(run: Run, out: str | Path, info: dist.DistInfo, resume: bool = False, pr
     """The epoch loop: train, validate, then (rank 0) log and checkpoint. Returns the last epoch's
     metrics, with ``best``: those of the epoch saved as best.pt."""
     out = Path(out)
-    precision = dist.resolve_precision(run.amp, info.device, run.lr_key.split(".")[0] + ".amp")
+    precision = dist.resolve_precision(run.amp, info.device, f"{run.section}.amp")
     autocast, scaler = dist.mixed_precision(precision, info.device)
     start_epoch, best, history = (restore_last(run, out, scaler, info.device, precision) if resume
                                   else (0, -math.inf, []))
     if info.is_main:
         tqdm.write(f"{run.name}: {run.arch} on {info.device}"
                    f"{f' x {info.world_size} processes' if info.distributed else ''}, precision {precision} "
-                   f"({run.lr_key.split('.')[0]}.amp={run.amp})" + (f", resuming at epoch {start_epoch + 1}" if resume else ""))
-    if info.is_main:
+                   f"({run.section}.amp={run.amp})" + (f", resuming at epoch {start_epoch + 1}" if resume else ""))
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)  # a checkpoint cut short by a kill: hundreds of MB for a ResNet-50
     writer = _tensorboard(out) if info.is_main else None
