@@ -1,20 +1,19 @@
 """The ``cxrcam`` command line: a thin layer over the stage modules.
 
-Every command reads its settings from ``--config`` (``configs/*.yaml``) plus trailing
+Every command reads its settings from ``--config`` (a shipped config's name, or a YAML file) plus trailing
 ``section.key=value`` overrides. User mistakes (missing files, wrong columns, unknown config
 keys) print one ``Error:`` line and exit 1, never a traceback.
 """
 from __future__ import annotations
 
 import functools
-import sys
 import warnings
 from pathlib import Path
 
 import click
 
 from cxrcam import __version__
-from cxrcam.config import Config, load_config
+from cxrcam.config import Config, config_path, load_config, shipped_configs
 from cxrcam.errors import CxrcamError
 from cxrcam.schemas import PLAIN, SCHEMAS
 
@@ -69,11 +68,26 @@ def _set_device(config: Config, device: str | None) -> None:
         config.runtime.device = device
 
 
-def config_options(func):
-    """``--config FILE`` and trailing ``section.key=value`` overrides -> ``config: Config``."""
+class ConfigParam(click.ParamType):
+    """``--config``: a shipped config's name (``resnet50``) or a YAML file."""
 
-    @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                  help="YAML settings (see configs/); defaults are built in.")
+    name = "NAME|FILE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, Path):
+            return value
+        try:
+            return config_path(value)
+        except CxrcamError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def config_options(func):
+    """``--config NAME|FILE`` and trailing ``section.key=value`` overrides -> ``config: Config``."""
+
+    @click.option("--config", "config_path", type=ConfigParam(),
+                  help=f"Settings: a shipped config ({', '.join(shipped_configs())}) or a YAML file of your own; "
+                       f"defaults are built in (the default config lists every key).")
     @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
     @functools.wraps(func)
     def wrapper(config_path, overrides, **kwargs):
@@ -145,20 +159,33 @@ def prepare(dataset: str, root: Path, out: Path, size: int | None, workers: int 
         click.echo(f"failures listed with reasons in {out / 'failures.csv'}", err=True)
 
 
+def training_options(outputs: str):
+    """The options both trainers take: a cache, a run folder holding ``outputs``, resume or
+    overwrite, the device, and the config."""
+    def wrap(func):
+        options = [
+            click.option("--data", type=click.Path(exists=True, path_type=Path), required=True,
+                         help="A `cxrcam prepare` cache."),
+            click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                         help=f"Run folder: {outputs}."),
+            click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt."),
+            click.option("--overwrite", is_flag=True,
+                         help="Start a new run in an --out that holds one (refused otherwise)."),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return config_options(device_option(func))
+    return wrap
+
+
 @main.command("train-classifier")
-@click.option("--data", type=click.Path(exists=True, path_type=Path), required=True, help="A `cxrcam prepare` cache.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Run folder: best.pt, last.pt, metrics.csv, curves.png.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option("--overwrite", is_flag=True, help="Start a new run in an --out that holds one (refused otherwise).")
-@device_option
-@config_options
+@training_options("best.pt, last.pt, metrics.csv, curves.png")
 def train_classifier(data: Path, out: Path, resume: bool, overwrite: bool, device: str | None, config: Config) -> None:
     """Fine-tune a timm multi-label classifier (BCE) on a cache; torchrun for several GPUs.
 
     \b
-    cxrcam train-classifier --config configs/resnet50.yaml --data cache/ --out runs/r50
-    torchrun --nproc_per_node 4 -m cxrcam train-classifier --config configs/densenet121.yaml ...
+    cxrcam train-classifier --config resnet50 --data cache/ --out runs/r50
+    torchrun --nproc_per_node 4 -m cxrcam train-classifier --config densenet121 ...
     """
     from cxrcam.train.classifier import train_classifier as run
 
@@ -193,13 +220,7 @@ def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: i
 
 
 @main.command("train-detector")
-@click.option("--data", type=click.Path(exists=True, path_type=Path), required=True, help="A `cxrcam prepare` cache.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Run folder: best.pt, last.pt, metrics.csv.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option("--overwrite", is_flag=True, help="Start a new run in an --out that holds one (refused otherwise).")
-@device_option
-@config_options
+@training_options("best.pt, last.pt, metrics.csv")
 def train_detector(data: Path, out: Path, resume: bool, overwrite: bool, device: str | None, config: Config) -> None:
     """Train a torchvision Faster R-CNN (ResNet-50 FPN or timm + FPN) on a cache's boxes.
 
@@ -498,7 +519,7 @@ def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector
     random-map control) and the file to open first. Larger on a GPU:
     cxrcam demo --out demo512 --size 512 --n-images 2000 --epochs 20 --detector-epochs 12 --model resnet50
     """
-    from cxrcam.pipeline import PipelineSettings, run_command, run_pipeline, summary_table
+    from cxrcam.demo import PipelineSettings, run_command, run_pipeline, summary_table
 
     summary = run_pipeline(main, PipelineSettings(out, n_images, size, epochs, detector_epochs, seed, model,
                                                   overrides=list(overrides), n_test=n_test,

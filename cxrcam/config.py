@@ -1,8 +1,10 @@
-"""Typed settings loaded from ``configs/*.yaml`` with ``section.key=value`` overrides.
+"""Typed settings loaded from a YAML file with ``section.key=value`` overrides.
 
 The dataclasses below are the schema: their defaults are the built-in configuration, a
 YAML file overrides any subset, and the command line overrides any single key. A key the
 schema does not know is an error that names it, so a typo never silently does nothing.
+The YAML files ship inside the package (``cxrcam/configs``), so ``--config resnet50`` works in
+a wheel install as in a clone; ``--config PATH`` reads the user's own file.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Sequence, Union
 
+import numpy as np
 import yaml
 
 from cxrcam.errors import CxrcamError
@@ -98,6 +101,18 @@ class CamConfig:
 
 
 DEFAULT_MIN_PROB = 0.5  # a class without an operating point of its own is predicted above this
+
+
+def class_thresholds(min_prob: float | str, operating_points: Sequence[float] | None, n: int) -> np.ndarray:
+    """The one rule for the probability above which each of ``n`` classes is *predicted* (gets
+    boxes, pictures and refine's CAM proposals): ``boxes.min_prob`` for every class when it is a
+    number; with "auto", each class's operating point (``train-classifier``'s F1 on validation),
+    :data:`DEFAULT_MIN_PROB` for a class without one (NaN, or no operating points at all)."""
+    if min_prob != "auto":
+        return np.full(n, float(min_prob))
+    saved = np.asarray(operating_points if operating_points is not None and len(operating_points) else [np.nan] * n,
+                       np.float64)
+    return np.where(np.isnan(saved), DEFAULT_MIN_PROB, saved)
 
 
 @dataclass
@@ -310,12 +325,38 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SHIPPED = Path(__file__).resolve().parent / "configs"  # the YAML files the package ships
+
+
+def shipped_configs() -> list[str]:
+    """The names ``--config`` takes besides a path: tiny, resnet50, densenet121, default."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A YAML file the user names: a path that exists, else a shipped config by name (``resnet50``
+    or ``resnet50.yaml``). One readable error otherwise, listing the shipped names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise CxrcamError(f"config {str(name_or_path)!r} does not exist as a file, nor as a shipped config "
+                      f"({', '.join(shipped_configs())})")
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``"fusion.iou_thr=0.5"`` -> ``{"fusion": {"iou_thr": 0.5}}`` (value read as YAML)."""
     if "=" not in text:
         raise CxrcamError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CxrcamError(f"override {text!r}: the value {raw!r} is not valid YAML ({problem}); "
+                          f"quote text that holds YAML signs") from None
     nested: dict[str, Any] = {}
     node = nested
     parts = key.strip().split(".")
@@ -326,12 +367,11 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Defaults <- YAML file <- overrides, validated into a :class:`Config`."""
+    """Defaults <- YAML file (a path, or a shipped config's name) <- overrides, validated into a
+    :class:`Config`."""
     data = dataclasses.asdict(Config())
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise CxrcamError(f"config file not found: {path}")
+        path = config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except UnicodeDecodeError:

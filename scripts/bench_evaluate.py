@@ -59,7 +59,7 @@ def workload(table: Path, out: Path, n_images: int, per_image: int, seed: int = 
     """train.csv, truth.csv and submission.csv in ``out``; (predictions, truth boxes)."""
     from cxrcam.data.readers import vinbig_from_table
     from cxrcam.data.tables import NORMAL_BOX
-    from cxrcam.outputs.submission import submission_table
+    from cxrcam.data.submission import submission_table
     from cxrcam.schemas import VINBIG
 
     raw = pd.read_csv(table)

@@ -2,7 +2,7 @@
 
 One synthetic train set and one held-out test set (another seed); the classifier is trained
 ``--train-seeds`` times (``train.seed``: initialisation, shuffling, augmentation), each through the
-real pipeline up to the CAM rows (``cxrcam.pipeline``, cam-only): prepare, train-classifier,
+real pipeline up to the CAM rows (``cxrcam.demo``, cam-only): prepare, train-classifier,
 calibrate (which now also chooses the map, confirmed on held-out halves of the validation fold),
 localize at 0.65 and calibrated, evaluate. Then each ``--variant`` map is cut at the configured
 threshold on the same test set (localize + evaluate), so every row of the table is the same
@@ -26,15 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrcam.cam import parse_map
 from cxrcam.cli import main as cli
+from cxrcam.demo import TINY, PipelineSettings, pipeline_stages, run_command, run_pipeline
 from cxrcam.evaluation.evaluate import headline
-from cxrcam.pipeline import TINY, PipelineSettings, run_command, run_pipeline
 
 FIGURES = ("MaxBoxAccV2", "pointing game", "T(IoBB)=0.5", "T(IoU)=0.5", "findings mAP@0.4")
 
 
 def variant_args(text: str) -> list[str]:
-    method, _, layer = text.partition("@")
+    method, layer = parse_map(text)
     return [f"cam.method={method}", f"cam.target_layer={layer}"]
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--model", default="resnet10t")
-    parser.add_argument("--config", type=Path, default=TINY)
+    parser.add_argument("--config", default=TINY, help="a shipped config's name or a YAML file")
     parser.add_argument("--data-seed", type=int, default=7, help="the synthetic sets' seed (tests use others)")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variant", action="append", default=[], help="METHOD[@LAYER[,LAYER]] cut at the threshold")
@@ -58,20 +59,18 @@ def main() -> None:
     aurocs = []
     for seed in a.train_seeds:
         out = a.out / f"train_seed{seed}"
-        summary = run_pipeline(cli, PipelineSettings(
+        settings = PipelineSettings(
             out, a.n_images, a.size, a.epochs, 1, a.data_seed, a.model, a.config, [*a.overrides, f"train.seed={seed}"],
             pictures=False, n_test=a.n_test, cam_only=True, reuse=(out / "summary.json").is_file(),
-            normal_fraction=a.normal_fraction))
+            normal_fraction=a.normal_fraction)
+        summary, stages = run_pipeline(cli, settings), pipeline_stages(settings)
         aurocs.append(summary["mean_auroc"])
         folders = {"configured map, threshold 0.65": out / "localize", "calibrated (map and thresholds)": out / "calibrated"}
         for text in a.variant:
             folder = out / f"variant_{text.replace('@', '_').replace(',', '+')}"
             if not (folder / "eval" / "metrics.json").is_file():
-                run_command(cli, "localize", "--checkpoint", out / "runs" / "classifier" / "best.pt", "--data",
-                            out / "cache" / "test", "--out", folder, "--threshold", 0.65, "--no-images", "--config",
-                            a.config, *a.overrides, *variant_args(text))
-                run_command(cli, "evaluate", "--pred", folder, "--gt", out / "cache" / "test", "--out", folder / "eval",
-                            "--config", a.config, *a.overrides)
+                run_command(cli, *stages.localize(folder, "--threshold", 0.65, "--no-images", *variant_args(text)))
+                run_command(cli, *stages.evaluate(folder, folder / "eval"))
             folders[f"{text}, threshold 0.65"] = folder
         for name, folder in folders.items():
             metrics = json.loads((folder / "eval" / "metrics.json").read_text())

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cxrcam.cli import main as cli
-from cxrcam.pipeline import TINY, PipelineSettings, run_pipeline, summary_table
+from cxrcam.demo import TINY, PipelineSettings, run_pipeline, summary_table
 
 
 def main() -> None:

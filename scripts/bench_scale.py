@@ -30,8 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+from cxrcam.demo import TINY, Stages
 
 
 def tree_rss(pid: int) -> int:
@@ -112,7 +111,7 @@ def main() -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     log = out / "stages.log"
-    cfg = ["--config", TINY, *args.overrides]
+    stages = Stages(out, args.size, TINY, args.overrides)  # every stage's command line, as the demo writes it
     rows = []
     earlier = {r["stage"]: r for r in json.loads((out / "scale.json").read_text())["rows"]} if args.reuse else {}
     kept = ("synth", "prepare", "train-classifier", "train-detector")
@@ -131,37 +130,26 @@ def main() -> None:
 
     sets = {"large": args.n_images, "small": args.small}
     for key, n in sets.items():
-        data, cache = out / "data" / key, out / "cache" / key
-        stage(f"synth {key}", ["synth", "--out", data, "--n-images", n, "--seed", args.seed, "--size",
-                               int(args.size * 1.5), "--normal-fraction", 0.7, "--overwrite"], n, data)
-        stage(f"prepare {key}", ["prepare", "--dataset", "vinbig", "--root", data, "--out", cache, "--size",
-                                 args.size, *cfg], n, cache)
-    large, classifier, detector = out / "cache" / "large", out / "runs" / "classifier", out / "runs" / "detector"
+        stage(f"synth {key}", stages.synth(key, n, args.seed, "--normal-fraction", 0.7), n, stages.data(key))
+        stage(f"prepare {key}", stages.prepare(key), n, stages.cache(key))
     import pandas as pd
 
-    n_val = int((pd.read_csv(large / "manifest.csv")["fold"] == 0).sum())  # split.val_fold: 0
-    stage("train-classifier", ["train-classifier", "--data", large, "--out", classifier, "--overwrite", *cfg,
-                               f"train.epochs={args.epochs}"], args.n_images * args.epochs, classifier)
-    calibration = out / "calibration.json"
-    stage("calibrate", ["calibrate", "--checkpoint", classifier / "best.pt", "--data", large, "--out", calibration,
-                        *cfg], n_val, calibration)
-    stage("train-detector", ["train-detector", "--data", large, "--out", detector, "--overwrite", *cfg,
-                             "detector.epochs=1", "detector.backbone=resnet10t",
-                             f"detector.init={classifier / 'best.pt'}"], args.n_images, detector)
+    n_val = int((pd.read_csv(stages.cache("large") / "manifest.csv")["fold"] == 0).sum())  # split.val_fold: 0
+    stage("train-classifier", stages.train_classifier(f"train.epochs={args.epochs}", data="large"),
+          args.n_images * args.epochs, stages.classifier.parent)
+    stage("calibrate", stages.calibrate(data="large"), n_val, stages.calibration)
+    stage("train-detector", stages.train_detector("detector.epochs=1", "detector.backbone=resnet10t", data="large"),
+          args.n_images, stages.detector.parent)
+    calibrated = ["--threshold", stages.calibration]
     for key, n in sets.items():
-        cache = out / "cache" / key
-        common = ["--data", cache, "--threshold", calibration, *cfg]
-        stage(f"localize {key}", ["localize", "--checkpoint", classifier / "best.pt", "--out", out / f"loc_{key}",
-                                  *common], n, out / f"loc_{key}")
-        stage(f"localize --no-images {key}", ["localize", "--checkpoint", classifier / "best.pt", "--out",
-                                              out / f"loc_noimg_{key}", "--no-images", *common], n,
-              out / f"loc_noimg_{key}")
-        stage(f"refine --no-images {key}", ["refine", "--classifier", classifier / "best.pt", "--detector",
-                                            detector / "best.pt", "--out", out / f"refine_{key}", "--no-images",
-                                            *common], n, out / f"refine_{key}")
-        for kind, folder in (("localize", f"loc_{key}"), ("refine", f"refine_{key}")):
-            stage(f"evaluate {kind} {key}", ["evaluate", "--pred", out / folder, "--gt", cache, "--out",
-                                             out / folder / "eval", *cfg], n, out / folder / "eval")
+        for name, folder, cmd in (
+                (f"localize {key}", out / f"loc_{key}", stages.localize),
+                (f"localize --no-images {key}", out / f"loc_noimg_{key}", stages.localize),
+                (f"refine --no-images {key}", out / f"refine_{key}", stages.refine)):
+            no_images = ["--no-images"] if "--no-images" in name else []
+            stage(name, cmd(folder, *calibrated, *no_images, data=key), n, folder)
+        for kind, folder in (("localize", out / f"loc_{key}"), ("refine", out / f"refine_{key}")):
+            stage(f"evaluate {kind} {key}", stages.evaluate(folder, folder / "eval", gt=key), n, folder / "eval")
     report = out / "report.html"
     stage("report", ["report", "--run", out, "--out", report], args.n_images + args.small, report)
     print_table(rows, args)

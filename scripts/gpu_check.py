@@ -13,7 +13,8 @@ On one GPU in at most 8 minutes (``--device cuda``, the default where torch sees
    and findings mAP@0.4 (synthetic data, from random weights: the hub is out of reach there);
 5. **torchrun**: one epoch under ``torchrun --nproc_per_node 1`` (NCCL on a GPU, gloo on a CPU).
 
-Prints one markdown table and writes every figure to ``--out`` (JSON). ``--device cpu --quick`` is
+Prints one markdown table and, with ``--out``, writes every figure there (JSON); the scratch work
+(data, caches, runs) goes to a temporary folder that is removed at the end, unless ``--work``. ``--device cpu --quick`` is
 the same battery shrunk (resnet10t, 64 px, a few images) so that it runs in well under 3 minutes on
 2 CPU cores; ``tests/test_gpu_check.py`` runs it, so the script cannot rot.
 
@@ -32,6 +33,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 from cxrcam.cli import main as cli  # noqa: E402
-from cxrcam.pipeline import run_command  # noqa: E402
+from cxrcam.demo import Stages, run_command  # noqa: E402
 
 FULL = dict(model="resnet50", size=512, n_images=640, n_test=200, epochs=6, batch=32, cam_batch=16, workers=8)
 QUICK = dict(model="resnet10t", size=64, n_images=32, n_test=12, epochs=1, batch=8, cam_batch=4, workers=0)
@@ -86,14 +88,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--quick", action="store_true", help="the battery shrunk for a CPU (the test runs it)")
-    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: next to --out)")
+    parser.add_argument("--out", type=Path, default=None, help="write every figure here (JSON); default: print only")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the scratch work (data, caches, runs) in this folder; default: a temporary one")
     a = parser.parse_args()
+    if a.work is not None:
+        battery(a, a.work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
+            battery(a, Path(scratch))
+
+
+def battery(a: argparse.Namespace, work: Path) -> None:
+    """Every measurement, its scratch work in ``work``."""
     from cxrcam.runtime.dist import pick_device, resolve_precision
 
     device = pick_device(a.device)
     s = QUICK if a.quick else FULL
-    work = a.work or a.out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision("auto", device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}"
@@ -103,17 +114,14 @@ def main() -> None:
     common = [f"model.name={s['model']}", "model.pretrained=false", f"train.batch_size={s['batch']}",
               f"train.workers={s['workers']}", f"cam.batch_size={s['cam_batch']}", f"cam.workers={s['workers']}",
               f"runtime.device={device}"]
-    cfg = ["--config", ROOT / "configs" / ("tiny.yaml" if a.quick else "resnet50.yaml")]
+    stages = Stages(work, s["size"], "tiny" if a.quick else "resnet50", common)  # the demo's command lines
 
     # 1. data and training (the quality row's classifier too)
     for split, n, seed in (("train", s["n_images"], 11), ("test", s["n_test"], 1011)):
-        run_command(cli, "synth", "--out", work / "data" / split, "--n-images", n, "--seed", seed, "--size",
-                    int(s["size"] * 1.25), "--split", split, "--overwrite")
-        run_command(cli, "prepare", "--dataset", "vinbig", "--root", work / "data" / split, "--out", work / "cache" / split,
-                    "--size", s["size"], "--workers", 1 if a.quick else s["workers"])  # 1: in this process
-    run = work / "runs" / "classifier"
-    run_command(cli, "train-classifier", "--data", work / "cache" / "train", "--out", run, "--overwrite", *cfg, *common,
-                f"train.epochs={s['epochs']}")
+        run_command(cli, *stages.synth(split, n, seed, split=split))
+        run_command(cli, *stages.prepare(split, "--workers", 1 if a.quick else s["workers"]))  # 1: in this process
+    run = stages.classifier.parent
+    run_command(cli, *stages.train_classifier(f"train.epochs={s['epochs']}"))
     import pandas as pd
 
     history = pd.read_csv(run / "metrics.csv")
@@ -140,10 +148,9 @@ def main() -> None:
     # 3-4. localize images/s without pictures, and the quality row on the held-out set
     loc = work / "localize"
     begin = time.perf_counter()
-    run_command(cli, "localize", "--checkpoint", run / "best.pt", "--data", work / "cache" / "test", "--out", loc,
-                "--no-images", *cfg, *common)
+    run_command(cli, *stages.localize(loc, "--no-images"))
     results["localize_images_per_s"] = s["n_test"] / (time.perf_counter() - begin)
-    run_command(cli, "evaluate", "--pred", loc, "--gt", work / "cache" / "test", "--out", loc / "eval", "--no-plots")
+    run_command(cli, *stages.evaluate(loc, loc / "eval", "--no-plots"))
     from cxrcam.evaluation.evaluate import findings_map, headline
 
     metrics = json.loads((loc / "eval" / "metrics.json").read_text())
@@ -154,15 +161,15 @@ def main() -> None:
 
     # 5. torchrun, one process
     begin = time.perf_counter()
+    ddp = stages.train_classifier("train.epochs=1", out=work / "ddp")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "cxrcam",
-                           "train-classifier", "--data", str(work / "cache" / "train"), "--out", str(work / "ddp"),
-                           "--overwrite", *map(str, cfg), *common, "train.epochs=1"],
-                          capture_output=True, text=True, cwd=ROOT)
+                           *map(str, ddp)], capture_output=True, text=True, cwd=ROOT)
     results["torchrun"] = {"backend": "nccl" if device.type == "cuda" else "gloo", "ok": proc.returncode == 0,
                            "seconds": time.perf_counter() - begin,
                            "error": None if proc.returncode == 0 else proc.stderr[-2000:]}
     results["seconds"] = time.perf_counter() - start
-    a.out.write_text(json.dumps(results, indent=2, default=str))
+    if a.out is not None:
+        a.out.write_text(json.dumps(results, indent=2, default=str))
     print("\n" + table(results))
 
 

@@ -79,7 +79,7 @@ def _trained(root: Path, fmt: str, n_images: int, size: int, *overrides: str) ->
     from cxrcam.train.classifier import train_classifier
 
     synthesize(fmt, root / "data", n_images, seed=11, size=int(size * 2.5), progress=False)
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+    config = load_config("tiny",
                          [f"prepare.size={size}", "train.workers=0", "cam.workers=0", "model.output_stride=32", *overrides])
     prepare(fmt, root / "data", root / "cache", config, progress=False)
     train_classifier(config, root / "cache", root / "run", progress=False)

@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 from cxrcam.boxes import cam_peak, cam_to_boxes, pairwise_iobb, pairwise_iou, select_boxes
 from cxrcam.config import BoxConfig
 from cxrcam.errors import CxrcamError
-from cxrcam.outputs.submission import normal_scores, read_submission, submission_table
+from cxrcam.data.submission import normal_scores, read_submission, submission_table
 
 
 def blob_map():

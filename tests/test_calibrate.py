@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from conftest import cxrcam
-from cxrcam.boxes import BoxRules, components, maps_to_boxes, pairwise_iou
+from cxrcam.boxes import components, maps_to_boxes, pairwise_iou
 from cxrcam.calibrate.sweep import SWEEP
-from cxrcam.cam import create_cam
-from cxrcam.config import BoxConfig
+from cxrcam.calibration import box_rules
+from cxrcam.cam import CheckpointMaps, create_cam
+from cxrcam.config import BoxConfig, load_config
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.weak import (CAM_THRESHOLDS, CURVE_COLUMNS, IOU_DELTAS, best_ious, box_accuracy,
                                     maxboxacc_table)
@@ -126,20 +127,20 @@ def test_per_class_rules_from_a_calibration(tmp_path):
     cam[0, :, 6:10, 6:10] = 1.0
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps({"classes": {"Cardiomegaly": {"class_id": 3, "threshold": 0.9}}, "image_ids": ["a"]}))
-    rules = BoxRules.from_config(BoxConfig(threshold=0.4, calibration=str(path)))
-    assert rules(3).threshold == 0.9 and rules(5).threshold == 0.4 and rules.calibrated_on == ["a"]
+    rules, calibration = box_rules(BoxConfig(threshold=0.4, calibration=str(path)))
+    assert rules(3).threshold == 0.9 and rules(5).threshold == 0.4 and calibration.image_ids == ["a"]
     ((boxes, classes, _),) = maps_to_boxes(cam, [3, 5], [[3, 5]], None, rules)
     assert dict(zip(classes.tolist(), boxes.tolist())) == {3: [6, 6, 10, 10], 5: [4, 4, 12, 12]}
-    rules.check_schema(VINBIG)  # Cardiomegaly is VinBigData's class 3
+    box_rules(BoxConfig(calibration=str(path)), VINBIG)  # Cardiomegaly is VinBigData's class 3
     # another dataset's calibration (NIH's class 3 is Infiltration; or a file that says "nih") is refused
     for other in ({"classes": {"Infiltration": {"class_id": 3, "threshold": 0.9}}},
                   {"schema": "nih", "classes": {"Cardiomegaly": {"class_id": 3, "threshold": 0.9}}}):
         path.write_text(json.dumps(other))
         with pytest.raises(CxrcamError, match="calibrates .* classes .*the classifier predicts vinbig classes"):
-            BoxRules.from_config(BoxConfig(calibration=str(path))).check_schema(VINBIG)
+            box_rules(BoxConfig(calibration=str(path)), VINBIG)
     path.write_text("{}")
     with pytest.raises(CxrcamError, match="not a calibration.json"):
-        BoxRules.from_config(BoxConfig(calibration=str(path)))
+        box_rules(BoxConfig(calibration=str(path)))
 
 
 def subset_of(data: Path, n: int, out: Path) -> Path:
@@ -304,7 +305,6 @@ def test_calibrate_tries_maps_records_the_evidence_and_localize_uses_the_choice(
     """Each candidate map's held-out AP and MaxBoxAccV2 (beside its control) are recorded with the
     choice and why; localize, refine and the pseudo-boxes cut the maps the calibration chose, and a
     config asking for others is named in a warning."""
-    from cxrcam.config import CamConfig
 
     cache, ckpt = vinbig_model
     cal = tmp_path / "cal.json"
@@ -319,8 +319,8 @@ def test_calibrate_tries_maps_records_the_evidence_and_localize_uses_the_choice(
     assert saved["cam"]["why"] and saved["schema"] == "vinbig" and "layercam@layer3" in result.stdout
     saved["cam"] = {"method": "layercam", "target_layer": "layer3", "why": "set by the test"}  # whichever won
     cal.write_text(json.dumps(saved))
-    rules = BoxRules.from_config(BoxConfig(calibration=str(cal)))
-    assert rules.cam_settings(CamConfig()) == ("layercam", "layer3")  # what pseudo-boxes and refine build
+    maps = CheckpointMaps(ckpt, load_config(None, [f"boxes.calibration={cal}"]))
+    assert (maps.cam.method, maps.cam.target_name) == ("layercam", "backbone.layer3")  # what pseudo-boxes and refine build
     loc = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(tmp_path / "loc"),
                  "--threshold", str(cal), "--no-images", "cam.workers=0", "cam.method=gradcam")
     assert loc.returncode == 0, loc.stderr

@@ -10,7 +10,7 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cxrcam.cam import FastCAM, GradientCAM, LibraryCAM, compute_cams, create_cam, probe, scale_cams
+from cxrcam.cam import ClosedFormCAM, GradientCAM, LibraryCAM, compute_cams, create_cam, probe, scale_cams
 from cxrcam.models import create_classifier
 from cxrcam.models.factory import Classifier
 
@@ -40,7 +40,7 @@ def test_fast_path_matches_pytorch_grad_cam(net, method):
     images = torch.rand(3, 1, 128, 128)
     classes = [0, 3, 7, 13]
     cam = create_cam(model, method)
-    assert isinstance(cam, FastCAM)
+    assert isinstance(cam, ClosedFormCAM)
     ours = cam(images, classes)
     theirs = library_maps(model, layer, images, classes, method)
     assert ours.cams.shape == (3, 4, 128, 128) and ours.cams.dtype == torch.float32
@@ -118,7 +118,7 @@ def test_any_timm_model_with_its_own_input(method):
     theirs = library_maps(model, model.layer4, images, [2, 5], method)
     assert cams.shape == (2, 2, 96, 96)
     assert np.abs(cams.numpy() - theirs).max() < 1e-4
-    assert isinstance(create_cam(model, method), FastCAM if method == "gradcam++" else LibraryCAM)  # probe from the model
+    assert isinstance(create_cam(model, method), ClosedFormCAM if method == "gradcam++" else LibraryCAM)  # probe from the model
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -143,7 +143,7 @@ def test_classes_chosen_from_the_logits(fast):
     assert torch.allclose(chosen.cams, everything.cams[:, chosen.classes], atol=1e-5)
 
 
-@pytest.mark.parametrize("method,layer,engine", [("gradcam++", "", FastCAM), ("layercam", "layer3", GradientCAM),
+@pytest.mark.parametrize("method,layer,engine", [("gradcam++", "", ClosedFormCAM), ("layercam", "layer3", GradientCAM),
                                                  ("xgradcam", "", LibraryCAM)])
 def test_no_class_asked_is_a_normal_case(method, layer, engine):
     """A batch of normal images needs no map: B x 0 x H x W maps and the logits, from a list or

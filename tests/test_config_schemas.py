@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import colorsys
 
-from pathlib import Path
 
 import pytest
 
-from cxrcam.config import load_config
+from cxrcam.config import SHIPPED, load_config
 from cxrcam.errors import CxrcamError
 from cxrcam.schemas import NIH, RSNA, VINBIG, get_schema
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = SHIPPED  # the configs the package ships
 
 
 def test_defaults_file_and_overrides(tmp_path):

@@ -2,27 +2,55 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cxrcam.data.cache import open_cache
 from cxrcam.data.tables import target_columns
-from cxrcam.outputs.submission import read_submission
+from cxrcam.data.submission import read_submission
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def install_wheel(tmp_path: Path) -> Path:
+    """Build the wheel a user would get (from a copy of the source tree, so no stale build/ of the
+    clone goes in) and install it, without -e, into a folder of its own; that folder."""
+    source, wheels, site = tmp_path / "source", tmp_path / "wheels", tmp_path / "site"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                 "demo", "runs", ".pytest_cache"))
+    def pip(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source))
+    (wheel,) = wheels.glob("cxrcam-*.whl")
+    pip("install", "--no-deps", "-q", "--target", str(site), str(wheel))
+    return site
 
 
 def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
-    """Every command on the field's shape: 70% normal images (VinBigData's share), heat maps one
-    image at a time and a strict operating point (boxes.min_prob=0.99), so most CAM batches of
-    every stage need no class map."""
+    """The demo from a wheel install, outside the clone (configs ship in the package), on the field's
+    shape: 70% normal images (VinBigData's share), heat maps one image at a time and a strict
+    operating point (boxes.min_prob=0.99), so most CAM batches of every stage need no class map."""
+    site, elsewhere = install_wheel(tmp_path), tmp_path / "elsewhere"
+    elsewhere.mkdir()
     out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": str(site)}
     result = subprocess.run([sys.executable, "-m", "cxrcam", "demo", "--out", str(out), "--n-images", "20",
                              "--n-test", "10", "--size", "64", "--epochs", "2", "--detector-epochs", "1",
                              "--normal-fraction", "0.7", "train.workers=0", "cam.workers=0",
                              "cam.batch_size=1", "boxes.min_prob=0.99", "detector.workers=0"],
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900, cwd=elsewhere, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # the installed package ran, with the config it ships (a clone's configs/ is nowhere on its path)
+    assert f"--config {(site / 'cxrcam' / 'configs' / 'tiny.yaml').resolve()} " in result.stdout
+    assert not (site / "configs").exists() and not list(elsewhere.iterdir())
     assert "\r" not in result.stderr and len(result.stderr) < 40_000  # a log: lines, not bar redraws
     for stage in ("synth", "prepare", "train-classifier", "calibrate", "localize", "train-detector", "refine",
                   "evaluate", "report"):

@@ -19,7 +19,7 @@ from cxrcam.evaluation.detection import voc_ap, voc_map, with_no_finding
 from cxrcam.evaluation.evaluate import evaluate
 from cxrcam.evaluation.rsna import image_score, rsna_score
 from cxrcam.evaluation.weak import accuracy_table, random_control
-from cxrcam.outputs.submission import submission_table
+from cxrcam.data.submission import submission_table
 from cxrcam.schemas import VINBIG
 
 
@@ -416,7 +416,7 @@ def test_a_row_that_reads_as_both_layouts_is_refused(tmp_path):
     """--format rsna on a file whose header does not say RSNA (image_id): a row of 30 numbers reads
     as 5 VinBigData groups and as 6 RSNA groups; refused, naming the row. With RSNA's own header
     (patientId) the same row is read as RSNA without question."""
-    from cxrcam.outputs.submission import parse_submission
+    from cxrcam.data.submission import parse_submission
 
     row = " ".join(["0 0.9 10 10 50 50"] * 5)  # 30 tokens: class 0 (RSNA's one class), or confidence 0 ...
     pd.DataFrame({"image_id": ["p1"], "PredictionString": [row]}).to_csv(tmp_path / "a.csv", index=False)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import cxrcam, shared
-from cxrcam.boxes import pairwise_iou, scale_boxes
+from cxrcam.boxes import BoxRules, pairwise_iou, scale_boxes
 from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache
 from cxrcam.data.tables import BOX_COLUMNS
@@ -22,7 +22,7 @@ from cxrcam.errors import CxrcamError
 from cxrcam.localize import localize
 from cxrcam.outputs.pictures import KINDS, _label_best, _Labels, picture_paths
 from cxrcam.schemas import VINBIG
-from cxrcam.outputs.submission import read_submission
+from cxrcam.data.submission import read_submission
 from cxrcam.train.classifier import predict
 
 GT = ["gt_x_min", "gt_y_min", "gt_x_max", "gt_y_max"]
@@ -341,12 +341,12 @@ def test_a_run_without_truth_leaves_no_earlier_figures_behind(vinbig_model, tmp_
 
 def test_pictures_draw_only_boxes_above_the_floor(tmp_path):
     """--draw-min-score: a box scored under the floor is not drawn (the tables keep it); one above is."""
-    from cxrcam.boxes import BoxRules
-    from cxrcam.localize.step import ImageResult, Plan
+    from cxrcam.cam import Plan
+    from cxrcam.localize.step import ImageResult
     from cxrcam.localize.write import Painter
 
     final = (np.array([[10.0, 10, 40, 40], [70, 70, 110, 110]]), np.array([3, 3]), np.array([0.05, 0.6]))
-    plan = Plan(predicted=[3], shown=[3], truth=[], need=[3])
+    plan = Plan(predicted=[3], shown=[3], extra=[], need=[3])
     result = ImageResult("x", np.zeros(14), (1.0, 1.0), final, final, [], [], np.zeros((1, 128, 128), np.float32), plan)
     pictures = {}
     for floor in (0.0, 0.1):
@@ -417,7 +417,7 @@ def test_operating_points_decide_boxes_and_pictures(vinbig_model, tmp_path):
     # the two rules disagree somewhere, so the check above could fail under the 0.5 rule
     assert (above != (probs[list(VINBIG.findings)].to_numpy() > 0.5)).any()
 
-    step = Step(None, config(), {}, thresholds)
+    step = Step(BoxRules(config().boxes), {}, thresholds)
     p = np.where(thresholds > 0.5, (thresholds + 0.5) / 2, thresholds + 0.01)  # between 0.5 and each point
     plan = step.plan(p, "x")
     assert plan.shown == plan.predicted == [c for c in range(len(p)) if thresholds[c] <= 0.5]

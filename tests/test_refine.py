@@ -19,7 +19,7 @@ from cxrcam.data.dataset import image_tensor
 from cxrcam.data.images import read_image
 from cxrcam.detection.model import to_detector_input
 from cxrcam.detection.refine import Refiner, merge
-from cxrcam.outputs.submission import read_submission
+from cxrcam.data.submission import read_submission
 
 
 cxrcam = partial(run_cxrcam, timeout=900)

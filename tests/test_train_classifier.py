@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from conftest import cxrcam, tensorboard_scalars
-from cxrcam.config import load_config
+from cxrcam.config import SHIPPED, load_config
 from cxrcam.data.cache import open_cache, prepare
 from cxrcam.data.synth import synthesize
 from cxrcam.errors import CxrcamError
@@ -26,7 +25,7 @@ from cxrcam.models import decision_thresholds, load_classifier
 from cxrcam.train.classifier import train_classifier
 from cxrcam.train.engine import best_epoch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = SHIPPED  # the configs the package ships
 NO_AUGMENT = ["augment.degrees=0", "augment.translate=0", "augment.scale=0", "augment.brightness=0",
               "augment.contrast=0"]
 

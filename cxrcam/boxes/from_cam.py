@@ -21,23 +21,20 @@ the components of several thresholds at once (``cxrcam refine``, ``detector.cam_
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
-from cxrcam.config import BoxConfig, CamConfig
-from cxrcam.errors import CxrcamError
+from cxrcam.config import BoxConfig
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # one image's boxes N x 4 xyxy, class ids, scores
 
 # the columns of a components() row: threshold index, box (map pixels), area share, and the statistics
-T, X0, Y0, X1, Y1, AREA, MEAN, MAX, CONTRAST = range(9)
+COMPONENT_COLUMNS = ("t", "x0", "y0", "x1", "y1", "area", "mean", "max", "contrast")
+T, X0, Y0, X1, Y1, AREA, MEAN, MAX, CONTRAST = range(len(COMPONENT_COLUMNS))
+NO_COMPONENTS = np.zeros((0, len(COMPONENT_COLUMNS)))
 STAT_COLUMN = {"mean": MEAN, "max": MAX, "contrast": CONTRAST}
 RING = 0.5  # the contrast ring is the box grown by this share of its side, minus the box
 
@@ -71,7 +68,7 @@ def components(cam: np.ndarray, thresholds: Sequence[float], statistics: bool = 
             np.maximum.at(peak, label, inside)
             peaks.append(peak[1:])
     if not index:
-        return np.zeros((0, 9))
+        return NO_COMPONENTS
     stats = np.concatenate(found).astype(np.float64)
     index = np.repeat(index, [len(f) for f in found])
     area = stats[:, cv2.CC_STAT_AREA]
@@ -117,60 +114,14 @@ def cam_to_boxes(cam: np.ndarray, prob: float, config: BoxConfig = BoxConfig()) 
 
 @dataclass
 class BoxRules:
-    """Each class's box settings: ``default`` unless a calibration (``cxrcam calibrate``) set them."""
+    """Each class's box settings: ``default`` unless a calibration set its own
+    (:func:`cxrcam.calibration.box_rules` builds them from a calibration.json)."""
 
     default: BoxConfig = field(default_factory=BoxConfig)
     per_class: dict[int, BoxConfig] = field(default_factory=dict)
-    calibrated_on: list[str] = field(default_factory=list)  # the image ids the calibration saw
-    cam: dict | None = None  # the heat map the calibration chose (method, target_layer); None: the config's
-    schema: str | None = None  # the dataset whose classes the calibration set
-    names: dict[int, str] = field(default_factory=dict)  # class id -> the class name the calibration gave it
-
-    def check_schema(self, schema) -> None:
-        """A calibration sets thresholds by class id: another dataset's (NIH's thresholds on a VinBigData
-        model) would land on the wrong classes. Refused, naming both."""
-        wrong = self.schema not in (None, schema.name) or any(
-            c >= schema.num_findings or schema.class_name(c) != name for c, name in self.names.items())
-        if wrong:
-            theirs = self.schema or "another dataset"
-            raise CxrcamError(f"{self.default.calibration} calibrates {theirs} classes "
-                              f"({', '.join(list(self.names.values())[:3])}, ...); the classifier predicts "
-                              f"{schema.name} classes: calibrate on its own boxed data")
 
     def __call__(self, class_id: int) -> BoxConfig:
         return self.per_class.get(int(class_id), self.default)
-
-    def cam_settings(self, cam: CamConfig) -> tuple[str, str | None]:
-        """(method, target_layer) of the maps to cut: a calibration's, whose thresholds were chosen
-        for its maps (a config that asks for other maps is named in a warning), else the config's."""
-        if self.cam is None:
-            return cam.method, cam.target_layer or None
-        method, layer = self.cam["method"], self.cam.get("target_layer") or ""
-        if (cam.method.lower(), cam.target_layer.replace(" ", "")) != (method, layer) and \
-                (cam.method, cam.target_layer) != (CamConfig.method, CamConfig.target_layer):
-            warnings.warn(f"{self.default.calibration} chose {method}{'@' + layer if layer else ''} maps, and its "
-                          f"thresholds are for them: cam.method={cam.method} cam.target_layer={cam.target_layer!r} "
-                          f"are not used; calibrate again with those to use them", stacklevel=2)
-        return method, layer or None
-
-    @classmethod
-    def from_config(cls, config: BoxConfig) -> "BoxRules":
-        """``config`` for every class, or, with ``config.calibration`` set, each class's
-        calibrated threshold (and score and min_area where the calibration chose them)."""
-        if not config.calibration:
-            return cls(config)
-        path = Path(config.calibration)
-        try:
-            saved = json.loads(path.read_text())
-            per_class = {int(entry["class_id"]): dataclasses.replace(
-                config, **{k: entry[k] for k in ("threshold", "score", "min_area") if k in entry})
-                for entry in saved["classes"].values()}
-            names = {int(entry["class_id"]): str(name) for name, entry in saved["classes"].items()}
-        except FileNotFoundError:
-            raise CxrcamError(f"calibration file not found: {path}") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CxrcamError(f"{path}: not a calibration.json written by `cxrcam calibrate` ({exc!r})") from None
-        return cls(config, per_class, list(saved.get("image_ids", [])), saved.get("cam"), saved.get("schema"), names)
 
 
 def maps_to_boxes(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Sequence[int]],

@@ -32,22 +32,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
 
 from cxrcam.boxes import components, scale_boxes
+from cxrcam.boxes.from_cam import X0, Y1
 from cxrcam.calibrate.sweep import SWEEP, Pair, choose_threshold, on_grid, sweep_class, truth_of
-from cxrcam.cam import create_cam, parse_layers
+from cxrcam.calibration import write_calibration
+from cxrcam.cam import map_name, parse_map
+from cxrcam.cam.checkpoint import CheckpointMaps, needed_classes
 from cxrcam.config import Config
-from cxrcam.data.dataset import ImageFiles
 from cxrcam.data.sources import open_source
-from cxrcam.data.tables import BOX_COLUMNS
+from cxrcam.data.tables import boxes_by_image
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.weak import CURVE_COLUMNS, maxboxacc_table, pair_curves, plot_box_accuracy
-from cxrcam.files import save_figure, write_json
-from cxrcam.models import decision_thresholds, load_classifier
+from cxrcam.files import save_figure
 from cxrcam.runtime import dist
 from cxrcam.runtime.progress import progress_bar
-from cxrcam.schemas import get_schema
 
 
 @dataclass
@@ -82,54 +81,42 @@ def candidate_maps(model, config: Config, maps: list[str] | None) -> list[tuple[
     """(method, target_layer) of each candidate, the configured map first. ``maps``: "method" or
     "method@layer[,layer]" strings; default: Grad-CAM++ at the pooling's input, and LayerCAM at the
     backbone's next-to-last stage, alone and fused with the last (docs/BENCHMARKS.md, issue 26)."""
-    configured = (config.cam.method.lower(), ",".join(parse_layers(config.cam.target_layer)))
+    configured = parse_map(config.cam.method, config.cam.target_layer)
     if maps is None:
         stages = [s["module"] for s in getattr(getattr(model, "backbone", model), "feature_info", [])]
         maps = ["gradcam++", *([f"layercam@{stages[-2]}", f"layercam@{stages[-2]},{stages[-1]}"]
                                if len(stages) >= 2 else [])]
     found = [configured]
-    for text in maps:
-        method, _, layer = text.partition("@")
-        entry = (method.strip().lower(), ",".join(parse_layers(layer)))
+    for entry in map(parse_map, maps):
         if entry not in found:
             found.append(entry)
     return found
 
 
-def _collect(cam, config: Config, images: pd.DataFrame, truth: pd.DataFrame, size: int, thresholds: np.ndarray,
-             progress: bool, desc: str) -> tuple[list[Pair], pd.DataFrame]:
-    """Stream the images once through ``cam``: each predicted or true class's components (original
-    pixels), and the box accuracy curves of every true class with their random-map control."""
-    by_image = {k: (g[BOX_COLUMNS].to_numpy(np.float64), g["class_id"].to_numpy()) for k, g in truth.groupby("image_id")}
-    hw = images[["height", "width"]].to_numpy(np.float64) if {"height", "width"} <= set(images.columns) else None
-    loader = DataLoader(ImageFiles(list(images["path"]), size), batch_size=config.cam.batch_size,
-                        num_workers=config.cam.workers)
+def _collect(maps: CheckpointMaps, images: pd.DataFrame, truth: pd.DataFrame, progress: bool,
+             desc: str) -> tuple[list[Pair], pd.DataFrame]:
+    """Stream the images once through the map pass: each predicted or true class's components
+    (original pixels), and the box accuracy curves of every true class with their random-map control."""
+    by_image, size = boxes_by_image(truth), maps.size
+    no_truth = (np.zeros((0, 4)), np.zeros(0, np.int64))
+
+    def plan(row: int, p: np.ndarray):  # calibrate's addition: the truth classes
+        return needed_classes(p, maps.thresholds, extra=by_image.get(images.at[row, "image_id"], no_truth)[1])
+
     pairs, curves = [], []
-    for x, idx, heights, widths, errors in progress_bar(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-        ids = [images.at[int(i), "image_id"] for i in idx]
-        true = [set(by_image.get(i, (None, np.zeros(0)))[1].tolist()) for i in ids]
-
-        def needed(logits):
-            probs = logits.sigmoid().cpu().numpy()
-            return sorted({c for p, t in zip(probs, true) for c in (*np.flatnonzero(p > thresholds), *t)})
-
-        out = cam(x, needed)
-        probs, maps = out.logits.sigmoid().cpu().numpy(), out.cams.cpu().numpy()
-        for b, image_id in enumerate(ids):
-            if errors[b]:
-                continue
-            h, w = (hw[int(idx[b])] if hw is not None and np.isfinite(hw[int(idx[b])]).all()
-                    else (float(heights[b]), float(widths[b])))
-            for k, c in enumerate(out.classes):
-                predicted = bool(probs[b, c] > thresholds[c])
-                if not (predicted or c in true[b]):
-                    continue
-                rows = components(maps[b, k], SWEEP)  # at the input size: the boxes localize cuts
-                rows[:, 1:5] = scale_boxes(rows[:, 1:5], w / size, h / size)
-                pairs.append(Pair(image_id, c, float(probs[b, c]), predicted, rows))
-                if c in true[b]:
+    for batch in maps.stream(images, plan, desc, progress, leave=False):
+        if batch.maps is None:
+            continue
+        probs = batch.maps.probs
+        for b, (image_id, (h, w), need) in enumerate(zip(batch.ids, batch.sizes, batch.maps.plans)):
+            for c in need.need:
+                cam = batch.maps.map(b, c)
+                rows = components(cam, SWEEP)  # at the input size: the boxes localize cuts
+                rows[:, X0:Y1 + 1] = scale_boxes(rows[:, X0:Y1 + 1], w / size, h / size)
+                pairs.append(Pair(image_id, c, float(probs[b, c]), c in need.predicted, rows))
+                if c in need.extra:
                     boxes, classes = by_image[image_id]
-                    model_ious, control = pair_curves(maps[b, k], scale_boxes(boxes[classes == c], size / w, size / h),
+                    model_ious, control = pair_curves(cam, scale_boxes(boxes[classes == c], size / w, size / h),
                                                       f"{image_id}/{c}")
                     curves += [(image_id, c, "model", *model_ious), (image_id, c, "random map", *control)]
     return pairs, pd.DataFrame(curves, columns=["image_id", "class_id", "source", *CURVE_COLUMNS])
@@ -239,19 +226,17 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
     the candidate maps ("method@layer"; default: see :func:`candidate_maps`; [] tries only the
     configured one)."""
     start, out = time.perf_counter(), Path(out)
-    model, ckpt = load_classifier(checkpoint, dist.pick_device(config.runtime.device))
-    schema, size = get_schema(ckpt["schema"]), int(ckpt["input_size"])
+    maps_of = CheckpointMaps(checkpoint, config, dist.pick_device(config.runtime.device), calibrated=False)
+    schema = maps_of.schema
     source = open_source(data, dataset, config)
     if source.schema is not None and source.schema.name != schema.name:
         raise CxrcamError(f"{checkpoint} predicts {schema.name} classes; {data} is a {source.schema.name} dataset")
     images = _images(source, fold, config, Path(data))
     truth = source.truth[source.truth["image_id"].isin(set(images["image_id"]))]
-    thresholds = decision_thresholds(ckpt, config.boxes.min_prob)
     candidates = []
-    for method, layer in candidate_maps(model, config, maps):
-        cam = create_cam(model, method, layer or None)
-        pairs, curves = _collect(cam, config, images, truth, size, thresholds, progress,
-                                 f"calibrate maps {method}{'@' + layer if layer else ''}")
+    for method, layer in candidate_maps(maps_of.model, config, maps):
+        maps_of.use_map(method, layer)
+        pairs, curves = _collect(maps_of, images, truth, progress, f"calibrate maps {map_name(method, layer)}")
         classes = _sweep(pairs, truth, schema, config, progress)
         _held_out(classes, min_boxes, config.boxes.threshold)
         table = maxboxacc_table(curves, schema)
@@ -261,7 +246,6 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
                            "control": overall.get("random map", math.nan),
                            "heldout_ap": _mean(e["heldout_ap"] for e in classes.values()),
                            "heldout_ap_default": _mean(e["heldout_ap_default"] for e in classes.values())})
-        del cam
     baseline = candidates[0]["heldout_ap_default"]  # the configured map at the configured threshold
     winners = [m for m in candidates if _gains_on_both_halves(m, candidates[0])]
     if winners:
@@ -284,7 +268,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
                                    "control")} for m in candidates]
     result = Calibration(len(images), classes, _mean(e["ap_default"] for e in own), _mean(e["ap"] for e in own),
                          best["maxboxacc"], best["control"], time.perf_counter() - start, out, evidence, chosen)
-    write_json(out, {
+    write_calibration(out, {
         "checkpoint": str(checkpoint), "data": str(data), "fold": fold, "images": len(images), "schema": schema.name,
         "search": search, "iou_thr": config.eval.iou_thr, "min_boxes": min_boxes, "thresholds": list(SWEEP),
         "default": {"threshold": config.boxes.threshold, "score": config.boxes.score, "min_area": config.boxes.min_area,

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cxrcam.boxes import rate_components, select_boxes
-from cxrcam.boxes.from_cam import T
+from cxrcam.boxes.from_cam import NO_COMPONENTS, T
 from cxrcam.config import BoxConfig
 from cxrcam.data.tables import BOX_COLUMNS
 from cxrcam.evaluation.detection import ap_of, truth_by_image
@@ -39,7 +39,7 @@ class Pair:
     class_id: int
     prob: float
     predicted: bool  # the class gets boxes in localize (prob above its decision threshold)
-    rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 9)))  # components() at every SWEEP threshold
+    rows: np.ndarray = field(default_factory=lambda: NO_COMPONENTS)  # components() at every SWEEP threshold
 
 
 @dataclass
@@ -54,7 +54,7 @@ class ClassMaps:
     @classmethod
     def of(cls, pairs: list[Pair]) -> "ClassMaps":
         pairs = [p for p in pairs if p.predicted]  # localize boxes only the predicted classes
-        rows = np.concatenate([np.zeros((0, 9)), *(p.rows for p in pairs)])
+        rows = np.concatenate([NO_COMPONENTS, *(p.rows for p in pairs)])
         owner = np.repeat(np.arange(len(pairs)), [len(p.rows) for p in pairs])
         order = np.lexsort((owner, rows[:, T]))  # by threshold, then pair, each pair's rows in order
         keys, starts = np.unique(rows[order, T].astype(np.int64), return_index=True)
@@ -67,7 +67,7 @@ def class_boxes(maps: ClassMaps, threshold: float, config: BoxConfig) -> tuple[n
     """(image ids, boxes, scores): what localize would write for these maps with ``config`` cut
     at ``threshold``: :func:`~cxrcam.boxes.score_components` per image, vectorised where an
     image has one component (no NMS or top-k to apply), per image where it has several."""
-    owner, rows = maps.by_threshold.get(_INDEX[threshold], (np.zeros(0, np.int64), np.zeros((0, 9))))
+    owner, rows = maps.by_threshold.get(_INDEX[threshold], (np.zeros(0, np.int64), NO_COMPONENTS))
     keep, boxes, stat = rate_components(rows, config)
     owner = owner[keep]
     scores = maps.probs[owner] * stat

@@ -1,56 +1,21 @@
 """Class activation maps for every class of a batch.
 
 ``compute_cams(model, images)`` is the one-call API; ``create_cam(model, method, target_layer)``
-builds a reusable engine whose call returns scaled maps and logits for chosen classes. The
-factory picks, in this order:
-
-* :class:`FastCAM`: Grad-CAM, Grad-CAM++ or LayerCAM at the pooling's input of a pooling + linear
-  head, in closed form from the forward pass alone;
-* :class:`GradientCAM`: the same three methods at any layer(s), one forward and the gradients of
-  every needed class in one batched backward that stops at the target layer;
-* :class:`LibraryCAM`: any other pytorch-grad-cam method, one call per class.
+(:mod:`.factory`) builds a reusable engine whose call returns scaled maps and logits for chosen
+classes: the closed form (:mod:`.closed_form`), the gradient engine (:mod:`.gradients`) or
+pytorch-grad-cam (:mod:`.library`), each overriding one function of :class:`BaseCAM`
+(:mod:`.base`); the methods' formulas are in :mod:`.methods`. :mod:`.checkpoint` is the map pass
+the stages share: a classifier checkpoint with its calibration, streamed over images.
 """
-from __future__ import annotations
-
-from typing import Sequence
-
-import torch
-from torch import nn
-
-from cxrcam.cam.base import BaseCAM, CamOutput, Classes, parse_layers, probe, resolve_layer, scale_cams
-from cxrcam.cam.fast import FAST_METHODS, FastCAM
-from cxrcam.cam.gradients import GRADIENT_METHODS, GradientCAM
+from cxrcam.cam.base import (BaseCAM, CamOutput, Classes, map_name, parse_layers, parse_map, probe, resolve_layer,
+                              scale_cams)
+from cxrcam.cam.checkpoint import CheckpointMaps, MapBatch, Plan, needed_classes
+from cxrcam.cam.closed_form import ClosedFormCAM
+from cxrcam.cam.factory import compute_cams, create_cam
+from cxrcam.cam.gradients import GradientCAM
 from cxrcam.cam.library import LIBRARY_METHODS, LibraryCAM
-from cxrcam.errors import CxrcamError
+from cxrcam.cam.methods import GRADIENT_METHODS
 
-
-def create_cam(model: nn.Module, method: str = "gradcam++", target_layer: str | Sequence[str] | None = None,
-               fast: bool = True, example: torch.Tensor | None = None) -> BaseCAM:
-    """A CAM engine for ``model``: the closed form at the pooling's input (unless ``fast`` is
-    False), the gradient engine for gradcam/gradcam++/layercam at other layers (``target_layer``:
-    a module name, or several joined by commas, fused), pytorch-grad-cam for other methods.
-    ``example``: a batch the model takes, for the probe pass (default: the model's first
-    convolution's channels)."""
-    method = method.lower()
-    if method not in LIBRARY_METHODS and method not in GRADIENT_METHODS:
-        raise CxrcamError(f"unknown CAM method {method!r}; choose one of {', '.join(LIBRARY_METHODS)}")
-    info = probe(model, example)  # one probe forward pass, shared with the engine
-    layers = [resolve_layer(model, n) for n in parse_layers(target_layer)]
-    at_pool = not layers or layers == [info.target_name]
-    if fast and at_pool and method in FAST_METHODS and info.linear_head:
-        return FastCAM(model, method, info)
-    if fast and method in GRADIENT_METHODS:
-        return GradientCAM(model, method, layers or None, info)
-    return LibraryCAM(model, method, layers or None, info)
-
-
-def compute_cams(model: nn.Module, images: torch.Tensor, method: str = "gradcam++",
-                 classes: Classes = None, target_layer: str | Sequence[str] | None = None) -> torch.Tensor:
-    """Heat maps ``B x C x H x W`` in [0, 1] (min-max per map, input resolution, model's device)
-    for ``classes`` (default: all) of every image in ``images`` (any batch the model takes:
-    a cxrcam classifier's grey B x 1 x H x W in [0, 1], or a plain timm model's B x 3 x H x W)."""
-    return create_cam(model, method, target_layer, example=images)(images, classes).cams
-
-
-__all__ = ["compute_cams", "create_cam", "BaseCAM", "CamOutput", "Classes", "FastCAM", "GradientCAM", "LibraryCAM",
-           "FAST_METHODS", "GRADIENT_METHODS", "LIBRARY_METHODS", "probe", "scale_cams", "parse_layers"]
+__all__ = ["compute_cams", "create_cam", "BaseCAM", "CamOutput", "Classes", "ClosedFormCAM", "GradientCAM",
+           "LibraryCAM", "GRADIENT_METHODS", "LIBRARY_METHODS", "probe", "scale_cams", "parse_layers", "parse_map",
+           "map_name", "resolve_layer", "CheckpointMaps", "MapBatch", "Plan", "needed_classes"]

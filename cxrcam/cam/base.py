@@ -144,6 +144,19 @@ def parse_layers(target_layer: str | Sequence[str] | None) -> list[str]:
     return [n.strip() for n in names if n.strip()]
 
 
+def parse_map(method: str, target_layer: str | None = None) -> tuple[str, str]:
+    """A heat map as (method, "layer[,layer]"): from "method@layer[,layer]" (``calibrate --maps``,
+    ``bench_maps.py --variant``), or from ``cam.method`` and ``cam.target_layer``."""
+    if target_layer is None:
+        method, _, target_layer = method.partition("@")
+    return method.strip().lower(), ",".join(parse_layers(target_layer))
+
+
+def map_name(method: str, target_layer: str | None) -> str:
+    """(method, layer) as :func:`parse_map` reads it back: ``layercam@layer3,layer4``."""
+    return f"{method}@{target_layer}" if target_layer else method
+
+
 def resolve_layer(model: nn.Module, name: str) -> str:
     """A module name of ``model``; a cxrcam classifier also takes its backbone's names (``layer3``
     for ``backbone.layer3``)."""

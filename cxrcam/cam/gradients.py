@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from cxrcam.cam.base import BaseCAM, Probe
-from cxrcam.cam.methods import METHODS
+from cxrcam.cam.methods import GRADIENT_METHODS, METHODS
 from cxrcam.errors import CxrcamError
 
-GRADIENT_METHODS = tuple(METHODS)
 # one batched backward, or a backward per class, by device type: measured in docs/BENCHMARKS.md
 BATCHED = {"cpu": False, "cuda": True}
 

@@ -1,7 +1,8 @@
 """Any pytorch-grad-cam method, batched: one call per class over the whole batch.
 
-The general path for methods without a closed form (xgradcam, eigencam, layercam,
-scorecam, ...) and for models whose head is not pooling + linear.
+The general path for the methods neither the closed form nor the gradient engine computes
+(xgradcam, eigencam, scorecam, ...: everything but gradcam, gradcam++ and layercam), and for
+those three when ``create_cam(..., fast=False)`` asks for the library's own.
 """
 from __future__ import annotations
 

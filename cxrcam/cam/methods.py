@@ -3,7 +3,7 @@ one function per method, pytorch-grad-cam's formulas on every class of a batch a
 
 ``acts``: B x K x h x w, the target layer's output. ``grads``: the gradient of each chosen
 class's logit with respect to it, B x C x K x h x w, or B|1 x C x K x 1 x 1 where it is the
-same at every position (a pooling + linear head's closed form, :mod:`cxrcam.cam.fast`). Each
+same at every position (a pooling + linear head's closed form, :mod:`cxrcam.cam.closed_form`). Each
 returns B x C x h x w before the ReLU and the scaling (:func:`cxrcam.cam.base.scale_cams`).
 
 * Grad-CAM (Selvaraju et al. 2017): weight_k = mean_ij G_k; map = sum_k weight_k A_k.
@@ -52,5 +52,6 @@ def layercam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 
 METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "gradcam": gradcam, "gradcam++": gradcam_plusplus, "layercam": layercam}
+GRADIENT_METHODS = tuple(METHODS)  # what the closed form and the gradient engine compute
 
-__all__ = ["METHODS", "gradcam", "gradcam_plusplus", "layercam"]
+__all__ = ["METHODS", "GRADIENT_METHODS", "gradcam", "gradcam_plusplus", "layercam"]

@@ -36,6 +36,11 @@ def no_finding_rows(image_ids, class_id: int, scores=None) -> pd.DataFrame:
     return rows
 
 
+def boxes_by_image(truth: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """image_id -> (its truth boxes in BOX_COLUMNS, float64; their class ids)."""
+    return {k: (g[BOX_COLUMNS].to_numpy(np.float64), g["class_id"].to_numpy()) for k, g in truth.groupby("image_id")}
+
+
 def target_columns(schema: Schema) -> list[str]:
     return [f"y_{i}" for i in range(schema.num_findings)]
 

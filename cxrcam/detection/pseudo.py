@@ -20,17 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from cxrcam.boxes import BoxRules, cam_proposals, maps_to_boxes, scale_boxes
-from cxrcam.cam import create_cam
+from cxrcam.cam.checkpoint import CheckpointMaps, needed_classes
 from cxrcam.config import Config
 from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
-from cxrcam.data.dataset import CacheDataset
 from cxrcam.data.tables import BOX_COLUMNS, target_columns
-from cxrcam.models import decision_thresholds, load_classifier
-from cxrcam.schemas import get_schema
-from cxrcam.runtime.progress import progress_bar
 
 PROPOSAL_COLUMNS = ["image_id", *CACHE_BOX_COLUMNS]
 
@@ -42,36 +37,32 @@ def cam_training_boxes(classifier: str | Path, cache: Cache, config: Config, dev
     """(pseudo-boxes of the labelled classes of the cache rows ``pseudo_rows``, CAM proposals of
     the predicted classes of ``proposal_rows``), from one pass over the rows of either: each
     image's maps are computed only for the classes its parts need."""
-    model, ckpt = load_classifier(classifier, device)
-    thresholds = decision_thresholds(ckpt, config.boxes.min_prob)
-    rules = BoxRules.from_config(config.boxes)
-    rules.check_schema(get_schema(ckpt["schema"]))
-    cam = create_cam(model, *rules.cam_settings(config.cam))
+    maps = CheckpointMaps(classifier, config, device)
     wants_pseudo, wants_proposals = set(np.asarray(pseudo_rows).tolist()), set(np.asarray(proposal_rows).tolist())
     rows = np.array(sorted(wants_pseudo | wants_proposals), dtype=np.int64)
-    labels = cache.images[target_columns(cache.schema)].to_numpy() >= 0.5
-    pseudo_rules = BoxRules.from_config(replace(config.boxes, top_k=1))
+    images = cache.images.iloc[rows].reset_index(drop=True)
+    images = images.assign(path=[str(cache.root / f) for f in images["file"]])
+    labels = images[target_columns(cache.schema)].to_numpy() >= 0.5
+
+    def plan(k: int, p: np.ndarray):  # the detector pass's additions: labels for pseudo-boxes, if wanted
+        return needed_classes(p, maps.thresholds, predict=rows[k] in wants_proposals,
+                              extra=np.flatnonzero(labels[k]) if rows[k] in wants_pseudo else ())
+
+    pseudo_rules = BoxRules(replace(maps.rules.default, top_k=1),
+                            {c: replace(r, top_k=1) for c, r in maps.rules.per_class.items()})
     pseudo_found, proposal_found = [], []
-    loader = DataLoader(CacheDataset(cache, rows), batch_size=config.cam.batch_size, num_workers=config.cam.workers)
-    for x, _, k in progress_bar(loader, desc="CAM boxes for the detector", unit="batch", disable=not progress, leave=False):
-        idx = rows[k.numpy()]
-        labelled = [np.flatnonzero(labels[i]).tolist() if i in wants_pseudo else [] for i in idx]
-        predicted: list[list[int]] = [[] for _ in idx]
-
-        def needed(logits: torch.Tensor) -> list[int]:
-            p = torch.sigmoid(logits).cpu().numpy()
-            predicted[:] = [np.flatnonzero(row > thresholds).tolist() if i in wants_proposals else []
-                            for i, row in zip(idx, p)]
-            return sorted({c for w in (*labelled, *predicted) for c in w})
-
-        out = cam(x, needed)  # one CAM call per batch, for the classes some image needs
-        if not out.classes:
+    for batch in maps.stream(images, plan, "CAM boxes for the detector", progress, leave=False,
+                             size=cache.size):
+        if batch.maps is None or not batch.maps.classes:
             continue
-        maps = out.cams.cpu().numpy()
-        for i, (boxes, classes, _) in zip(idx, maps_to_boxes(maps, out.classes, labelled, None, pseudo_rules)):
-            pseudo_found += [(cache.images.at[i, "image_id"], int(c), *box) for box, c in zip(boxes, classes)]
-        for i, boxes in zip(idx, cam_proposals(maps, out.classes, predicted, rules)):
-            proposal_found += [(cache.images.at[i, "image_id"], *box) for box in boxes]
+        found = batch.maps
+        labelled = [plan.extra for plan in found.plans]
+        predicted = [plan.predicted for plan in found.plans]
+        for image_id, (boxes, classes, _) in zip(batch.ids, maps_to_boxes(found.cams, found.classes, labelled, None,
+                                                                         pseudo_rules)):
+            pseudo_found += [(image_id, int(c), *box) for box, c in zip(boxes, classes)]
+        for image_id, boxes in zip(batch.ids, cam_proposals(found.cams, found.classes, predicted, maps.rules)):
+            proposal_found += [(image_id, *box) for box in boxes]
     frame = pd.DataFrame(pseudo_found, columns=["image_id", "class_id", *CACHE_BOX_COLUMNS])
     scales = frame.merge(cache.images[["image_id", "scale_x", "scale_y"]], on="image_id", how="left")
     frame[BOX_COLUMNS] = scale_boxes(frame[CACHE_BOX_COLUMNS].to_numpy(), 1 / scales["scale_x"].to_numpy(),

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrcam.config import DEFAULT_MIN_PROB, BoxConfig, Config, from_dict
 from cxrcam.boxes import BoxRules, points_in_boxes
+from cxrcam.calibration import box_rules
+from cxrcam.config import BoxConfig, Config, class_thresholds, from_dict
 from cxrcam.data.tables import BOX_COLUMNS, read_table, report_invalid, target_columns
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.coco import coco_ap
@@ -33,7 +34,7 @@ from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
 from cxrcam.evaluation.rsna import rsna_score
 from cxrcam.evaluation.weak import CURVE_COLUMNS, accuracy_table, random_control, random_detections
 from cxrcam.files import atomic_write_text, save_figure, write_csv, write_json
-from cxrcam.outputs.submission import parse_submission
+from cxrcam.data.submission import parse_submission
 from cxrcam.schemas import NIH, RSNA, SCHEMAS, Schema
 
 NIH_SIDE = 1024  # every released NIH image is 1024 x 1024
@@ -138,11 +139,11 @@ def _box_settings(saved: dict, config: Config, n_classes: int) -> tuple[BoxRules
     calibration), for the random-map control, and the decision threshold of each class (the
     probability above which a class got boxes)."""
     boxes = saved.get("config", {}).get("boxes", {})
-    rules = BoxRules.from_config(from_dict(BoxConfig, boxes, "boxes.") if boxes else config.boxes)
-    if saved.get("decision_thresholds"):
-        return rules, np.asarray(saved["decision_thresholds"], np.float64)
-    min_prob = rules.default.min_prob
-    return rules, np.full(n_classes, DEFAULT_MIN_PROB if min_prob == "auto" else float(min_prob))
+    rules, _ = box_rules(from_dict(BoxConfig, boxes, "boxes.") if boxes else config.boxes)
+    saved_thresholds = saved.get("decision_thresholds")
+    if saved_thresholds:
+        return rules, np.asarray(saved_thresholds, np.float64)
+    return rules, class_thresholds(rules.default.min_prob, None, n_classes)
 
 
 @dataclass

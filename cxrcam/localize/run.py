@@ -11,26 +11,20 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from cxrcam.boxes import BoxRules
-from cxrcam.cam import create_cam
+from cxrcam.cam.checkpoint import CheckpointMaps
 from cxrcam.config import Config, config_to_dict
 from cxrcam.data.images import warn_squashed
-from cxrcam.data.dataset import ImageFiles
 from cxrcam.data.sources import open_source
-from cxrcam.data.tables import BOX_COLUMNS, report_invalid
+from cxrcam.data.tables import boxes_by_image, report_invalid
 from cxrcam.errors import CxrcamError
 from cxrcam.files import write_json
 from cxrcam.localize.step import Step
 from cxrcam.localize.write import Collector, LocalizeSummary, Painter, merge_ranks, write_outputs
-from cxrcam.models import decision_thresholds, load_classifier
 from cxrcam.outputs.pictures import PICTURE_SIZE, remove_pictures
 from cxrcam.runtime import dist
-from cxrcam.runtime.progress import progress_bar
-from cxrcam.schemas import Schema, get_schema
+from cxrcam.schemas import Schema
 
 
 def parse_classes(classes: list[str] | None, schema: Schema) -> list[int] | None:
@@ -60,12 +54,12 @@ def _refiner(detector: str | Path | None, config: Config, device, schema: Schema
     return refiner
 
 
-def _check_calibration(rules: BoxRules, source, path: str) -> None:
+def _check_calibration(maps: CheckpointMaps, source) -> None:
     """Thresholds calibrated on the images being scored flatter every figure: say so."""
-    seen = set(rules.calibrated_on) & set(source.images["image_id"])
+    seen = set(maps.calibration.image_ids if maps.calibration else ()) & set(source.images["image_id"])
     if seen:
-        warnings.warn(f"{path} was calibrated on {len(seen)} of these {len(source.images)} images: their "
-                      f"localisation figures are optimistic; calibrate on a held-out fold", stacklevel=3)
+        warnings.warn(f"{maps.calibration.path} was calibrated on {len(seen)} of these {len(source.images)} images: "
+                      f"their localisation figures are optimistic; calibrate on a held-out fold", stacklevel=3)
 
 
 def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: Config = Config(),
@@ -81,20 +75,15 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     refine's. Returns the summary on rank 0 (None on other ranks)."""
     start, out = time.perf_counter(), Path(out)
     info = dist.setup(config.runtime.device)
-    model, ckpt = load_classifier(checkpoint, info.device)
-    schema, size = get_schema(ckpt["schema"]), int(ckpt["input_size"])
+    maps = CheckpointMaps(checkpoint, config, info.device)
+    schema = maps.schema
     source = open_source(data, dataset, config)
     if source.schema is not None and source.schema.name != schema.name:
         raise CxrcamError(f"{checkpoint} predicts {schema.name} classes; {data} is a {source.schema.name} dataset")
     refiner = _refiner(detector, config, info.device, schema, checkpoint)
-    truth = {k: (g[BOX_COLUMNS].to_numpy(np.float64), g["class_id"].to_numpy()) for k, g in source.truth.groupby("image_id")}
-    rules = BoxRules.from_config(config.boxes)
-    rules.check_schema(schema)
-    _check_calibration(rules, source, config.boxes.calibration)
-    thresholds = decision_thresholds(ckpt, config.boxes.min_prob)
-    cam = create_cam(model, *rules.cam_settings(config.cam))
-    step = Step(cam, config, truth, thresholds,
-                parse_classes(classes, schema), pictures, refiner, rules)
+    truth = boxes_by_image(source.truth)
+    _check_calibration(maps, source)
+    step = Step(maps.rules, truth, maps.thresholds, parse_classes(classes, schema), pictures, refiner)
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         report_invalid(source.invalid, out)
@@ -104,31 +93,21 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
         torch.distributed.barrier()  # no rank paints before the old pictures are gone
 
     shard = source.readable.iloc[info.rank::info.world_size].reset_index(drop=True)
-    known_hw = shard[["height", "width"]].to_numpy(np.float64)
-    loader = DataLoader(ImageFiles(list(shard["path"]), size), batch_size=config.cam.batch_size,
-                        num_workers=config.cam.workers, persistent_workers=False)
     collected = Collector(schema, refiner is not None)
-    painter = Painter(out, schema, rules, truth, refiner is not None and show_proposals, pictures, picture_size,
+    painter = Painter(out, schema, maps.rules, truth, refiner is not None and show_proposals, pictures, picture_size,
                       draw_min_score)
-    bar = progress_bar(total=len(shard), desc=("refine " if refiner else "localize ") + config.cam.method, unit="img",
-               disable=not (progress and info.is_main))
     seen: dict[str, tuple[float, float]] = {}
-    for x, idx, heights, widths, errors in loader:
-        bar.update(len(idx))
-        for k in (k for k, e in enumerate(errors) if e):
-            collected.fail(shard.at[int(idx[k]), "image_id"], shard.at[int(idx[k]), "path"], errors[k])
-        good = [k for k, e in enumerate(errors) if not e]
-        if not good:
+    desc = ("refine " if refiner else "localize ") + maps.cam.method
+    for batch in maps.stream(shard, lambda row, p: step.plan(p, shard.at[row, "image_id"]), desc,
+                             progress and info.is_main):
+        for image_id, path, reason in batch.failed:
+            collected.fail(image_id, path, reason)
+        if batch.maps is None:
             continue
-        rows = idx[good].numpy()
-        sizes = [tuple(known_hw[i]) if np.isfinite(known_hw[i]).all() else (float(heights[k]), float(widths[k]))
-                 for i, k in zip(rows, good)]
-        seen.update((shard.at[int(i), "image_id"], hw) for i, hw in zip(rows, sizes))
-        x = x[good].to(info.device)
-        for b, result in enumerate(step(x, [shard.at[int(i), "image_id"] for i in rows], sizes)):
+        seen.update(zip(batch.ids, batch.sizes))
+        for b, result in enumerate(step(batch.x, batch.ids, batch.sizes, batch.maps)):
             collected.add(result)
-            painter(result, x[b])
-    bar.close()
+            painter(result, batch.x[b])
     painter.close()
     warn_squashed(seen)
 
@@ -141,8 +120,8 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
                                            "data": str(data), "classes": classes,
                                            "pictures": pictures, "picture_size": picture_size,
                                            "draw_min_score": draw_min_score,
-                                           "decision_thresholds": [float(t) for t in thresholds],
-                                           "cam": {"method": cam.method, "target_layer": cam.target_name},
+                                           "decision_thresholds": [float(t) for t in maps.thresholds],
+                                           "cam": {"method": maps.cam.method, "target_layer": maps.cam.target_name},
                                            "config": config_to_dict(config)})
     dist.cleanup()
     return summary

@@ -1,13 +1,13 @@
-"""One batch of ``localize``: heat maps -> probabilities, CAM boxes, (refined detections), map peaks.
+"""One batch of ``localize``: maps -> probabilities, CAM boxes, (refined detections), map peaks.
 
-Per image the classifier's probabilities decide a :class:`Plan`: the *predicted* classes
-(above their decision thresholds: the checkpoint's operating points, or ``boxes.min_prob``; among
-``--classes`` if given) get boxes, the *shown* ones are drawn,
-and the truth classes add their maps for the pointing game and the box accuracy curves
-(MaxBoxAccV2, with a random-map control). One CAM call per batch computes only the maps some
-image needs; one call turns them into boxes, each class with its own settings
-(:class:`~cxrcam.boxes.BoxRules`: a calibration's, or the config's); a refiner, when given,
-turns the predicted classes' CAM proposals (:func:`~cxrcam.boxes.cam_proposals`) into detections.
+The map pass (:class:`~cxrcam.cam.checkpoint.CheckpointMaps`) gives each batch's probabilities and
+maps; per image, :meth:`Step.plan` decides which classes it needs (:func:`~cxrcam.cam.checkpoint.needed_classes`):
+the *predicted* classes (above their decision thresholds: the checkpoint's operating points, or
+``boxes.min_prob``; among ``--classes`` if given) get boxes, the *shown* ones are drawn, and the
+truth classes add their maps for the pointing game and the box accuracy curves (MaxBoxAccV2, with a
+random-map control). One call turns the maps into boxes, each class with its own settings
+(:class:`~cxrcam.boxes.BoxRules`: a calibration's, or the config's); a refiner, when given, turns
+the predicted classes' CAM proposals (:func:`~cxrcam.boxes.cam_proposals`) into detections.
 """
 from __future__ import annotations
 
@@ -17,19 +17,10 @@ import numpy as np
 import torch
 
 from cxrcam.boxes import BoxRules, Detections, cam_peak, cam_proposals, maps_to_boxes, scale_boxes
-from cxrcam.cam import BaseCAM
-from cxrcam.config import Config
+from cxrcam.cam.checkpoint import MapBatch, Plan, needed_classes
 from cxrcam.evaluation.weak import pair_curves
 
 NO_TRUTH = (np.zeros((0, 4)), np.zeros(0, np.int64))  # (boxes, class ids) of an image without truth
-
-
-@dataclass
-class Plan:
-    predicted: list[int]  # classes that get boxes
-    shown: list[int]  # classes drawn in the pictures
-    truth: list[int]  # the classes with truth boxes (their map peaks: the pointing game)
-    need: list[int]  # every class whose map is needed
 
 
 @dataclass
@@ -48,45 +39,37 @@ class ImageResult:
 class Step:
     """Localise one batch; built once per run."""
 
-    def __init__(self, cam: BaseCAM, config: Config, truth: dict[str, tuple[np.ndarray, np.ndarray]],
-                 thresholds: np.ndarray, classes: list[int] | None = None, pictures: bool = True, refiner=None,
-                 rules: BoxRules | None = None):
-        self.cam, self.config, self.truth, self.thresholds = cam, config, truth, thresholds
+    def __init__(self, rules: BoxRules, truth: dict[str, tuple[np.ndarray, np.ndarray]], thresholds: np.ndarray,
+                 classes: list[int] | None = None, pictures: bool = True, refiner=None):
+        self.rules, self.truth, self.thresholds = rules, truth, thresholds
         self.classes, self.pictures, self.refiner = classes, pictures, refiner
-        self.rules = rules or BoxRules(config.boxes)
 
     def plan(self, p: np.ndarray, image_id: str) -> Plan:
-        predicted = [c for c in (self.classes or range(len(p))) if p[c] > self.thresholds[c]]
-        shown = (self.classes or predicted) if self.pictures else []  # a normal image: no class drawn
-        truth = sorted({int(c) for c in self.truth.get(image_id, NO_TRUTH)[1]})
-        return Plan(predicted, shown, truth, sorted({int(c) for c in (*predicted, *shown, *truth)}))
+        """localize's additions to the plan: ``--classes``, the pictures, and the truth classes."""
+        return needed_classes(p, self.thresholds, only=self.classes, show=self.pictures,
+                              extra=self.truth.get(image_id, NO_TRUTH)[1])
 
-    def __call__(self, x: torch.Tensor, ids: list[str], sizes: list[tuple[float, float]]) -> list[ImageResult]:
-        """x: B x 1 x S x S images in [0, 1]; sizes: each image's original (height, width)."""
-        def needed(logits: torch.Tensor) -> list[int]:
-            probs = torch.sigmoid(logits).cpu().numpy()
-            return sorted({c for p, i in zip(probs, ids) for c in self.plan(p, i).need})
-
-        out = self.cam(x, needed)
-        probs = torch.sigmoid(out.logits).cpu().numpy()
-        plans = [self.plan(p, i) for p, i in zip(probs, ids)]
-        cams = out.cams.cpu().numpy()
-        column = {c: k for k, c in enumerate(out.classes)}
+    def __call__(self, x: torch.Tensor, ids: list[str], sizes: list[tuple[float, float]],
+                 maps: MapBatch) -> list[ImageResult]:
+        """x: B x 1 x S x S images in [0, 1]; sizes: each image's original (height, width); maps:
+        the map pass's output for them."""
+        probs, plans, cams = maps.probs, maps.plans, maps.cams
+        column = {c: k for k, c in enumerate(maps.classes)}
         predicted = [p.predicted for p in plans]
-        cam_boxes = maps_to_boxes(cams, out.classes, predicted, probs, self.rules)
-        final = (self.refiner(x, cam_proposals(cams, out.classes, predicted, self.rules), probs)
+        cam_boxes = maps_to_boxes(cams, maps.classes, predicted, probs, self.rules)
+        final = (self.refiner(x, cam_proposals(cams, maps.classes, predicted, self.rules), probs)
                  if self.refiner else cam_boxes)
         size = x.shape[-1]
         results = []
         for b, (image_id, (h, w), plan) in enumerate(zip(ids, sizes, plans)):
             sx, sy = size / w, size / h
-            peaks = [(c, *np.divide(cam_peak(cams[b, column[c]]), (sx, sy))) for c in plan.truth]
+            peaks = [(c, *np.divide(cam_peak(cams[b, column[c]]), (sx, sy))) for c in plan.extra]
             truth_boxes, truth_classes = self.truth.get(image_id, NO_TRUTH)
             curves = [(c, *pair_curves(cams[b, column[c]], scale_boxes(truth_boxes[truth_classes == c], sx, sy),
-                                       f"{image_id}/{c}")) for c in plan.truth]
+                                       f"{image_id}/{c}")) for c in plan.extra]
             results.append(ImageResult(image_id, probs[b], (sx, sy), cam_boxes[b], final[b], peaks, curves,
                                        cams[b, [column[c] for c in plan.shown]], plan))
         return results
 
 
-__all__ = ["Step", "Plan", "ImageResult", "NO_TRUTH"]
+__all__ = ["Step", "ImageResult", "NO_TRUTH"]

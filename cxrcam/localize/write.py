@@ -32,7 +32,7 @@ from cxrcam.evaluation.weak import CURVE_COLUMNS, curve_table, maxboxacc_table, 
 from cxrcam.files import write_csv
 from cxrcam.localize.step import NO_TRUTH, ImageResult
 from cxrcam.outputs.pictures import PICTURE_SIZE, write_pictures
-from cxrcam.outputs.submission import normal_scores, write_submission
+from cxrcam.data.submission import normal_scores, write_submission
 from cxrcam.runtime import dist
 from cxrcam.schemas import Schema
 

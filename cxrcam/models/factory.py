@@ -9,6 +9,7 @@ fast all-class CAM relies on.
 from __future__ import annotations
 
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import timm
 import torch
 from torch import nn
 
-from cxrcam.config import DEFAULT_MIN_PROB
+from cxrcam.config import DEFAULT_MIN_PROB, class_thresholds
 from cxrcam.errors import CxrcamError
 from cxrcam.files import checkpoint_contents, load_checkpoint
 
@@ -146,12 +147,12 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 def decision_thresholds(ckpt: dict[str, Any], min_prob: float | str = "auto") -> np.ndarray:
-    """Per class, the probability above which a class is *predicted* (gets boxes, pictures and
-    refine's CAM proposals): ``boxes.min_prob`` for every class when it is a number; with "auto",
-    the operating points ``train-classifier`` chose on the validation fold and stored in the
-    checkpoint (``op_threshs``, as torchxrayvision keeps them), 0.5 for a class without one."""
-    n = len(ckpt["classes"])
-    if min_prob != "auto":
-        return np.full(n, float(min_prob))
-    saved = np.asarray(ckpt.get("op_threshs") or [np.nan] * n, np.float64)
-    return np.where(np.isnan(saved), DEFAULT_MIN_PROB, saved)
+    """Per class, the probability above which a class is *predicted*
+    (:func:`cxrcam.config.class_thresholds`), from the operating points ``train-classifier`` chose
+    on the validation fold and stored in the checkpoint (``op_threshs``, as torchxrayvision keeps
+    them). A checkpoint without any is named in a warning where "auto" falls back to 0.5."""
+    if min_prob == "auto" and not ckpt.get("op_threshs"):
+        warnings.warn(f"boxes.min_prob=auto: the checkpoint ({ckpt.get('model_name', 'classifier')}) has no "
+                      f"operating points, so every class is predicted above {DEFAULT_MIN_PROB}; retrain, or set "
+                      f"boxes.min_prob", stacklevel=2)
+    return class_thresholds(min_prob, ckpt.get("op_threshs"), len(ckpt["classes"]))

@@ -18,18 +18,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from cxrcam.config import Config, config_to_dict
+from cxrcam.config import Config, class_thresholds, config_to_dict
 from cxrcam.data.cache import open_cache
 from cxrcam.data.dataset import CacheDataset, train_transforms
-from cxrcam.data.splits import train_val_rows
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.classification import (auroc_per_class, defined_mean, mean_auroc, operating_points,
                                               sensitivity_specificity)
 from cxrcam.files import save_figure
-from cxrcam.models import DEFAULT_MIN_PROB, create_classifier, load_classifier
+from cxrcam.models import create_classifier, load_classifier
 from cxrcam.runtime import dist
 from cxrcam.runtime.progress import progress_bar
-from cxrcam.train.engine import Run, check_run_folder, fit
+from cxrcam.train.engine import Run, fit, start_run
 
 
 def _schedule(cfg, steps_per_epoch: int):
@@ -86,7 +85,7 @@ def _validation(model, loader, loss_fn, info, classes: list[str], meta: dict[str
         per_class = auroc_per_class(truth, probs)
         ops = operating_points(truth, probs)
         meta["op_threshs"] = [float(v) for v in ops]  # NaN: too few positives, boxes.min_prob's default
-        sens, spec = sensitivity_specificity(truth, probs, np.where(np.isnan(ops), DEFAULT_MIN_PROB, ops))
+        sens, spec = sensitivity_specificity(truth, probs, class_thresholds("auto", ops, len(classes)))
         return {"val_loss": float(loss_sum[0] / loss_sum[1]), "val_mean_auroc": mean_auroc(per_class),
                 "val_sensitivity": defined_mean(sens), "val_specificity": defined_mean(spec),
                 **{f"auroc_{name}": float(v) for name, v in zip(classes, per_class)}}
@@ -116,19 +115,16 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
                      progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train on the cache at ``data``; write checkpoints and logs to ``out`` (a folder
     holding a run needs ``resume`` or ``overwrite``). Returns the last epoch's metrics."""
-    info = dist.setup(config.runtime.device)
-    check_run_folder(out, resume, overwrite, info)
     tcfg = config.train
+    start = start_run(config, data, out, resume, overwrite, tcfg.seed)
+    info, cache, train_rows, val_rows = start.info, start.cache, start.train_rows, start.val_rows
     cuda = info.device.type == "cuda"
-    torch.manual_seed(tcfg.seed)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
     # --- data
-    cache = open_cache(data)
     classes = list(cache.schema.findings)
-    train_rows, val_rows = train_val_rows(cache.images["fold"].to_numpy(), config.split.val_fold, cache.root)
     train_set = CacheDataset(cache, train_rows, train_transforms(config.augment), soft=tcfg.soft_targets)
     val_set = CacheDataset(cache, val_rows)
     per_rank_batch = max(1, tcfg.batch_size // info.world_size)

@@ -27,10 +27,9 @@ from tqdm import tqdm
 
 from cxrcam.boxes import scale_boxes
 from cxrcam.config import AugmentConfig, Config, config_to_dict
-from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache, open_cache
+from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
 from cxrcam.data.dataset import image_tensor, train_transforms
 from cxrcam.data.images import read_image
-from cxrcam.data.splits import train_val_rows
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, target_columns
 from cxrcam.detection.model import create_detector, to_detector_input
 from cxrcam.detection.pseudo import PROPOSAL_COLUMNS, cam_training_boxes
@@ -38,7 +37,7 @@ from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import voc_map
 from cxrcam.files import write_csv
 from cxrcam.runtime import dist
-from cxrcam.train.engine import Run, check_run_folder, fit
+from cxrcam.train.engine import Run, fit, start_run
 
 
 class DetectionDataset(Dataset):
@@ -208,15 +207,12 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
                    progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train on the cache at ``data``; write checkpoints and logs to ``out`` (a folder
     holding a run needs ``resume`` or ``overwrite``). Returns the last epoch's metrics."""
-    info = dist.setup(config.runtime.device)
-    check_run_folder(out, resume, overwrite, info)
     dcfg = config.detector
+    start = start_run(config, data, out, resume, overwrite, dcfg.seed)
+    info, cache, train_rows, val_rows = start.info, start.cache, start.train_rows, start.val_rows
     cuda = info.device.type == "cuda"
-    torch.manual_seed(dcfg.seed)
 
     # --- data: truth boxes, CAM pseudo-boxes where there are none, CAM proposals
-    cache = open_cache(data)
-    train_rows, val_rows = train_val_rows(cache.images["fold"].to_numpy(), config.split.val_fold, cache.root)
     sup = _supervision(cache, config, info, train_rows, val_rows, Path(out), resume, progress)
     if info.is_main and progress:
         shown = ", ".join(f"{n} {k}" for k, n in sup.counts.items())

@@ -1,5 +1,6 @@
 """The training engine both trainers share, in the manner of torchvision's detection references.
 
+``start_run`` is the setup both share (device, run folder, seed, the cache's folds);
 ``train_one_epoch`` runs the optimisation steps of one epoch; ``save_epoch`` is the checkpoint +
 log step (``best.pt`` on the best validation score, ``last.pt`` with everything ``--resume``
 needs, ``metrics.csv``); ``restore_last`` resumes; ``fit`` is the epoch loop around them. A
@@ -19,12 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cxrcam.config import Config
+from cxrcam.data.cache import Cache, open_cache
+from cxrcam.data.splits import train_val_rows
 from cxrcam.errors import CxrcamError
 from cxrcam.files import load_checkpoint, remove_stale_temporaries, save_checkpoint, write_csv
 from cxrcam.runtime import dist
@@ -133,6 +138,27 @@ def save_epoch(run: Run, out: Path, epoch: int, metrics: dict[str, Any], history
 
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "curves.png", "pseudo_boxes.csv", "cam_proposals.csv")
+
+
+@dataclass
+class Start:
+    """What both trainers set up first (:func:`start_run`)."""
+
+    info: dist.DistInfo
+    cache: Cache
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+
+
+def start_run(config: Config, data: str | Path, out: str | Path, resume: bool, overwrite: bool, seed: int) -> Start:
+    """The process group and device, the run folder check, the seed, and the cache with its
+    training and validation rows (fold ``split.val_fold``)."""
+    info = dist.setup(config.runtime.device)
+    check_run_folder(out, resume, overwrite, info)
+    torch.manual_seed(seed)
+    cache = open_cache(data)
+    train_rows, val_rows = train_val_rows(cache.images["fold"].to_numpy(), config.split.val_fold, cache.root)
+    return Start(info, cache, train_rows, val_rows)
 
 
 def check_run_folder(out: str | Path, resume: bool, overwrite: bool, info: dist.DistInfo) -> None:

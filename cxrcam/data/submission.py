@@ -2,7 +2,7 @@
 with groups of ``class_id confidence x_min y_min x_max y_max`` in original pixels, or, for RSNA
 data, RSNA's ``patientId,PredictionString`` with groups of ``confidence x y width height``.
 
-Written by localize and refine, read by evaluate (the header says which layout a file has; a row
+Written by localize and refine, read by evaluate, in this one module (the header says which layout a file has; a row
 that would read as both is refused). Every input image gets exactly one row; VinBigData's "No
 finding" is the group ``<no_finding_id> p_normal 0 0 1 1``; an image that could not be read keeps
 an empty string, so it is visible, never dropped.

@@ -1,13 +1,15 @@
-"""The whole pipeline on synthetic data, every stage run as the real ``cxrcam`` command.
+"""The demo and benchmark driver: every stage on synthetic data, each run as the real ``cxrcam`` command.
 
-``cxrcam demo`` and ``scripts/bench_quality.py`` both call :func:`run_pipeline`: a synthetic
+``cxrcam demo`` and the scripts under ``scripts/`` call :func:`run_pipeline`: a synthetic
 VinBigData-layout train set and a held-out test set (another seed), prepare, train the
 classifier, calibrate its thresholds on the training cache's validation fold, localize the test
 set at 0.65 and calibrated, train the detector (started from the classifier; with ``cam_proposals``
-its RoI heads also train on the calibrated CAM proposals), refine with the calibrated thresholds, evaluate, and
-one table. Each stage is the ``cxrcam`` command a user would type, printed first and run through
-the same command line parser, in this process (:func:`cxrcam.runtime.inprocess.run_in_process`;
-the caller passes the command line group, ``cxrcam.cli.main``), with its progress bars.
+its RoI heads also train on the calibrated CAM proposals), refine with the calibrated thresholds,
+evaluate, and one table. Each stage is the ``cxrcam`` command a user would type
+(:class:`Stages` writes each command line, in one place; ``scripts/bench_scale.py`` and
+``scripts/gpu_check.py`` run the same lines their own way), printed first and run through the same
+command line parser, in this process (:func:`cxrcam.runtime.inprocess.run_in_process`; the caller
+passes the command line group, ``cxrcam.cli.main``), with its progress bars.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from typing import Any
 
 import click
 
+from cxrcam.config import config_path
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.compare import beyond_noise, pair_sentence, with_interval
 from cxrcam.evaluation.evaluate import findings_map, headline
 from cxrcam.runtime.inprocess import run_in_process
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = config_path("tiny")  # the shipped config of the demo and the CPU benchmarks
 SMALL = 100  # train sets below this many images are split in 2 folds, so the validation fold has boxes
 
 
@@ -40,7 +43,7 @@ class PipelineSettings:
     detector_epochs: int = 4
     seed: int = 0  # the test set uses seed + 1000
     model: str = "resnet10t"  # timm name of the classifier and the detector's backbone
-    config: Path = TINY
+    config: str | Path = TINY  # a shipped config's name or a YAML path
     overrides: list[str] = field(default_factory=list)  # section.key=value for every stage
     plain: bool = False  # also run the plain detector (no CAM proposals, no gating) and gating alone
     pictures: bool = True
@@ -51,6 +54,73 @@ class PipelineSettings:
     # (detector.cam_proposals_from): off, as with truth boxes on every image it cost 0.02 mAP (BENCHMARKS)
     cam_proposals: bool = False
     normal_fraction: float | None = None  # share of normal images in both synthetic sets (None: synth's default)
+
+
+@dataclass
+class Stages:
+    """Each stage's command line for a run folder ``out``: synthetic sets under ``data/``, their
+    caches under ``cache/``, the trainings under ``runs/``. ``config`` and ``common`` (the
+    ``section.key=value`` overrides) go to every stage that takes a config."""
+
+    out: Path
+    size: int
+    config: str | Path = TINY
+    common: list[str] = field(default_factory=list)
+
+    def data(self, name: str) -> Path:
+        return self.out / "data" / name
+
+    def cache(self, name: str) -> Path:
+        return self.out / "cache" / name
+
+    @property
+    def classifier(self) -> Path:
+        return self.out / "runs" / "classifier" / "best.pt"
+
+    @property
+    def detector(self) -> Path:
+        return self.out / "runs" / "detector" / "best.pt"
+
+    @property
+    def calibration(self) -> Path:
+        return self.out / "calibration.json"
+
+    @property
+    def settings(self) -> list:
+        return ["--config", self.config, *self.common]
+
+    def synth(self, name: str, n: int, seed: int, *extra: Any, split: str = "train") -> list:
+        return ["synth", "--out", self.data(name), "--n-images", n, "--seed", seed, "--size", int(self.size * 1.5),
+                "--split", split, *extra, "--overwrite"]
+
+    def prepare(self, name: str, *extra: Any) -> list:
+        return ["prepare", "--dataset", "vinbig", "--root", self.data(name), "--out", self.cache(name), "--size",
+                self.size, "--overwrite", *self.settings, *extra]
+
+    def train_classifier(self, *extra: Any, data: str = "train", out: Path | None = None) -> list:
+        return ["train-classifier", "--data", self.cache(data), "--out", out or self.classifier.parent, "--overwrite",
+                *self.settings, *extra]
+
+    def calibrate(self, *extra: Any, data: str = "train") -> list:
+        return ["calibrate", "--checkpoint", self.classifier, "--data", self.cache(data), "--out", self.calibration,
+                *self.settings, *extra]
+
+    def localize(self, folder: Path, *extra: Any, data: str = "test") -> list:
+        return ["localize", "--checkpoint", self.classifier, "--data", self.cache(data), "--out", folder,
+                *self.settings, *extra]
+
+    def train_detector(self, *extra: Any, data: str = "train") -> list:
+        return ["train-detector", "--data", self.cache(data), "--out", self.detector.parent, "--overwrite",
+                *self.settings, f"detector.init={self.classifier}", *extra]
+
+    def refine(self, folder: Path, *extra: Any, data: str = "test", detector: Path | None = None) -> list:
+        return ["refine", "--classifier", self.classifier, "--detector", detector or self.detector, "--data",
+                self.cache(data),
+                "--out", folder, *self.settings, *extra]
+
+    def evaluate(self, folders: Path | list[Path], out: Path, *extra: Any, gt: str = "test") -> list:
+        preds = [a for f in (folders if isinstance(folders, list) else [folders]) for a in ("--pred", f)]
+        return ["evaluate", *preds, "--gt", self.cache(gt), "--out", out, *self.settings, *extra]
 
 
 def run_command(cli: click.Command, *args: Any) -> None:
@@ -65,58 +135,53 @@ def run_command(cli: click.Command, *args: Any) -> None:
         raise CxrcamError(f"stage failed: {line}")
 
 
+def pipeline_stages(s: PipelineSettings) -> Stages:
+    """The command lines of a :class:`PipelineSettings` run (its model, epochs and overrides on every stage)."""
+    # a small train set keeps boxes on its validation fold (calibrate's boxed set) with 2 folds, not 5
+    folds = [] if s.n_images >= SMALL or any(o.startswith("split.n_folds=") for o in s.overrides) else ["split.n_folds=2"]
+    common = [f"model.name={s.model}", f"train.epochs={s.epochs}", f"detector.backbone={s.model}",
+              f"detector.epochs={s.detector_epochs}", *folds, *s.overrides]
+    return Stages(Path(s.out), s.size, s.config, common)
+
+
 def run_pipeline(cli: click.Command, s: PipelineSettings) -> dict[str, Any]:
     """Run every stage into ``s.out`` through the command line group ``cli``; returns the summary
     (also ``summary.json`` there)."""
     command = functools.partial(run_command, cli)
     out, start = Path(s.out), time.perf_counter()
-    cfg = ["--config", s.config]
-    # a small train set keeps boxes on its validation fold (calibrate's boxed set) with 2 folds, not 5
-    folds = [] if s.n_images >= SMALL or any(o.startswith("split.n_folds=") for o in s.overrides) else ["split.n_folds=2"]
-    common = [f"model.name={s.model}", f"train.epochs={s.epochs}", f"detector.backbone={s.model}",
-              f"detector.epochs={s.detector_epochs}", *folds, *s.overrides]
+    stages = pipeline_stages(s)
     n_test = s.n_test or max(10, s.n_images // 2)
-    classifier, detector = out / "runs" / "classifier", out / "runs" / "detector"
-    train, test = out / "cache" / "train", out / "cache" / "test"
     normal = [] if s.normal_fraction is None else ["--normal-fraction", s.normal_fraction]
     for split, n, seed in (("train", s.n_images, s.seed), ("test", n_test, s.seed + 1000)):
-        if not (s.reuse and (out / "cache" / split / "cache.json").is_file()):
-            command("synth", "--out", out / "data" / split, "--n-images", n, "--seed", seed,
-                        "--size", int(s.size * 1.5), "--split", split, *normal, "--overwrite")
-            command("prepare", "--dataset", "vinbig", "--root", out / "data" / split, "--out", out / "cache" / split,
-                    "--size", s.size, "--overwrite", *cfg, *common)
-    if not (s.reuse and (classifier / "best.pt").is_file()):
-        command("train-classifier", "--data", train, "--out", classifier, "--overwrite", *cfg, *common)
+        if not (s.reuse and (stages.cache(split) / "cache.json").is_file()):
+            command(*stages.synth(split, n, seed, *normal, split=split))
+            command(*stages.prepare(split))
+    if not (s.reuse and stages.classifier.is_file()):
+        command(*stages.train_classifier())
     no_images = [] if s.pictures else ["--no-images"]
-    calibration = out / "calibration.json"
-    command("calibrate", "--checkpoint", classifier / "best.pt", "--data", train, "--out", calibration,
-                *cfg, *common)
-    localize = ["localize", "--checkpoint", classifier / "best.pt", "--data", test]
-    command(*localize, "--out", out / "localize", "--threshold", 0.65, *no_images, *cfg, *common)
-    command(*localize, "--out", out / "calibrated", "--threshold", calibration, "--no-images", *cfg, *common)
+    command(*stages.calibrate())
+    command(*stages.localize(out / "localize", "--threshold", 0.65, *no_images))
+    command(*stages.localize(out / "calibrated", "--threshold", stages.calibration, "--no-images"))
     results = {"cam": out / "localize", "calibrated": out / "calibrated"}
     if not s.cam_only:
-        weak = [f"detector.cam_proposals_from={classifier / 'best.pt'}"] if s.cam_proposals else []
-        command("train-detector", "--data", train, "--out", detector, "--overwrite", *cfg, *common,
-                    f"detector.init={classifier / 'best.pt'}", f"boxes.calibration={calibration}", *weak)
-        refine = ["refine", "--classifier", classifier / "best.pt", "--detector", detector / "best.pt", "--data", test,
-                  "--threshold", calibration]
-        command(*refine, "--out", out / "refine", *no_images, *cfg, *common)
+        weak = [f"detector.cam_proposals_from={stages.classifier}"] if s.cam_proposals else []
+        command(*stages.train_detector(f"boxes.calibration={stages.calibration}", *weak))
+        calibrated = ["--threshold", stages.calibration]
+        command(*stages.refine(out / "refine", *calibrated, *no_images))
         results["refined"] = out / "refine"
         if s.plain:  # the ablations: the detector alone, and gated without CAM proposals
             for name, gate in (("plain", "none"), ("gated", "product")):
-                command(*refine, "--out", out / name, "--no-images", *cfg, *common, "refine.proposals=rpn",
-                            f"refine.gate={gate}")
+                command(*stages.refine(out / name, *calibrated, "--no-images", "refine.proposals=rpn",
+                                       f"refine.gate={gate}"))
                 results[name] = out / name
     metrics = {}
     for name, folder in results.items():
-        command("evaluate", "--pred", folder, "--gt", test, "--out", folder / "eval", "--ci", *cfg, *common,
-                *([] if name in ("cam", "calibrated") else ["--no-control"]))
+        command(*stages.evaluate(folder, folder / "eval", "--ci",
+                                 *([] if name in ("cam", "calibrated") else ["--no-control"])))
         metrics[name] = json.loads((folder / "eval" / "metrics.json").read_text())
     comparison = None
     if "refined" in results:  # does refinement beat the CAM boxes it starts from, beyond noise? (paired)
-        command("evaluate", "--pred", results["calibrated"], "--pred", results["refined"], "--gt", test, "--out",
-                out / "comparison", *cfg, *common)
+        command(*stages.evaluate([results["calibrated"], results["refined"]], out / "comparison"))
         comparison = json.loads((out / "comparison" / "comparison.json").read_text())
     summary = _summary(metrics, out, time.perf_counter() - start, comparison)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -182,4 +247,4 @@ def summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PipelineSettings", "run_pipeline", "summary_table", "run_command"]
+__all__ = ["PipelineSettings", "Stages", "pipeline_stages", "run_pipeline", "summary_table", "run_command", "TINY"]

@@ -12,16 +12,16 @@ import torch
 from torch import nn
 
 from cxrcam.cam.base import BaseCAM, Probe
-from cxrcam.cam.methods import METHODS
+from cxrcam.cam.methods import GRADIENT_METHODS, METHODS
+from cxrcam.errors import CxrcamError
 
-FAST_METHODS = tuple(METHODS)
 
-
-class FastCAM(BaseCAM):
+class ClosedFormCAM(BaseCAM):
     def __init__(self, model: nn.Module, method: str = "gradcam++", info: Probe | None = None):
         super().__init__(model, method, info=info)
-        if method not in FAST_METHODS or not self.info.linear_head:
-            raise ValueError(f"closed form needs {FAST_METHODS} and a pooling + linear head")
+        if method not in GRADIENT_METHODS or not self.info.linear_head:
+            raise CxrcamError(f"the closed form needs one of {', '.join(GRADIENT_METHODS)} and a pooling + linear "
+                              f"head; {method!r} on this model has none (create_cam picks another engine)")
         self._acts: torch.Tensor | None = None
         self._hook = self.info.pool.register_forward_pre_hook(self._keep)
 
