@@ -117,7 +117,8 @@ def main() -> None:
               help="vinbig: train.csv + train/, or a labelled held-out set as test.csv + test/.")
 @click.option("--normal-fraction", type=click.FloatRange(0, 1), default=2 / 3, show_default="2/3",
               help="Share of images without findings; VinBigData's real share is 0.7 (10,606 of 15,000).")
-@click.option("--overwrite", is_flag=True, help="Replace a dataset already in --out (refused otherwise).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a dataset already in --out (refused otherwise): its table and images are removed first.")
 def synth(fmt: str, out: Path, n_images: int, seed: int, size: int, split: str, normal_fraction: float,
           overwrite: bool) -> None:
     """Write a synthetic chest X-ray dataset in a real dataset layout.
@@ -359,6 +360,7 @@ def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, m
     cxrcam localize --checkpoint runs/clf/best.pt --data cache/test --out loc/ --threshold calibration.json
     """
     from cxrcam.calibrate import calibrate as run
+    from cxrcam.cam import map_name
 
     if batch_size is not None:
         config.cam.batch_size = batch_size
@@ -369,25 +371,32 @@ def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, m
     click.echo(f"calibrated on {result.images} images in {result.seconds:.0f}s -> {out}")
     click.echo(f"{'heat map':<32}  held-out AP (at {config.boxes.threshold} / calibrated)  MaxBoxAccV2 (random maps)")
     for m in result.maps:
-        name = m["method"] + (f"@{m['target_layer']}" if m["target_layer"] else "")
+        name = map_name(m["method"], m["target_layer"])
         mark = " <- chosen" if (m["method"], m["target_layer"]) == (result.chosen["method"],
                                                                     result.chosen["target_layer"]) else ""
-        click.echo(f"{name:<32}  {m['heldout_ap_default']:.3f} / {m['heldout_ap']:.3f}"
-                   f"{'':<22}{m['maxboxacc']:.3f} ({m['control']:.3f}){mark}")
+        click.echo(f"{name:<32}  {_f3(m['heldout_ap_default'])} / {_f3(m['heldout_ap'])}"
+                   f"{'':<22}{_f3(m['maxboxacc'])} ({_f3(m['control'])}){mark}")
+    if any(_f3(m["heldout_ap"]) == "-" for m in result.maps):
+        click.echo("(-: undefined, no class has truth boxes in both halves of the calibration images)")
     click.echo(f"map: {result.chosen['why']}")
     width = max(len(n) for n in result.classes)
     click.echo(f"{'class':<{width}}  boxes  threshold  AP@{config.eval.iou_thr} (at {config.boxes.threshold})  "
                f"better setting")
     for name, e in result.classes.items():
         best = e["best_setting"]
-        better = (f"score={best['score']} min_area={best['min_area']} t={best['threshold']:.2f}: AP {best['ap']:.3f}"
+        better = (f"score={best['score']} min_area={best['min_area']} t={best['threshold']:.2f}: AP {_f3(best['ap'])}"
                   if best["ap"] > e["ap"] + 1e-9 else "-")
         note = {"class": "", "all classes": " (too few boxes: shared)"}.get(e["source"], " (kept: no held-out gain)")
-        click.echo(f"{name:<{width}}  {e['n_truth']:5d}  {e['threshold']:9.2f}  {e['ap']:.3f} ({e['ap_default']:.3f})"
+        click.echo(f"{name:<{width}}  {e['n_truth']:5d}  {e['threshold']:9.2f}  {_f3(e['ap'])} ({_f3(e['ap_default'])})"
                    f"  {better}{note}")
-    click.echo(f"mean AP over the calibrated classes: {result.mean_ap:.3f} (at {config.boxes.threshold}: "
-               f"{result.mean_ap_default:.3f}; chosen on these images, so optimistic)")
-    click.echo(f"MaxBoxAccV2 of the chosen map {result.maxboxacc:.3f} (random maps {result.maxboxacc_control:.3f})")
+    click.echo(f"mean AP over the calibrated classes: {_f3(result.mean_ap)} (at {config.boxes.threshold}: "
+               f"{_f3(result.mean_ap_default)}; chosen on these images, so optimistic)")
+    click.echo(f"MaxBoxAccV2 of the chosen map {_f3(result.maxboxacc)} (random maps {_f3(result.maxboxacc_control)})")
+
+
+def _f3(value: float | None) -> str:
+    """A figure to 3 places; "-" where it is undefined (None or NaN), never "nan"."""
+    return "-" if value is None or value != value else f"{value:.3f}"
 
 
 @main.command()
@@ -455,7 +464,11 @@ def evaluate(pred: tuple[Path, ...], gt: Path, fmt: str, json_path: Path | None,
         if len(pred) > 1:
             from cxrcam.evaluation.compare import compare, markdown
 
-            result = compare(list(pred), gt, fmt, config, lenient=lenient, out=folder, resamples=resamples, seed=seed)
+            if probs is not None:
+                warnings.warn(f"--probs {probs} is not used with several --pred: each localize folder's own "
+                              f"probabilities.csv gives its AUROC", stacklevel=1)
+            result = compare(list(pred), gt, fmt, config, lenient=lenient, out=folder, resamples=resamples, seed=seed,
+                             plots=not no_plots)
         else:
             from cxrcam.evaluation.evaluate import evaluate as run
             from cxrcam.evaluation.evaluate import markdown

@@ -15,7 +15,11 @@ def test_the_gpu_battery_runs_shrunk_on_a_cpu(tmp_path, monkeypatch, capsys):
     battery = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(battery)
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--quick", "--out", str(tmp_path / "q.json")])
+    here = tmp_path / "where it was run"
+    here.mkdir()
+    monkeypatch.chdir(here)
     battery.main()  # in this process: torch is imported once for the suite
+    assert not list(here.iterdir())  # its scratch work went to a temporary folder, now removed
     result = json.loads((tmp_path / "q.json").read_text())
     assert result["quick"] and result["precision"] == "fp32" and result["device"].startswith("CPU")
     training = result["training"]

@@ -16,7 +16,7 @@ engine here is interchangeable with the library's output, several target layers 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
 import torch
@@ -48,6 +48,12 @@ class Probe:
     target_name: str | None  # outermost module whose output is the pooling's input
     head: nn.Linear | None  # the last linear layer run
     linear_head: bool  # logits == head(mean over positions of the pooling's input)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # each module's output shape, less the batch
+
+    @property
+    def vectors(self) -> frozenset[str]:
+        """The modules whose output has no positions (B x K: the head, the pooling): nothing to map."""
+        return frozenset(n for n, shape in self.shapes.items() if len(shape) <= 1)
 
 
 def _is_pool(module: nn.Module) -> bool:
@@ -110,7 +116,8 @@ def _probe(model: nn.Module, x: torch.Tensor) -> Probe:
     linear = (pool_in is not None and head is not None and pool_in.ndim == 4
               and head.in_features == pool_in.shape[1] and logits.ndim == 2
               and torch.allclose(head(pool_in.mean((2, 3))), logits, rtol=1e-4, atol=1e-5))
-    return Probe(captured.get("pool"), names[-1] if names else None, head, bool(linear))
+    shapes = {n: tuple(out.shape[1:]) for n, out in outputs if isinstance(out, torch.Tensor)}
+    return Probe(captured.get("pool"), names[-1] if names else None, head, bool(linear), shapes)
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
@@ -164,9 +171,17 @@ def resolve_layer(model: nn.Module, name: str) -> str:
     for candidate in (name, f"backbone.{name}"):
         if candidate in names and candidate:
             return candidate
-    stages = [n for n, _ in (model.backbone if hasattr(model, "backbone") else model).named_children()]
-    raise CxrcamError(f"cam.target_layer: the model has no module {name!r}; its stages are {', '.join(stages)} "
-                      f"(several: layer3,layer4)")
+    raise CxrcamError(f"cam.target_layer: the model has no module {name!r}; {stages_text(model)}")
+
+
+def stages_text(model: nn.Module, vectors: frozenset[str] = frozenset()) -> str:
+    """The stages a map can be cut from, for an error line: the backbone's children whose output
+    has positions (``vectors``: from :func:`probe`; the head and the pooling give a vector)."""
+    backbone = model.backbone if hasattr(model, "backbone") else model
+    prefix = "backbone." if hasattr(model, "backbone") else ""
+    stages = [n for n, m in backbone.named_children()
+              if prefix + n not in vectors and not isinstance(m, nn.Linear) and not _is_pool(m)]
+    return f"its stages are {', '.join(stages)} (several: layer3,layer4)"
 
 
 class BaseCAM:
@@ -184,6 +199,11 @@ class BaseCAM:
             raise CxrcamError("cannot find the layer entering the global pooling of this model; "
                               "set cam.target_layer to a module name")
         self.target_names = [resolve_layer(model, n) for n in names]
+        flat = [n for n in self.target_names if n in self.info.vectors]
+        if flat:
+            raise CxrcamError(f"cam.target_layer: {flat[0].removeprefix('backbone.')} gives one vector per image, "
+                              f"with no positions to draw a "
+                              f"map on; {stages_text(model, self.info.vectors)}")
         self.target_layers = [model.get_submodule(n) for n in self.target_names]
 
     @property

@@ -21,6 +21,10 @@ import numpy as np
 
 from cxrcam.errors import ImageReadError
 
+# a decoder's own warning line ("[ WARN:0@2.6] global grfmt_png.cpp ...") would stand beside cxrcam's
+# failure report of the same file: errors only (each worker process imports this module too)
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
 DICOM_SUFFIXES = (".dicom", ".dcm")
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 IMAGE_SUFFIXES = DICOM_SUFFIXES + RASTER_SUFFIXES

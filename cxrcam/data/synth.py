@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -358,6 +359,13 @@ def write_dicom(path: Path, density: np.ndarray, rng: np.random.Generator) -> No
     ds.save_as(path, enforce_file_format=True)
 
 
+def written(fmt: str, split: str = "train") -> tuple[str, ...]:
+    """The files and folders a dataset of ``fmt`` (and VinBigData ``split``) consists of in its folder."""
+    if fmt == "vinbig":
+        return f"{split}.csv", split
+    return "Data_Entry_2017.csv", "BBox_List_2017.csv", "test_list.txt", "train_val_list.txt", "images"
+
+
 def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: int = 512,
                progress: bool = True, split: str = "train", overwrite: bool = False,
                normal_fraction: float = NORMAL_FRACTION) -> Path:
@@ -377,6 +385,12 @@ def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: in
     table = out / (f"{split}.csv" if fmt == "vinbig" else "Data_Entry_2017.csv")
     if table.exists() and not overwrite:
         raise CxrcamError(f"{table} exists: {out} already holds a dataset; choose another --out or pass --overwrite")
+    for name in written(fmt, split):  # --overwrite: nothing of the old dataset stays beside the new one
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     if fmt == "vinbig":
         _write_vinbig(out, n_images, seed, size, progress, split, normal_fraction)
     else:

@@ -32,7 +32,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cxrcam.errors import CxrcamError
 from cxrcam.files import checkpoint_contents, load_checkpoint
-from cxrcam.models import IMAGENET_MEAN, IMAGENET_STD, channel_stats, grey_to_channels, load_classifier, stride_kwargs
+from cxrcam.models import IMAGENET_MEAN, IMAGENET_STD, channel_stats, grey_to_channels, stride_kwargs
 
 
 class TimmFPN(nn.Module):
@@ -93,12 +93,22 @@ class CamFasterRCNN(FasterRCNN):
         return losses
 
 
-def _classifier_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple, tuple, str, int]:
-    """(timm state dict without the head, mean, std, timm name, output stride) of a classifier checkpoint."""
-    _, ckpt = load_classifier(path)
+def check_init(init: str | Path, backbone: str) -> dict:
+    """The classifier checkpoint ``detector.init``, refused where it is not a ``backbone`` classifier
+    (checked before any work: ``train-detector`` calls it first)."""
+    ckpt = load_checkpoint(init, "cpu", kind="classifier")
+    if ckpt["model_name"] != backbone:
+        raise CxrcamError(f"detector.init: {init} is a {ckpt['model_name']} classifier; detector.backbone is {backbone}: "
+                          f"set detector.backbone={ckpt['model_name']}")
+    return ckpt
+
+
+def _classifier_backbone(path: str | Path, backbone: str) -> tuple[dict[str, torch.Tensor], tuple, tuple, int]:
+    """(timm state dict without the head, mean, std, output stride) of a ``backbone`` classifier checkpoint."""
+    ckpt = check_init(path, backbone)
     prefix = "backbone."
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    return state, tuple(ckpt["mean"]), tuple(ckpt["std"]), ckpt["model_name"], ckpt.get("output_stride", 32)
+    return state, tuple(ckpt["mean"]), tuple(ckpt["std"]), ckpt.get("output_stride", 32)
 
 
 def create_detector(backbone: str, num_classes: int, size: int, init: str | Path | None = None,
@@ -117,10 +127,8 @@ def create_detector(backbone: str, num_classes: int, size: int, init: str | Path
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     state, stride = None, output_stride or 32
     if init:
-        state, mean, std, name, init_stride = _classifier_backbone(init)
+        state, mean, std, init_stride = _classifier_backbone(init, backbone)
         stride = output_stride or init_stride
-        if name != backbone:
-            raise CxrcamError(f"detector.init: {init} is a {name} classifier; detector.backbone is {backbone}")
     if backbone == "resnet50":
         dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}[stride]
         net = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d if state else nn.BatchNorm2d,

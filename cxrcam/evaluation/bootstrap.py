@@ -184,9 +184,17 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+FEW_IMAGES = 20  # below this, resampling images gives intervals that say little (often a single point)
+
+
 def bootstrap(inputs: list[Inputs], n_images: int, n: int = 1000, seed: int = 0, level: float = LEVEL) -> dict:
     """Every submission's figures with their intervals, and every pair's differences with their
-    intervals and p-values, all on the same ``n`` resamples of the ``n_images`` images."""
+    intervals and p-values, all on the same ``n`` resamples of the ``n_images`` images (a warning
+    under :data:`FEW_IMAGES`)."""
+    if n_images < FEW_IMAGES:
+        warnings.warn(f"bootstrap intervals from {n_images} image(s): a resample can only repeat these few, so the "
+                      f"intervals are degenerate or far too narrow; score at least {FEW_IMAGES} images "
+                      f"(hundreds for a useful interval)", stacklevel=3)
     point = [{k: float(v[0]) for k, v in figures(x, np.ones((1, n_images))).items()} for x in inputs]
     w_all = weights(n_images, n, seed)
     samples: list[dict[str, list[np.ndarray]]] = [{} for _ in inputs]

@@ -5,6 +5,7 @@ two-sided bootstrap p-value. Written as comparison.json, comparison.md and one p
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,16 @@ def _names(scored, preds: list[Path]) -> list[str]:
 
 
 def compare(preds: list[str | Path], gt: str | Path, fmt: str = "vinbig", config: Config = Config(),
-            lenient: bool = False, out: str | Path | None = None, resamples: int = 1000, seed: int = 0) -> dict:
+            lenient: bool = False, out: str | Path | None = None, resamples: int = 1000, seed: int = 0,
+            plots: bool = True) -> dict:
     """Score every submission against ``gt`` and compare them on the same ``resamples`` (see the
-    module docstring); with ``out``, comparison.json, comparison.md and comparison.png there."""
+    module docstring); with ``out``, comparison.json, comparison.md and (``plots``) comparison.png there."""
+    seen: dict[Path, str | Path] = {}
+    for p in preds:
+        if Path(p).resolve() in seen:
+            warnings.warn(f"{p} is given twice (as {seen[Path(p).resolve()]} too): a submission against itself differs "
+                          f"by 0 on every resample, p = 1", stacklevel=2)
+        seen.setdefault(Path(p).resolve(), p)
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +51,8 @@ def compare(preds: list[str | Path], gt: str | Path, fmt: str = "vinbig", config
     if out is not None:
         write_json(out / "comparison.json", comparison)
         atomic_write_text(out / "comparison.md", markdown(comparison))
-        _plot(comparison, out / "comparison.png")
+        if plots:
+            _plot(comparison, out / "comparison.png")
     return comparison
 
 
@@ -59,10 +68,15 @@ def _ci(f: dict | None) -> str:
     return "-" if value is None else with_interval(value, f["ci"])
 
 
+def p_text(p: float | None) -> str:
+    """A bootstrap p-value as written: ``< 0.001`` where no resample reached the other side (never 0.000)."""
+    return "-" if p is None else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def pair_sentence(a: str, b: str, f: dict, figure: str = "findings mAP@0.4") -> str:
     """``b`` against ``a`` in words: a paired difference of ``figure`` with its interval, its p-value,
     and whether that is beyond noise."""
-    p = "p < 0.001" if f["p"] < 0.001 else f"p = {f['p']:.3f}"
+    p = f"p {p_text(f['p'])}" if f["p"] < 0.001 else f"p = {p_text(f['p'])}"
     lo, hi = f["ci"]
     return (f"{b} against {a} (paired, same resamples): {figure} {f['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
             f"{p}: {'beyond noise' if beyond_noise(f) else 'not beyond noise'}")
@@ -83,8 +97,7 @@ def markdown(c: dict) -> str:
         for k in figures:
             f = pair["figures"].get(k)
             if f:
-                p = "-" if f["p"] is None else f"{f['p']:.3f}"
-                lines.append(f"| {pair['b']} | {pair['a']} | {k} | {_ci(f)} | {p} |")
+                lines.append(f"| {pair['b']} | {pair['a']} | {k} | {_ci(f)} | {p_text(f['p'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,4 +146,4 @@ def _plot(c: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-__all__ = ["compare", "markdown", "beyond_noise", "pair_sentence", "with_interval", "HEADLINE"]
+__all__ = ["compare", "markdown", "beyond_noise", "pair_sentence", "p_text", "with_interval", "HEADLINE"]

@@ -178,10 +178,18 @@ def score(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config 
     if fmt == "rsna" and truth.schema is not RSNA:
         raise CxrcamError(f"--format rsna needs RSNA ground truth; {gt} is {truth.schema.name}")
     dets, counts = _read_submission(submission, truth, fmt, lenient)
+    if not saved:  # a bare submission file: nothing says which dataset's classes its ids are
+        _check_class_ids(dets, truth, submission)
+    _check_extent(dets, truth, submission)
     metrics = {"format": fmt, "ground_truth": str(Path(gt).resolve()), "submission_label": label, "cam_boxes": cam_boxes,
                **counts,
                "iou_thr": config.eval.iou_thr}
     voc_truth, per_class = _detection_metrics(truth, dets, fmt, config.eval.iou_thr, metrics)
+    findings = dets["class_id"] != truth.schema.no_finding_id
+    if truth.complete and not len(truth.boxes) and truth.schema.no_finding_id is not None:
+        warnings.warn(f"{gt}: every truth image is normal, so mAP@{config.eval.iou_thr} is the \"No finding\" AP "
+                      f"alone and findings mAP is undefined; the {int(findings.sum())} finding boxes predicted are "
+                      f"false positives no figure here counts", stacklevel=2)
     prob_table = _read_probabilities(Path(probs) if probs else found_probs, truth.schema)
     rules, thresholds = _box_settings(saved, config, truth.schema.num_findings)
     weak, points = None, None
@@ -271,6 +279,57 @@ def _read_submission(submission: Path, truth: GroundTruth, fmt: str, lenient: bo
                   "images_without_prediction": len(truth_ids - set(dets["image_id"]))}
 
 
+# names that mean the same finding in two datasets' class lists (beside names they share)
+SAME_FINDING = {"Pleural effusion": "Effusion", "Pleural thickening": "Pleural_Thickening",
+                "Pulmonary fibrosis": "Fibrosis", "Nodule/Mass": "Nodule"}
+
+
+def _check_class_ids(dets: pd.DataFrame, truth: GroundTruth, submission: Path) -> None:
+    """A warning where a bare submission's class ids fit another dataset's class list better than the
+    truth's (VinBigData ids scored against NIH's box list), or its 1 x 1 "No finding" rows use another id."""
+    schema = truth.schema
+    corner = (dets[BOX_COLUMNS].to_numpy() == [0, 0, 1, 1]).all(1)
+    odd = dets.loc[corner & (dets["class_id"] != schema.no_finding_id), "class_id"]
+    if len(odd) and odd.nunique() == 1 and len(odd) >= max(2, 0.5 * dets["image_id"].nunique()):
+        warnings.warn(f"{submission}: {len(odd)} rows are \"0 0 1 1\" boxes of class {int(odd.iloc[0])}, the way "
+                      f"another dataset writes \"No finding\"; {schema.name}'s is "
+                      f"{schema.no_finding_id if schema.no_finding_id is not None else 'absent'}", stacklevel=3)
+    found = set(zip(dets["image_id"], dets["class_id"].astype(int)))
+    true = set(zip(truth.boxes["image_id"], truth.boxes["class_id"].astype(int)))
+    own = len(found & true)
+    for other in SCHEMAS.values():
+        if other is schema or other.num_findings < 2:
+            continue
+        as_truth = {}
+        for c, name in enumerate(other.findings):
+            try:
+                as_truth[c] = schema.class_id(SAME_FINDING.get(name, name))
+            except KeyError:
+                continue
+        theirs = len({(i, as_truth[c]) for i, c in found if c in as_truth} & true)
+        if theirs >= 5 and theirs > 2 * own:
+            warnings.warn(f"{submission}: its class ids fit {other.name}'s class list better than {schema.name}'s "
+                          f"({theirs} truth findings predicted when read as {other.name} classes, {own} as "
+                          f"{schema.name}): was it made for {other.name}? Its boxes are scored as {schema.name} "
+                          f"classes", stacklevel=3)
+
+
+def _check_extent(dets: pd.DataFrame, truth: GroundTruth, submission: Path) -> None:
+    """A warning for boxes reaching beyond twice their image's size (where sizes are known): another
+    frame's coordinates (a cache's, or scaled twice), scored as they are."""
+    if not truth.sizes or not len(dets):
+        return
+    hw = np.array([truth.sizes.get(i, (np.nan, np.nan)) for i in dets["image_id"]], np.float64)
+    b = dets[BOX_COLUMNS].to_numpy(np.float64)
+    far = (b[:, 0] < -hw[:, 1]) | (b[:, 1] < -hw[:, 0]) | (b[:, 2] > 2 * hw[:, 1]) | (b[:, 3] > 2 * hw[:, 0])
+    if far.any():
+        k = int(np.flatnonzero(far)[0])
+        warnings.warn(f"{submission}: {int(far.sum())} of {len(dets)} boxes reach beyond twice their image's size "
+                      f"(e.g. {dets['image_id'].iloc[k]}, {hw[k, 1]:g} x {hw[k, 0]:g} px: box "
+                      f"{', '.join(f'{v:g}' for v in b[k])}): coordinates in another frame? They are scored as they "
+                      f"are", stacklevel=3)
+
+
 def _detection_metrics(truth: GroundTruth, dets: pd.DataFrame, fmt: str, iou_thr: float, metrics: dict
                        ) -> tuple[pd.DataFrame, list[ClassAP]]:
     """VOC mAP (with VinBigData's "No finding" where the truth is complete), COCO or RSNA into
@@ -302,7 +361,24 @@ def _read_probabilities(probs: Path | None, schema: Schema) -> pd.DataFrame | No
             raise CxrcamError(f"{probs} holds {other} class probabilities; the ground truth is {schema.name}: "
                               f"evaluate against the same dataset")
         raise CxrcamError(f"{probs}: missing class column(s) {', '.join(missing)}")
-    return table[["image_id", *schema.findings]]
+    table = table[["image_id", *schema.findings]]
+    values = table[list(schema.findings)].apply(pd.to_numeric, errors="coerce")
+    bad = values.isna() | ~np.isfinite(values)
+    if bad.to_numpy().any():  # text, blanks, NaN or inf: not a probability at all
+        row, col = np.argwhere(bad.to_numpy())[0]
+        raise CxrcamError(f"{probs} row {row + 2} ({table.iat[row, 0]}): {schema.findings[col]} is "
+                          f"{table.iat[row, col + 1]!r}, not a probability ({int(bad.to_numpy().sum())} such value(s))")
+    repeated = table["image_id"][table["image_id"].duplicated(keep=False)]
+    if len(repeated):
+        rows = ", ".join(str(r + 2) for r in np.flatnonzero(table["image_id"].to_numpy() == repeated.iloc[0]))
+        raise CxrcamError(f"{probs} rows {rows}: image {repeated.iloc[0]!r} is listed more than once")
+    outside = (values < 0) | (values > 1)
+    if outside.to_numpy().any():
+        row, col = np.argwhere(outside.to_numpy())[0]
+        warnings.warn(f"{probs}: {int(outside.to_numpy().sum())} value(s) outside [0, 1] (row {row + 2}, "
+                      f"{schema.findings[col]}: {values.iat[row, col]:g}): logits rather than probabilities? AUROC "
+                      f"ranks them as they are; sensitivity and specificity use thresholds in [0, 1]", stacklevel=3)
+    return table.assign(**{c: values[c] for c in schema.findings})
 
 
 def _weak_metrics(truth: GroundTruth, dets: pd.DataFrame, voc_truth: pd.DataFrame, points: pd.Series | None,
@@ -334,6 +410,10 @@ def _classification(truth: GroundTruth, prob_table: pd.DataFrame, thresholds: np
 
     schema = truth.schema
     joined = truth.labels.merge(prob_table, on="image_id")
+    if len(joined) < len(truth.labels):
+        warnings.warn(f"{len(truth.labels) - len(joined)} of {len(truth.labels)} ground-truth images have no "
+                      f"probabilities" + ("; no AUROC (the probabilities are of other images)" if not len(joined)
+                                          else ": AUROC over the rest"), stacklevel=3)
     labels, probs = joined[target_columns(schema)].to_numpy(), joined[list(schema.findings)].to_numpy()
     per = auroc_per_class(labels, probs)
     sens, spec = sensitivity_specificity(labels, probs, thresholds)

@@ -19,6 +19,7 @@ import base64
 import html
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def write_report(run: str | Path, out: str | Path, embed: bool = False, max_pict
         raise CxrcamError(f"run folder not found: {run}")
     caches = sorted(p.parent for p in run.rglob("cache.json"))
     runs = sorted(p.parent for p in run.rglob("metrics.csv") if (p.parent / "last.pt").is_file())
-    evals = sorted(p for p in run.rglob("metrics.json") if {"map", "auroc"} & _json(p).keys())
+    evals = _evaluations(run)
     predictions = sorted(p.parent for p in run.rglob("localize.json"))
     if not (caches or runs or evals or predictions):
         raise CxrcamError(f"nothing to report under {run}: no cache, training run, evaluate or localize output")
@@ -52,6 +53,52 @@ def write_report(run: str | Path, out: str | Path, embed: bool = False, max_pict
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
     return out
+
+
+def _evaluations(run: Path) -> list[Path]:
+    """The ``evaluate`` outputs (metrics.json) under ``run``; one that cannot be read, or whose figures
+    are not numbers (a hand-edited file), is named in a warning and left out."""
+    found = []
+    for path in sorted(run.rglob("metrics.json")):
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"{path}: not readable as JSON ({exc}): left out of the report", stacklevel=2)
+            continue
+        if not isinstance(m, dict):
+            warnings.warn(f"{path}: holds a {type(m).__name__}, not evaluate's metrics: left out of the report",
+                          stacklevel=2)
+            continue
+        if not {"map", "auroc"} & m.keys():
+            continue  # another tool's metrics.json
+        problem = _malformed(m)
+        if problem:
+            warnings.warn(f"{path}: {problem}: left out of the report", stacklevel=2)
+            continue
+        found.append(path)
+    return found
+
+
+def _malformed(m: dict) -> str | None:
+    """What in an evaluate metrics.json is not of the form evaluate writes (None: nothing)."""
+    def number(v) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    for key in ("map", "mean_auroc", "control_map", "iou_thr"):
+        if key in m and not number(m[key]):
+            return f'"{key}" is {m[key]!r}, not a number'
+    for key in ("ap", "auroc", "n_truth", "control_ap"):
+        if key in m and not (isinstance(m[key], dict) and all(map(number, m[key].values()))):
+            return f'"{key}" is not a table of numbers by class'
+    if "ci" in m and not (isinstance(m["ci"], dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(map(number, v)) for v in m["ci"].values())):
+        return '"ci" is not a table of [low, high] intervals'
+    for key in ("localization", "maxboxacc"):
+        rows = m.get(key, [])
+        if not (isinstance(rows, list) and all(isinstance(r, dict) and {"source", "class"} <= r.keys() and all(
+                number(v) for k, v in r.items() if k not in ("source", "class")) for r in rows)):
+            return f'"{key}" is not a list of rows of numbers'
+    return None
 
 
 def _json(path: Path) -> dict:
@@ -298,7 +345,8 @@ def _gallery(folder: Path, run: Path, page_dir: Path, embed: bool, max_pictures:
         pred = sorted(set(g.loc[g["pred_x_min"].notna(), "class_id"].astype(int)))
         caption = ", ".join([*(f"&#10003; {schema.class_name(c)}" for c in hit),
                              *(f"&#10007; {schema.class_name(c)}" for c in miss)]) or "no truth boxes"
-        imgs = "".join(_thumbnail(paths[kind], kind, page_dir, embed) for kind in ("gtimage", "pred"))
+        imgs = "".join(_thumbnail(paths[kind], kind, page_dir, embed) for kind in ("gtimage", "pred")
+                       if paths[kind].is_file())  # no link to a picture that is not there
         cards.append(f'<figure class="card" data-truth="{" ".join(map(str, sorted({*hit, *miss})))}" '
                      f'data-hit="{" ".join(map(str, hit))}" data-miss="{" ".join(map(str, miss))}" '
                      f'data-pred="{" ".join(map(str, pred))}">{imgs}<figcaption><code>{html.escape(image_id)}'

@@ -45,13 +45,14 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             build = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build"
-            raise CxrcamError(f"--device {name}: torch sees no CUDA device on this machine (torch {torch.__version__}, "
-                              f"{build}); use --device cpu")
+            raise CxrcamError(f"device {name} (--device, or runtime.device in the config): torch sees no CUDA device on "
+                              f"this machine (torch {torch.__version__}, {build}); use --device cpu")
         index = int(name.split(":")[1]) if ":" in name else local_rank
         if index >= torch.cuda.device_count():
-            raise CxrcamError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise CxrcamError(f"device {name} (--device, or runtime.device in the config): this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
         return torch.device("cuda", index)
-    raise CxrcamError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+    raise CxrcamError(f"device {name!r} (--device, or runtime.device in the config): choose auto, cpu, cuda or cuda:N")
 
 
 def setup(device: str = "auto") -> DistInfo:

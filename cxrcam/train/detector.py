@@ -31,7 +31,7 @@ from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
 from cxrcam.data.dataset import image_tensor, train_transforms
 from cxrcam.data.images import read_image
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, target_columns
-from cxrcam.detection.model import create_detector, to_detector_input
+from cxrcam.detection.model import check_init, create_detector, to_detector_input
 from cxrcam.detection.pseudo import PROPOSAL_COLUMNS, cam_training_boxes
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import voc_map
@@ -211,6 +211,8 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
     start = start_run(config, data, out, resume, overwrite, dcfg.seed)
     info, cache, train_rows, val_rows = start.info, start.cache, start.train_rows, start.val_rows
     cuda = info.device.type == "cuda"
+    if dcfg.init:  # a wrong detector.init stops the run before the CAM pass, not after it
+        check_init(dcfg.init, dcfg.backbone)
 
     # --- data: truth boxes, CAM pseudo-boxes where there are none, CAM proposals
     sup = _supervision(cache, config, info, train_rows, val_rows, Path(out), resume, progress)

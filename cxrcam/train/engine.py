@@ -192,17 +192,20 @@ def restore_last(run: Run, out: Path, scaler, device: torch.device, precision: s
     if saved != precision:
         raise CxrcamError(f"{path} trained in {saved}; this run would continue in {precision}: set {section}.amp={saved}")
     planned = ckpt.get("config", {}).get(section, {}).get("epochs")
-    if planned is not None and planned != run.epochs:
+    done = len(ckpt["history"])  # one history row per finished epoch
+    if planned is not None and planned != run.epochs and done < run.epochs:
+        change = "stretched" if run.epochs > planned else "shortened"
         warnings.warn(f"{path} was trained on a {planned}-epoch schedule and resumes to {run.epochs} epochs: its "
-                      f"learning-rate schedule ({section}.scheduler) is stretched to the new length mid-run, so the rate "
-                      f"jumps from where the run had brought it (after a finished cosine run, from 0 back to the middle "
-                      f"of the curve)", stacklevel=2)
+                      f"learning-rate schedule ({section}.scheduler) is {change} to the new length mid-run, so the rate "
+                      f"jumps from where the run had brought it"
+                      + (" (after a finished cosine run, from 0 back to the middle of the curve)"
+                         if change == "stretched" else ""), stacklevel=2)
     run.raw_model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"].cpu())
-    return len(ckpt["history"]), ckpt["best"], ckpt["history"]  # one history row per finished epoch
+    return done, ckpt["best"], ckpt["history"]
 
 
 def fit(run: Run, out: str | Path, info: dist.DistInfo, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -214,9 +217,12 @@ def fit(run: Run, out: str | Path, info: dist.DistInfo, resume: bool = False, pr
     start_epoch, best, history = (restore_last(run, out, scaler, info.device, precision) if resume
                                   else (0, -math.inf, []))
     if info.is_main:
+        where = (f", resuming at epoch {start_epoch + 1} of {run.epochs}" if resume and start_epoch < run.epochs
+                 else f": {out / 'last.pt'} has finished {start_epoch} epochs, nothing to train (raise "
+                      f"{run.section}.epochs to train on)" if resume else "")
         tqdm.write(f"{run.name}: {run.arch} on {info.device}"
                    f"{f' x {info.world_size} processes' if info.distributed else ''}, precision {precision} "
-                   f"({run.section}.amp={run.amp})" + (f", resuming at epoch {start_epoch + 1}" if resume else ""))
+                   f"({run.section}.amp={run.amp}){where}")
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)  # a checkpoint cut short by a kill: hundreds of MB for a ResNet-50
     writer = _tensorboard(out) if info.is_main else None
