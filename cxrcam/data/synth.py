@@ -21,6 +21,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from cxrcam.data.profiles import load_profile
 from cxrcam.errors import CxrcamError
 from cxrcam.runtime.progress import progress_bar
 from cxrcam.schemas import NIH, VINBIG
@@ -288,29 +289,267 @@ class SynthImage:
 
 
 def synth_image(fmt: str, h: int, w: int, rng: np.random.Generator,
-                normal_fraction: float = NORMAL_FRACTION) -> SynthImage:
-    """One phantom; findings drawn uniformly, 1-3 of them on abnormal images."""
-    d, anatomy = render_normal(h, w, rng)
+                normal_fraction: float = NORMAL_FRACTION,
+                base: tuple[np.ndarray, Anatomy] | None = None) -> SynthImage:
+    """One phantom (or ``base``: a real background and the anatomy assumed for it) with findings
+    drawn uniformly, 1-3 of them on abnormal images: the ``uniform`` profile."""
+    d, anatomy = render_normal(h, w, rng) if base is None else base
     looks = list(LOOKS[fmt].values())
     findings = []
     if rng.random() >= normal_fraction:
         n = int(rng.choice([1, 1, 1, 2, 2, 3]))
         for cid in rng.choice(len(looks), size=n, replace=False):
             findings.append((int(cid), looks[cid](d, anatomy, rng)))
-    d += rng.normal(0, 0.012, d.shape).astype(np.float32)
-    d = cv2.GaussianBlur(d, (0, 0), 0.7)
-    return SynthImage(np.clip(d, 0, 1), findings)
+    return SynthImage(_finish(d, rng), findings)
+
+
+def _finish(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Detector noise and blur over the whole image, in [0, 1]."""
+    d = d + rng.normal(0, 0.012, d.shape).astype(np.float32)
+    return np.clip(cv2.GaussianBlur(d, (0, 0), 0.7), 0, 1)
+
+
+# --- profiles drawn from the real tables (cxrcam.data.profiles): the finding sets, readers and box
+# geometry are the release's; each lesion's look is ours, fitted to the box drawn for it.
+
+def _local(box: Box, shape: tuple[int, int]) -> tuple[slice, slice, np.ndarray, np.ndarray]:
+    """The box's pixels (rows, columns) and coordinates across it in [-1, 1] (u: x, v: y)."""
+    h, w = shape
+    x0, y0, x1, y1 = (int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3])))
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(max(x1, x0 + 1), w), min(max(y1, y0 + 1), h)
+    u, v = np.meshgrid(np.linspace(-1, 1, x1 - x0, dtype=np.float32), np.linspace(-1, 1, y1 - y0, dtype=np.float32))
+    return slice(y0, y1), slice(x0, x1), u, v
+
+
+def _fit_blob(gain: float, blur: float, stripes: bool = False):
+    """A soft ellipse filling the box (``stripes``: crossed by dark air bronchograms)."""
+    def draw(d, box, rng):
+        rows, cols, u, v = _local(box, d.shape)
+        mask = u ** 2 + v ** 2 <= 1
+        add = gain * _soft(mask, blur * max(mask.shape))
+        if stripes:
+            angle = rng.uniform(0.5, 1.2)
+            add[(np.abs(np.sin((u * np.cos(angle) + v * np.sin(angle)) * 6)) < 0.15) & mask] -= 0.2
+        d[rows, cols] += add
+    return draw
+
+
+def _fit_dense(level: float):
+    """An organ outline grown to the box (heart, aortic knob): its ellipse at least this dense."""
+    def draw(d, box, rng):
+        rows, cols, u, v = _local(box, d.shape)
+        region = d[rows, cols]
+        inside = u ** 2 + v ** 2 <= 1
+        region[inside] = np.maximum(region[inside], level)
+    return draw
+
+
+def _fit_band(d, box, rng):  # atelectasis: a plate-like band along the box's long axis
+    rows, cols, u, v = _local(box, d.shape)
+    across = v if (cols.stop - cols.start) >= (rows.stop - rows.start) else u
+    d[rows, cols] += 0.4 * _soft(np.abs(across + rng.uniform(-0.3, 0.3)) < 0.3, 1)
+
+
+def _fit_dots(d, box, rng):  # calcification: a few tiny, very dense dots
+    rows, cols, u, v = _local(box, d.shape)
+    for _ in range(int(rng.integers(2, 6))):
+        cu, cv_, r = rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(0.2, 0.4)
+        d[rows, cols][((u - cu) / r) ** 2 + ((v - cv_) / r) ** 2 <= 1] += 0.65
+
+
+def _fit_ring(d, box, rng):  # other lesion: a cavity's dense ring
+    rows, cols, u, v = _local(box, d.shape)
+    r = np.sqrt(u ** 2 + v ** 2)
+    d[rows, cols][(r <= 1) & (r >= 0.6)] += 0.4
+
+
+def _fit_meniscus(d, box, rng):  # effusion: fluid filling the box from below, its top curved
+    rows, cols, u, v = _local(box, d.shape)
+    d[rows, cols][v > -1 + 0.6 * (1 - u ** 2)] = 0.55
+
+
+def _fit_air(d, box, rng):  # pneumothorax: no lung markings, a thin pleural line at its inner edge
+    rows, cols, u, v = _local(box, d.shape)
+    inside = u ** 2 + v ** 2 <= 1
+    line = inside & (u ** 2 + v ** 2 >= 0.8)
+    region = d[rows, cols]
+    region[inside] = 0.05
+    region[line] = 0.32
+
+
+def _fit_wall(d, box, rng):  # pleural thickening: a dense band along the box's outer (chest-wall) side
+    rows, cols, u, v = _local(box, d.shape)
+    outer = -u if (cols.start + cols.stop) / 2 < d.shape[1] / 2 else u
+    d[rows, cols][outer > 0.3] = 0.5
+
+
+def _fit_net(period: float, gain: float):  # ILD, fibrosis: a reticular net inside the box's ellipse
+    def draw(d, box, rng):
+        rows, cols, u, v = _local(box, d.shape)
+        net = (np.abs(np.sin(u * np.pi / period + rng.uniform(0, 6))) < 0.25) | \
+              (np.abs(np.sin(v * np.pi / period + rng.uniform(0, 6))) < 0.25)
+        d[rows, cols][net & (u ** 2 + v ** 2 <= 1)] += gain
+    return draw
+
+
+def _fit_lucent(d, box, rng):  # emphysema: hyperlucent, sparse markings
+    rows, cols, u, v = _local(box, d.shape)
+    region = d[rows, cols]
+    inside = u ** 2 + v ** 2 <= 1
+    region[inside] = 0.05 + 0.3 * (region[inside] - 0.14)
+
+
+def _fit_bubble(d, box, rng):  # hernia: a gas bubble with a dense rim
+    rows, cols, u, v = _local(box, d.shape)
+    r = np.sqrt(u ** 2 + v ** 2)
+    region = d[rows, cols]
+    region[r <= 1] = 0.25
+    region[(r <= 1) & (r > 0.8)] = 0.75
+
+
+FITTED: dict[str, Callable] = {  # by class name, both datasets
+    "Aortic enlargement": _fit_dense(0.64), "Cardiomegaly": _fit_dense(0.66), "Atelectasis": _fit_band,
+    "Calcification": _fit_dots, "Consolidation": _fit_blob(0.42, 0.006, stripes=True), "ILD": _fit_net(0.12, 0.16),
+    "Infiltration": _fit_blob(0.17, 0.02), "Lung Opacity": _fit_blob(0.26, 0.012), "Pneumonia": _fit_blob(0.26, 0.012),
+    "Nodule/Mass": _fit_blob(0.38, 0.003), "Nodule": _fit_blob(0.38, 0.002), "Mass": _fit_blob(0.4, 0.004),
+    "Other lesion": _fit_ring, "Pleural effusion": _fit_meniscus, "Effusion": _fit_meniscus,
+    "Pleural thickening": _fit_wall, "Pleural_Thickening": _fit_wall, "Pneumothorax": _fit_air,
+    "Pulmonary fibrosis": _fit_net(0.3, 0.22), "Fibrosis": _fit_net(0.3, 0.22), "Edema": _fit_blob(0.2, 0.05),
+    "Emphysema": _fit_lucent, "Hernia": _fit_bubble,
+}
+
+
+def _pixels(row, w: int, h: int) -> Box:
+    """A geometry row (cx, cy, width, height shares) as a box in a w x h image, at least 2 px a side."""
+    cx, cy, bw, bh = row
+    bw, bh = max(bw * w, 2.0), max(bh * h, 2.0)
+    x0, y0 = min(max(cx * w - bw / 2, 0.0), w - 2.0), min(max(cy * h - bh / 2, 0.0), h - 2.0)
+    return float(round(x0)), float(round(y0)), float(round(min(x0 + bw, w))), float(round(min(y0 + bh, h)))
+
+
+def _finding_set(profile: dict, rng: np.random.Generator) -> list[int]:
+    sets, counts = profile["_sets"]
+    return sets[int(rng.choice(len(sets), p=counts))]
+
+
+def prepared(profile: dict) -> dict:
+    """A loaded profile with its sampling arrays ready (sets as probabilities)."""
+    if "_sets" not in profile:
+        counts = np.array([c for _, c in profile["sets"]], np.float64)
+        profile["_sets"] = ([ids for ids, _ in profile["sets"]], counts / counts.sum())
+    return profile
+
+
+@dataclass
+class Reading:
+    """One image of a profile: its findings' boxes (what is drawn) and each reader's boxes."""
+
+    findings: list[tuple[int, Box]]  # class id, drawn box (pixels)
+    marks: list[tuple[str, int, Box]]  # reader, class id, box: the label table's rows
+    readers: list[str]
+
+
+def read_vinbig(profile: dict, rng: np.random.Generator, w: int, h: int, normal_fraction: float,
+                split: str = "train") -> Reading:
+    """Draw one VinBigData image's truth from the profile: a finding set; per finding, how many of
+    the 3 readers mark it and how many boxes each draws, the boxes from the class's geometry and each
+    reader's jittered copy. ``split="test"``: one consensus reading (every finding once, no jitter)."""
+    readers = ["consensus"] if split == "test" else [f"R{k}" for k in rng.choice(np.arange(1, 18), 3, replace=False)]
+    if rng.random() < normal_fraction:
+        return Reading([], [], readers)
+    findings, marks = [], []
+    for cid in _finding_set(profile, rng):
+        stats = profile["classes"][VINBIG.findings[cid]]
+        geometry = stats["geometry"]
+        per_box = np.array(stats["boxes_per_reader"]) / np.sum(stats["boxes_per_reader"])
+        k = 1 if split == "test" else 1 + int(rng.choice(3, p=np.array(stats["readers"]) / np.sum(stats["readers"])))
+        marking = rng.choice(len(readers), k, replace=False)
+        n_boxes = [1 + int(rng.choice(len(per_box), p=per_box)) for _ in marking]
+        pool = [_pixels(geometry[int(rng.integers(len(geometry)))], w, h) for _ in range(max(n_boxes))]
+        findings += [(cid, box) for box in pool]  # each lesion drawn is marked by one reader at least
+        sd = 0.0 if split == "test" else 1.4826 * stats["jitter"]  # the median absolute offset as a normal's sd
+        for r, n_box in zip(marking, n_boxes):
+            marks += [(readers[r], cid, box if sd == 0 else _jitter(box, rng, w, h, sd)) for box in pool[:n_box]]
+    return Reading(findings, marks, readers)
+
+
+def read_nih(profile: dict, rng: np.random.Generator, size: int, normal_fraction: float) -> list[tuple[int, Box | None]]:
+    """Draw one NIH image's findings from the profile: (class id, box from the box list's geometry for
+    the 8 boxed classes; None for the 6 label-only ones)."""
+    if rng.random() < normal_fraction:
+        return []
+    out = []
+    for cid in _finding_set(profile, rng):
+        geometry = profile["classes"].get(NIH.findings[cid], {}).get("geometry")
+        out.append((cid, _pixels(geometry[int(rng.integers(len(geometry)))], size, size) if geometry else None))
+    return out
+
+
+# --- real anatomy: findings inserted into the user's normal radiographs
+
+class Backgrounds:
+    """Normal radiographs (``--backgrounds DIR``) for findings to be inserted into, split between the
+    training and the test sets by file (the test anatomy is unseen), each use augmented: a flip, a crop,
+    a gamma and contrast change and a small elastic warp. A finding is added in the display
+    (log-attenuation) domain, where attenuations add, as lesion-insertion studies blend."""
+
+    def __init__(self, folder: str | Path, split: str):
+        from cxrcam.data.images import IMAGE_SUFFIXES, read_image
+
+        files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise CxrcamError(f"--backgrounds {folder}: no images (DICOM, PNG, JPEG) found")
+        test = [f for f in files if zlib_half(f.name)] or files[-1:]
+        chosen = test if split == "test" else ([f for f in files if f not in test] or files)
+        self.images = []
+        for f in chosen:
+            try:
+                self.images.append(read_image(f).image.astype(np.float32) / 255)
+            except Exception as exc:  # noqa: BLE001 - a background that cannot be read is named, not fatal
+                import warnings
+
+                warnings.warn(f"--backgrounds: {f} is left out ({exc})", stacklevel=2)
+        if not self.images:
+            raise CxrcamError(f"--backgrounds {folder}: none of the {split} backgrounds could be read")
+        self.files = chosen
+
+    def draw(self, h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, Anatomy]:
+        """One augmented background at h x w, and the phantom's anatomy as its assumed geometry."""
+        image = self.images[int(rng.integers(len(self.images)))]
+        ih, iw = image.shape
+        keep = rng.uniform(0.85, 1.0)
+        ch, cw = int(ih * keep), int(iw * keep)
+        y, x = int(rng.integers(0, ih - ch + 1)), int(rng.integers(0, iw - cw + 1))
+        d = cv2.resize(image[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_AREA)
+        if rng.random() < 0.5:
+            d = d[:, ::-1]
+        d = np.clip((d ** rng.uniform(0.8, 1.25) - 0.5) * rng.uniform(0.85, 1.15) + 0.5, 0, 1)
+        flow = [cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), w / 8) for _ in range(2)]
+        flow = [f / (np.abs(f).max() + 1e-6) * 0.01 * w for f in flow]
+        gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+        d = cv2.remap(np.ascontiguousarray(d, np.float32), gx + flow[0], gy + flow[1], cv2.INTER_LINEAR,
+                      borderMode=cv2.BORDER_REFLECT)
+        return d.astype(np.float32), Anatomy(h, w, [(0.31, 0.44, 0.14, 0.29), (0.69, 0.44, 0.13, 0.29)],
+                                             (0.55, 0.63, 0.12, 0.1), (0.565, 0.27, 0.03))
+
+
+def zlib_half(name: str) -> bool:
+    """Whether a background file goes to the test set (a stable third of the files, by name)."""
+    import zlib
+
+    return zlib.crc32(name.encode()) % 3 == 0
 
 
 def _image_id(seed: int, index: int) -> str:
     return hashlib.md5(f"cxrcam-{seed}-{index}".encode()).hexdigest()
 
 
-def _jitter(box: Box, rng: np.random.Generator, w: int, h: int) -> Box:
+def _jitter(box: Box, rng: np.random.Generator, w: int, h: int, sd: float = 0.06) -> Box:
+    """One reader's copy of a box: each edge moved by a normal share ``sd`` of the box's side."""
     x0, y0, x1, y1 = box
     bw, bh = x1 - x0, y1 - y0
-    x0, x1 = x0 + rng.normal(0, 0.06) * bw, x1 + rng.normal(0, 0.06) * bw
-    y0, y1 = y0 + rng.normal(0, 0.06) * bh, y1 + rng.normal(0, 0.06) * bh
+    x0, x1 = x0 + rng.normal(0, sd) * bw, x1 + rng.normal(0, sd) * bw
+    y0, y1 = y0 + rng.normal(0, sd) * bh, y1 + rng.normal(0, sd) * bh
     x0, x1 = sorted((min(max(x0, 0), w - 1), min(max(x1, 1), w)))
     y0, y1 = sorted((min(max(y0, 0), h - 1), min(max(y1, 1), h)))
     return float(round(x0)), float(round(y0)), float(round(max(x1, x0 + 2))), float(round(max(y1, y0 + 2)))
@@ -366,17 +605,36 @@ def written(fmt: str, split: str = "train") -> tuple[str, ...]:
     return "Data_Entry_2017.csv", "BBox_List_2017.csv", "test_list.txt", "train_val_list.txt", "images"
 
 
+PROFILES = ("vinbig", "nih", "uniform")  # the tables a set is drawn from; uniform: the generator of before
+
+
 def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: int = 512,
                progress: bool = True, split: str = "train", overwrite: bool = False,
-               normal_fraction: float = NORMAL_FRACTION) -> Path:
-    """Write a dataset of ``n_images`` phantoms in the real layout of ``fmt`` (vinbig, nih), each
-    normal with probability ``normal_fraction`` (an image's other draws do not depend on it).
-    VinBigData ``split="test"``: a labelled held-out set, ``test.csv`` + ``test/``. A folder that
-    already holds a dataset is refused unless ``overwrite`` (its tables would no longer match)."""
+               normal_fraction: float | None = None, profile: str | None = None,
+               backgrounds: str | Path | None = None) -> Path:
+    """Write a dataset of ``n_images`` images in the real layout of ``fmt`` (vinbig, nih).
+
+    ``profile`` (default: ``fmt``'s own) draws the finding sets, readers and boxes from the
+    release's statistics (:mod:`cxrcam.data.profiles`); ``uniform`` is the earlier generator (a flat
+    class mix, 1-3 findings), which reproduces old figures. Each image is normal with probability
+    ``normal_fraction`` (default: the profile's; 2/3 for uniform). ``backgrounds``: a folder of
+    normal radiographs the findings are inserted into (:class:`Backgrounds`) instead of a phantom.
+    VinBigData ``split="test"``: a labelled held-out set, ``test.csv`` + ``test/`` (with a profile, one
+    consensus reading per finding). A folder that already holds a dataset is refused unless
+    ``overwrite``; its files are then removed first."""
     if fmt not in LOOKS:
         raise CxrcamError(f"unknown synthetic format {fmt!r}; choose vinbig or nih")
+    profile = profile or fmt
+    if profile not in PROFILES:
+        raise CxrcamError(f"unknown synthetic profile {profile!r}; choose {', '.join(PROFILES)}")
+    if profile not in (fmt, "uniform"):
+        raise CxrcamError(f"--profile {profile} draws {profile}'s classes; --format {fmt} takes --profile {fmt} "
+                          f"or uniform")
     if n_images < 1:
         raise CxrcamError("--n-images must be at least 1")
+    stats = None if profile == "uniform" else prepared(load_profile(profile))
+    if normal_fraction is None:
+        normal_fraction = NORMAL_FRACTION if stats is None else stats["normal_share"]
     if not 0 <= normal_fraction <= 1:
         raise CxrcamError(f"--normal-fraction must be in [0, 1], got {normal_fraction}")
     out = Path(out)
@@ -385,6 +643,7 @@ def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: in
     table = out / (f"{split}.csv" if fmt == "vinbig" else "Data_Entry_2017.csv")
     if table.exists() and not overwrite:
         raise CxrcamError(f"{table} exists: {out} already holds a dataset; choose another --out or pass --overwrite")
+    real = Backgrounds(backgrounds, split) if backgrounds else None
     for name in written(fmt, split):  # --overwrite: nothing of the old dataset stays beside the new one
         path = out / name
         if path.is_dir():
@@ -392,14 +651,14 @@ def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: in
         else:
             path.unlink(missing_ok=True)
     if fmt == "vinbig":
-        _write_vinbig(out, n_images, seed, size, progress, split, normal_fraction)
+        _write_vinbig(out, n_images, seed, size, progress, split, normal_fraction, stats, real)
     else:
-        _write_nih(out, n_images, seed, size, progress, normal_fraction)
+        _write_nih(out, n_images, seed, size, progress, normal_fraction, stats, real)
     return out
 
 
 def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split: str,
-                  normal_fraction: float) -> None:
+                  normal_fraction: float, profile: dict | None = None, backgrounds: Backgrounds | None = None) -> None:
     (out / split).mkdir(parents=True, exist_ok=True)
     readers = [f"R{i}" for i in range(1, 18)]
     rows = []
@@ -407,8 +666,19 @@ def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split
         rng = np.random.default_rng([seed, i])
         w = int(size * rng.uniform(0.8, 1.15))
         h = int(w * rng.uniform(1.0, 1.3))  # portrait, non-square, like most VinBigData films
-        img = synth_image("vinbig", h, w, rng, normal_fraction)
+        base = backgrounds.draw(h, w, rng) if backgrounds else None
         image_id = _image_id(seed, i)
+        if profile is not None:
+            d, _ = base or render_normal(h, w, rng)
+            reading = read_vinbig(profile, rng, w, h, normal_fraction, split)
+            for cid, box in reading.findings:
+                FITTED[VINBIG.findings[cid]](d, box, rng)
+            write_dicom(out / split / f"{image_id}.dicom", _finish(d, rng), rng)
+            marked = {r for r, _, _ in reading.marks}
+            rows += [(image_id, VINBIG.findings[c], c, r, *box) for r, c, box in reading.marks]
+            rows += [(image_id, "No finding", 14, r, "", "", "", "") for r in reading.readers if r not in marked]
+            continue
+        img = synth_image("vinbig", h, w, rng, normal_fraction, base)
         write_dicom(out / split / f"{image_id}.dicom", img.density, rng)
         rads = rng.choice(readers, size=3, replace=False)
         if not img.findings:
@@ -428,7 +698,8 @@ def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split
         writer.writerows(rows)
 
 
-def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool, normal_fraction: float) -> None:
+def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool, normal_fraction: float,
+               profile: dict | None = None, backgrounds: Backgrounds | None = None) -> None:
     (out / "images").mkdir(parents=True, exist_ok=True)
     box_classes = {"Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
                    "Pneumonia", "Pneumothorax"}
@@ -441,13 +712,27 @@ def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool, normal_f
         else:
             follow += 1
         name = f"{patient:08d}_{follow:03d}.png"
-        img = synth_image("nih", size, size, rng, normal_fraction)
+        base = backgrounds.draw(size, size, rng) if backgrounds else None
+        if profile is not None:
+            d, anatomy = base or render_normal(size, size, rng)
+            findings = read_nih(profile, rng, size, normal_fraction)
+            for cid, box in findings:  # a boxed class fitted to its drawn box; the others as the phantom's
+                if box is None:
+                    LOOKS["nih"][NIH.findings[cid]](d, anatomy, rng)
+                else:
+                    FITTED[NIH.findings[cid]](d, box, rng)
+            img = SynthImage(_finish(d, rng), [(c, b) for c, b in findings])
+        else:
+            img = synth_image("nih", size, size, rng, normal_fraction, base)
         cv2.imwrite(str(out / "images" / name), np.round(img.density * 255).astype(np.uint8))
         labels = sorted({NIH.findings[c] for c, _ in img.findings}) or ["No Finding"]
         entries.append((name, "|".join(labels), follow, patient, int(rng.integers(20, 80)),
                         rng.choice(["M", "F"]), "PA", size, size, 0.143, 0.143))
-        for cid, (x0, y0, x1, y1) in img.findings:
-            if NIH.findings[cid] in box_classes and rng.random() < 0.7:
+        for cid, box in img.findings:
+            if box is None or NIH.findings[cid] not in box_classes:
+                continue
+            if profile is not None or rng.random() < 0.7:  # a profile boxes every boxed-class finding
+                x0, y0, x1, y1 = box
                 label = "Infiltrate" if NIH.findings[cid] == "Infiltration" else NIH.findings[cid]
                 boxes.append((name, label, x0, y0, x1 - x0, y1 - y0))
     with open(out / "Data_Entry_2017.csv", "w", newline="") as f:

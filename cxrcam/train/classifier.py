@@ -113,11 +113,10 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 def train_classifier(config: Config, data: str | Path, out: str | Path, resume: bool = False,
                      progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Train on the cache at ``data``; write checkpoints and logs to ``out`` (a folder
-    holding a run needs ``resume`` or ``overwrite``). Returns the last epoch's metrics."""
+    """Train the classifier (``train.*``) on the cache at ``data``; checkpoints and logs go to ``out``
+    (a folder holding a run needs ``resume`` or ``overwrite``). Returns the last epoch's metrics."""
     tcfg = config.train
-    start = start_run(config, data, out, resume, overwrite, tcfg.seed)
-    info, cache, train_rows, val_rows = start.info, start.cache, start.train_rows, start.val_rows
+    info, cache, train_rows, val_rows = start_run(config, data, out, resume, overwrite, tcfg.seed)
     cuda = info.device.type == "cuda"
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

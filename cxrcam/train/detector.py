@@ -205,11 +205,10 @@ def _cam_boxes(cache: Cache, config: Config, info: dist.DistInfo, pseudo_rows: n
 
 def train_detector(config: Config, data: str | Path, out: str | Path, resume: bool = False,
                    progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Train on the cache at ``data``; write checkpoints and logs to ``out`` (a folder
-    holding a run needs ``resume`` or ``overwrite``). Returns the last epoch's metrics."""
+    """Train the Faster R-CNN (``detector.*``) on the cache's boxes (and CAM pseudo-boxes where
+    asked); checkpoints and logs go to ``out`` (as :func:`~cxrcam.train.classifier.train_classifier`)."""
     dcfg = config.detector
-    start = start_run(config, data, out, resume, overwrite, dcfg.seed)
-    info, cache, train_rows, val_rows = start.info, start.cache, start.train_rows, start.val_rows
+    info, cache, train_rows, val_rows = start_run(config, data, out, resume, overwrite, dcfg.seed)
     cuda = info.device.type == "cuda"
     if dcfg.init:  # a wrong detector.init stops the run before the CAM pass, not after it
         check_init(dcfg.init, dcfg.backbone)

@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -140,8 +140,7 @@ def save_epoch(run: Run, out: Path, epoch: int, metrics: dict[str, Any], history
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "curves.png", "pseudo_boxes.csv", "cam_proposals.csv")
 
 
-@dataclass
-class Start:
+class Start(NamedTuple):
     """What both trainers set up first (:func:`start_run`)."""
 
     info: dist.DistInfo
