@@ -115,23 +115,33 @@ def main() -> None:
               help="Typical image side in pixels (VinBigData images vary around it).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="vinbig: train.csv + train/, or a labelled held-out set as test.csv + test/.")
-@click.option("--normal-fraction", type=click.FloatRange(0, 1), default=2 / 3, show_default="2/3",
-              help="Share of images without findings; VinBigData's real share is 0.7 (10,606 of 15,000).")
+@click.option("--profile", type=click.Choice(["vinbig", "nih", "uniform"]),
+              help="Statistics the set is drawn from: the format's own released table (default: finding sets, "
+                   "readers, box sizes and positions as in VinBigData's train.csv or NIH's tables), or uniform "
+                   "(the earlier flat generator, to reproduce old figures).")
+@click.option("--backgrounds", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder of normal radiographs (DICOM/PNG/JPEG) to insert the findings into, augmented; a third "
+                   "of them (by name) serve --split test only, the rest the training split.")
+@click.option("--normal-fraction", type=click.FloatRange(0, 1),
+              help="Share of images without findings [the profile's: 0.707 VinBigData, 0.538 NIH; uniform 2/3].")
 @click.option("--overwrite", is_flag=True,
               help="Replace a dataset already in --out (refused otherwise): its table and images are removed first.")
-def synth(fmt: str, out: Path, n_images: int, seed: int, size: int, split: str, normal_fraction: float,
-          overwrite: bool) -> None:
-    """Write a synthetic chest X-ray dataset in a real dataset layout.
+def synth(fmt: str, out: Path, n_images: int, seed: int, size: int, split: str, profile: str | None,
+          backgrounds: Path | None, normal_fraction: float | None, overwrite: bool) -> None:
+    """Write a synthetic chest X-ray dataset in a real dataset layout, drawn from the released tables.
 
     \b
     cxrcam synth --out data/train --n-images 600
-    cxrcam synth --out data/field --n-images 3000 --normal-fraction 0.7   # VinBigData's share of normal images
+    cxrcam synth --out data/test --n-images 200 --split test --seed 1000    # one consensus reading per finding
+    cxrcam synth --out data/real --n-images 600 --backgrounds normals/      # findings in real anatomy
+    cxrcam synth --out data/old --n-images 600 --profile uniform            # the generator of before
     """
     from cxrcam.data.synth import synthesize
 
     synthesize(fmt, out, n_images, seed=seed, size=size, split=split, overwrite=overwrite,
-               normal_fraction=normal_fraction)
-    click.echo(f"wrote {n_images} {fmt} images to {out}")
+               normal_fraction=normal_fraction, profile=profile, backgrounds=backgrounds)
+    click.echo(f"wrote {n_images} {fmt} images ({profile or fmt} profile{', real backgrounds' if backgrounds else ''})"
+               f" to {out}")
 
 
 @main.command()
@@ -517,10 +527,14 @@ def report(run_dir: Path, out: Path, embed: bool, max_pictures: int) -> None:
 @click.option("--model", default="resnet10t", show_default=True, help="timm name of the classifier and detector backbone.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--normal-fraction", type=click.FloatRange(0, 1),
-              help="Share of normal images in both synthetic sets [synth's 2/3]; 0.7 is VinBigData's.")
+              help="Share of normal images in both synthetic sets [the profile's: 0.707, VinBigData's].")
+@click.option("--profile", type=click.Choice(["vinbig", "uniform"]), default="vinbig", show_default=True,
+              help="vinbig: drawn from VinBigData's released table; uniform: the earlier flat generator.")
+@click.option("--backgrounds", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Normal radiographs to insert the findings into (synth --backgrounds); the test set's are unseen.")
 @click.argument("overrides", nargs=-1)
 def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector_epochs: int, model: str, seed: int,
-         normal_fraction: float | None, overrides: tuple[str, ...]) -> None:
+         normal_fraction: float | None, profile: str, backgrounds: Path | None, overrides: tuple[str, ...]) -> None:
     """Run the whole pipeline on built-in synthetic data (offline; 6-11 minutes on 2 idle CPU cores).
 
     \b
@@ -536,7 +550,8 @@ def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector
 
     summary = run_pipeline(main, PipelineSettings(out, n_images, size, epochs, detector_epochs, seed, model,
                                                   overrides=list(overrides), n_test=n_test,
-                                                  normal_fraction=normal_fraction))
+                                                  normal_fraction=normal_fraction, profile=profile,
+                                                  backgrounds=backgrounds))
     report = out / "report.html"
     run_command(main, "report", "--run", out, "--out", report)
     click.echo(f"\ndemo finished in {summary['seconds'] / 60:.1f} min; every figure is on the {n_test} held-out "

@@ -53,7 +53,9 @@ class PipelineSettings:
     # the detector's RoI heads also train on the classifier's calibrated CAM proposals
     # (detector.cam_proposals_from): off, as with truth boxes on every image it cost 0.02 mAP (BENCHMARKS)
     cam_proposals: bool = False
-    normal_fraction: float | None = None  # share of normal images in both synthetic sets (None: synth's default)
+    normal_fraction: float | None = None  # share of normal images in both synthetic sets (None: the profile's)
+    profile: str = "vinbig"  # what synth draws from: VinBigData's released table, or "uniform" (the old world)
+    backgrounds: Path | None = None  # normal radiographs the findings are inserted into (synth --backgrounds)
 
 
 @dataclass
@@ -151,10 +153,11 @@ def run_pipeline(cli: click.Command, s: PipelineSettings) -> dict[str, Any]:
     out, start = Path(s.out), time.perf_counter()
     stages = pipeline_stages(s)
     n_test = s.n_test or max(10, s.n_images // 2)
-    normal = [] if s.normal_fraction is None else ["--normal-fraction", s.normal_fraction]
+    world = [] if s.normal_fraction is None else ["--normal-fraction", s.normal_fraction]
+    world += ["--profile", s.profile, *(["--backgrounds", s.backgrounds] if s.backgrounds else [])]
     for split, n, seed in (("train", s.n_images, s.seed), ("test", n_test, s.seed + 1000)):
         if not (s.reuse and (stages.cache(split) / "cache.json").is_file()):
-            command(*stages.synth(split, n, seed, *normal, split=split))
+            command(*stages.synth(split, n, seed, *world, split=split))
             command(*stages.prepare(split))
     if not (s.reuse and stages.classifier.is_file()):
         command(*stages.train_classifier())

@@ -14,6 +14,8 @@ trainings, and the classifier's AUROC.
 
     python scripts/bench_maps.py --out /tmp/maps --n-images 800 --n-test 400 --train-seeds 0 1 2 \\
         --variant gradcam++ --variant layercam@layer3 --variant layercam@layer3,layer4
+    python scripts/bench_maps.py --out /tmp/maps_real ... --backgrounds normals/   # findings in real anatomy
+    python scripts/bench_maps.py --out /tmp/maps_old ... --profile uniform         # the world before issue 35
 """
 from __future__ import annotations
 
@@ -52,6 +54,9 @@ def main() -> None:
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variant", action="append", default=[], help="METHOD[@LAYER[,LAYER]] cut at the threshold")
     parser.add_argument("--normal-fraction", type=float, default=None)
+    parser.add_argument("--profile", choices=["vinbig", "uniform"], default="vinbig",
+                        help="the world the sets are drawn from (uniform: the one of issue 26's table)")
+    parser.add_argument("--backgrounds", type=Path, default=None, help="normal radiographs to insert findings into")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every stage")
     a = parser.parse_args()
     start = time.perf_counter()
@@ -62,7 +67,7 @@ def main() -> None:
         settings = PipelineSettings(
             out, a.n_images, a.size, a.epochs, 1, a.data_seed, a.model, a.config, [*a.overrides, f"train.seed={seed}"],
             pictures=False, n_test=a.n_test, cam_only=True, reuse=(out / "summary.json").is_file(),
-            normal_fraction=a.normal_fraction)
+            normal_fraction=a.normal_fraction, profile=a.profile, backgrounds=a.backgrounds)
         summary, stages = run_pipeline(cli, settings), pipeline_stages(settings)
         aurocs.append(summary["mean_auroc"])
         folders = {"configured map, threshold 0.65": out / "localize", "calibrated (map and thresholds)": out / "calibrated"}

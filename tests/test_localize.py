@@ -263,7 +263,9 @@ def test_batch_size_one_short_last_batch_and_a_strict_operating_point(vinbig_mod
     assert 0 < (by_batch[0]["class_id"] < 14).sum()
     for other in by_batch[1:]:  # the same boxes; a batch's kernels may move a map by 1e-5, a box by a pixel
         assert other[["image_id", "class_id"]].equals(by_batch[0][["image_id", "class_id"]])
-        assert np.abs(other["score"] - by_batch[0]["score"]).max() < 1e-3
+        # ... and a score (p x the map's mean inside) by one pixel's share of its component: under 0.5% for a
+        # component of 30 px, the small findings of the tables' world (aortic knob, nodules) at 64 px
+        assert np.abs(other["score"] - by_batch[0]["score"]).max() < 5e-3
         assert np.abs(other[BOX_COLUMNS].to_numpy() - by_batch[0][BOX_COLUMNS].to_numpy()).max() <= 4  # 1 input px
 
 
