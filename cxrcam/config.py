@@ -26,7 +26,9 @@ from cxrcam.errors import CxrcamError
 class FusionConfig:
     """How the boxes of several readers of one image become the training truth."""
 
-    method: Literal["wbf", "reader", "union"] = "wbf"  # wbf: Weighted Boxes Fusion
+    # wbf: Weighted Boxes Fusion of every reader's boxes; majority: the same, kept only where 2 of the 3 readers
+    # marked the finding (its label too); reader: every reader's boxes as they are; union: overlapping boxes joined
+    method: Literal["wbf", "majority", "reader", "union"] = "wbf"
     iou_thr: float = 0.4
     skip_box_thr: float = 0.0
 

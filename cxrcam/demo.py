@@ -95,9 +95,10 @@ class Stages:
         return ["synth", "--out", self.data(name), "--n-images", n, "--seed", seed, "--size", int(self.size * 1.5),
                 "--split", split, *extra, "--overwrite"]
 
-    def prepare(self, name: str, *extra: Any) -> list:
-        return ["prepare", "--dataset", "vinbig", "--root", self.data(name), "--out", self.cache(name), "--size",
-                self.size, "--overwrite", *self.settings, *extra]
+    def prepare(self, name: str, *extra: Any, data: str | None = None) -> list:
+        """Cache ``name`` of the synthetic set ``data`` (default: the set of the same name)."""
+        return ["prepare", "--dataset", "vinbig", "--root", self.data(data or name), "--out", self.cache(name),
+                "--size", self.size, "--overwrite", *self.settings, *extra]
 
     def train_classifier(self, *extra: Any, data: str = "train", out: Path | None = None) -> list:
         return ["train-classifier", "--data", self.cache(data), "--out", out or self.classifier.parent, "--overwrite",
@@ -111,13 +112,15 @@ class Stages:
         return ["localize", "--checkpoint", self.classifier, "--data", self.cache(data), "--out", folder,
                 *self.settings, *extra]
 
-    def train_detector(self, *extra: Any, data: str = "train") -> list:
-        return ["train-detector", "--data", self.cache(data), "--out", self.detector.parent, "--overwrite",
-                *self.settings, f"detector.init={self.classifier}", *extra]
+    def train_detector(self, *extra: Any, data: str = "train", out: Path | None = None,
+                       init: Path | None = None) -> list:
+        return ["train-detector", "--data", self.cache(data), "--out", out or self.detector.parent, "--overwrite",
+                *self.settings, f"detector.init={init or self.classifier}", *extra]
 
-    def refine(self, folder: Path, *extra: Any, data: str = "test", detector: Path | None = None) -> list:
-        return ["refine", "--classifier", self.classifier, "--detector", detector or self.detector, "--data",
-                self.cache(data),
+    def refine(self, folder: Path, *extra: Any, data: str = "test", detector: Path | None = None,
+               classifier: Path | None = None) -> list:
+        return ["refine", "--classifier", classifier or self.classifier, "--detector", detector or self.detector,
+                "--data", self.cache(data),
                 "--out", folder, *self.settings, *extra]
 
     def evaluate(self, folders: Path | list[Path], out: Path, *extra: Any, gt: str = "test") -> list:

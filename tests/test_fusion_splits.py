@@ -55,6 +55,27 @@ def test_reader_and_union_modes():
     assert (cardio["x_min"], cardio["y_min"], cardio["x_max"], cardio["y_max"]) == (90, 190, 310, 420)
 
 
+def test_majority_keeps_what_two_readers_marked(tmp_path):
+    """fusion.method=majority: WBF's boxes where 2 of the 3 readers drew the finding; the finding's
+    label likewise. A consensus (one reader per image, a test split) keeps everything."""
+    from cxrcam.data.readers import read_vinbig
+
+    majority = fuse_boxes(THREE_READERS, FusionConfig(method="majority"), {"a": 3})
+    wbf = fuse_boxes(THREE_READERS, FusionConfig())
+    assert list(majority["class_id"]) == [3] and set(majority["rad_id"]) == {"majority"}
+    assert np.allclose(majority[["x_min", "y_min", "x_max", "y_max"]].to_numpy(),
+                       wbf[wbf["class_id"] == 3][["x_min", "y_min", "x_max", "y_max"]].to_numpy())
+    assert len(fuse_boxes(THREE_READERS, FusionConfig(method="majority"), {"a": 1})) == 3
+    one_reader = THREE_READERS.iloc[:4]  # the nodule: R1 alone
+    table = one_reader.assign(class_name=lambda t: t["class_id"].map({3: "Cardiomegaly", 8: "Nodule/Mass"}))
+    table.to_csv(tmp_path / "train.csv", index=False)
+    for method, labels in (("wbf", {3, 8}), ("majority", {3})):
+        tables = read_vinbig(tmp_path, FusionConfig(method=method), table=tmp_path / "train.csv")
+        row = tables.images.iloc[0]
+        assert {c for c in (3, 8) if row[f"y_{c}"] >= 0.5} == labels
+        assert row["soft_8"] == pytest.approx(1 / 3)  # the soft target stays the share of readers
+
+
 def test_box_conversions_round_trip():
     xywh = np.array([[731.43, 753.1, 119.2, 93.19], [0, 0, 1, 1]])
     xyxy = xywh_to_xyxy(xywh)

@@ -1,4 +1,5 @@
-"""Turn several readers' boxes into training truth: Weighted Boxes Fusion, per reader, or union.
+"""Turn several readers' boxes into training truth: Weighted Boxes Fusion, a majority of readers, per
+reader, or union.
 
 VinBigData has three radiologists per image, each drawing their own boxes, so one finding
 usually carries three overlapping boxes. The winning solutions fused them per image and
@@ -14,10 +15,20 @@ from cxrcam.config import FusionConfig
 from cxrcam.data.tables import BOX_COLUMNS, BOX_TABLE_COLUMNS, empty_boxes
 
 
-def fuse_boxes(boxes: pd.DataFrame, config: FusionConfig = FusionConfig()) -> pd.DataFrame:
-    """Fuse a box table (see :mod:`cxrcam.data.tables`) image by image."""
+MAJORITY = 2  # readers of VinBigData's 3 who must mark a finding for fusion.method=majority to keep it
+
+
+def fuse_boxes(boxes: pd.DataFrame, config: FusionConfig = FusionConfig(),
+               readers: dict[str, int] | None = None) -> pd.DataFrame:
+    """Fuse a box table (see :mod:`cxrcam.data.tables`) image by image. ``readers``: how many readers
+    read each image (majority needs :data:`MAJORITY` of them, or all where fewer read it: a consensus)."""
     if config.method == "reader" or boxes.empty:
         return boxes.reset_index(drop=True)
+    if config.method == "majority":
+        readers = readers or {}
+        parts = [_majority(image_id, group, config, min(MAJORITY, readers.get(image_id, MAJORITY)))
+                 for image_id, group in boxes.groupby("image_id", sort=False)]
+        return pd.concat(parts, ignore_index=True) if parts else empty_boxes()
     fuse = _wbf if config.method == "wbf" else _union
     parts = [fuse(image_id, group, config) for image_id, group in boxes.groupby("image_id", sort=False)]
     return pd.concat(parts, ignore_index=True) if parts else empty_boxes()
@@ -42,6 +53,19 @@ def _wbf(image_id: str, group: pd.DataFrame, config: FusionConfig) -> pd.DataFra
     out.insert(0, "image_id", image_id)
     out["rad_id"] = "wbf"
     return out[BOX_TABLE_COLUMNS]
+
+
+def _majority(image_id: str, group: pd.DataFrame, config: FusionConfig, needed: int) -> pd.DataFrame:
+    """WBF's boxes that boxes of ``needed`` different readers overlap (IoU > iou_thr): a finding one
+    reader alone drew is not training truth."""
+    fused = _wbf(image_id, group, config)
+    keep = np.zeros(len(fused), bool)
+    for k, row in enumerate(fused.itertuples(index=False)):
+        same = group[group["class_id"] == row.class_id]
+        hits = pairwise_iou(np.array([[row.x_min, row.y_min, row.x_max, row.y_max]]),
+                            same[BOX_COLUMNS].to_numpy(np.float64))[0] > config.iou_thr
+        keep[k] = same.loc[hits, "rad_id"].nunique() >= needed
+    return fused[keep].assign(rad_id="majority").reset_index(drop=True)
 
 
 def _union(image_id: str, group: pd.DataFrame, config: FusionConfig) -> pd.DataFrame:

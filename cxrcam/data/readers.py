@@ -14,7 +14,7 @@ import pandas as pd
 
 from cxrcam.boxes import xywh_to_xyxy
 from cxrcam.config import FusionConfig
-from cxrcam.data.fusion import fuse_boxes
+from cxrcam.data.fusion import MAJORITY, fuse_boxes
 from cxrcam.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, image_size
 from cxrcam.data.tables import (BOX_COLUMNS, BOX_TABLE_COLUMNS, DatasetTables, check_boxes, empty_boxes,
                                 invalid_rows, joined_invalid, numeric, read_table, require_columns, soft_columns,
@@ -117,10 +117,13 @@ def vinbig_from_table(df: pd.DataFrame, paths: dict[str, Path] | None = None,
     marked = (findings.groupby(["image_id", "class_id"])["rad_id"].nunique()
               .unstack(fill_value=0).reindex(index=ids, columns=range(schema.num_findings), fill_value=0))
     soft = marked.to_numpy(np.float32) / n_readers.to_numpy(np.float32)[:, None]
-    images = _image_table(schema, ids, paths or {}, pd.Series(ids), soft > 0, soft)
+    # a finding is an image's label where any reader marked it; with fusion.method=majority, where 2 of 3 did
+    needed = np.minimum(MAJORITY, n_readers.to_numpy())[:, None] if fusion.method == "majority" else 1
+    images = _image_table(schema, ids, paths or {}, pd.Series(ids), marked.to_numpy() >= needed, soft)
     images["patient_id"] = None  # VinBigData releases no patient ids
     raw, bad_boxes = check_boxes(findings[BOX_TABLE_COLUMNS], findings["row"], images, source)
-    return DatasetTables(schema, images, fuse_boxes(raw, fusion), joined_invalid(*invalid, bad_boxes))
+    return DatasetTables(schema, images, fuse_boxes(raw, fusion, n_readers.to_dict()),
+                         joined_invalid(*invalid, bad_boxes))
 
 
 def read_nih(root: Path, fusion: FusionConfig = FusionConfig()) -> DatasetTables:
