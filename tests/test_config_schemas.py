@@ -49,7 +49,7 @@ def test_shipped_configs_load():
 @pytest.mark.parametrize("override, message", [
     ("fusion.iuo_thr=0.5", "unknown config key 'fusion.iuo_thr'"),
     ("fusoin.iou_thr=0.5", "unknown config key 'fusoin'"),
-    ("fusion.method=nms", "'fusion.method'.*not one of wbf, reader, union"),
+    ("fusion.method=nms", "'fusion.method'.*not one of wbf, majority, reader, union"),
     ("prepare.size=big", "'prepare.size': expected an integer, got 'big'"),
     ("detector.box_images=some", "'detector.box_images': 'some' is not an integer or 'none'$"),
     ("boxes.min_prob=high", "'boxes.min_prob': 'high' is not a number or 'auto'$"),

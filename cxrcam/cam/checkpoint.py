@@ -77,7 +77,7 @@ class Streamed:
     ids: list[str]
     sizes: list[tuple[float, float]]  # original (height, width)
     x: torch.Tensor  # B x 1 x S x S in [0, 1], on the model's device
-    maps: MapBatch
+    maps: MapBatch | None  # None where every image of the batch failed
     failed: list[tuple[str, str, str]]  # image_id, path, reason
 
 
