@@ -495,6 +495,46 @@ def evaluate(pred: tuple[Path, ...], gt: Path, fmt: str, json_path: Path | None,
 
 
 @main.command()
+@click.argument("submissions", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, path_type=Path), required=True,
+              help="The images' truth or cache (as evaluate --gt reads it): each image's size, to normalise its boxes.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The fused submission.")
+@click.option("--weights", type=float, multiple=True, help="One per submission, in order (default: equal).")
+@click.option("--iou", type=click.FloatRange(0, 1), default=0.4, show_default=True,
+              help="WBF's IoU: boxes of one class overlapping more are fused (VinBigData's winners: 0.33-0.4).")
+@click.option("--skip", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="WBF's skip_box_thr: boxes scored below it are left out.")
+@click.option("--filter-low", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="2-class filter: an image with p(abnormal) = 1 - p_normal below this keeps its \"No finding\" row "
+                   "alone (RSNA: no box) [as boxes.filter_low; the VinBigData winners used 0.08].")
+@click.option("--filter-high", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="... and one above this its detections alone [as boxes.filter_high; 0.95].")
+def ensemble(submissions: tuple[Path, ...], data: Path, out: Path, weights: tuple[float, ...], iou: float,
+             skip: float, filter_low: float, filter_high: float) -> None:
+    """Fuse several submissions of the same images with Weighted Boxes Fusion (ensemble-boxes).
+
+    \b
+    VinBigData or RSNA format, read from the header; the "No finding" rows' p_normal is the weighted
+    mean; then the 2-class filter (off by default).
+    cxrcam ensemble refine/submission.csv plain/submission.csv --data cache/test --out fused.csv
+    cxrcam ensemble a.csv b.csv --data cache/test --out fused.csv --weights 2 --weights 1 --filter-low 0.08
+    """
+    from cxrcam.evaluation.evaluate import read_ground_truth
+    from cxrcam.outputs.postprocess import write_ensemble
+    from cxrcam.data.tables import read_table
+
+    truth = read_ground_truth(data)
+    for path in submissions:
+        rsna = "patientId" in read_table(path, nrows=0).columns
+        if rsna != (truth.schema.name == "rsna"):
+            raise CxrcamError(f"{path} is a{' RSNA' if rsna else ' VinBigData-format'} submission; {data} holds "
+                              f"{truth.schema.name} images")
+    table = write_ensemble(list(submissions), truth.sizes, out, truth.schema, list(weights) or None, iou, skip,
+                           filter_low, filter_high)
+    click.echo(f"fused {len(submissions)} submissions of {len(table)} images -> {out}")
+
+
+@main.command()
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Folder to report on: a demo/bench folder, or any folder holding caches, runs, localize/evaluate outputs.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="HTML file to write.")

@@ -130,6 +130,10 @@ class BoxConfig:
     top_k: int = 5  # boxes kept per class and image, best score first; 0 keeps all
     nms_iou: float = 0.5  # per-class NMS between a class's boxes; 1 disables
     normal_score: Literal["max", "product"] = "max"  # p_normal = 1 - max p, or prod(1 - p)
+    # the 2-class filter on p(abnormal) = 1 - p_normal: below filter_low only the "No finding" row (RSNA: no box),
+    # above filter_high the detections without it, both in between (VinBigData's winners: 0.08 and 0.95)
+    filter_low: float = 0.0
+    filter_high: float = 1.0
     calibration: str = ""  # a calibration.json (cxrcam calibrate): per-class thresholds replace `threshold`
 
 
@@ -221,7 +225,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.weight_decay": (0, None), "train.momentum": UNIT, "train.warmup_epochs": (0, None),
     "train.step_size": (1, None), "train.gamma": UNIT, "train.grad_clip": (0, None), "train.workers": (0, None),
     "cam.batch_size": (1, None), "cam.workers": (0, None), "boxes.threshold": UNIT, "boxes.min_prob": UNIT,
-    "boxes.min_area": UNIT, "boxes.top_k": (0, None), "boxes.nms_iou": UNIT, "detector.trainable_layers": (0, 5),
+    "boxes.min_area": UNIT, "boxes.top_k": (0, None), "boxes.nms_iou": UNIT, "boxes.filter_low": UNIT,
+    "boxes.filter_high": UNIT, "detector.trainable_layers": (0, 5),
     "detector.proposal_jitter": UNIT, "detector.box_images": (0, None), "detector.epochs": (1, None),
     "detector.batch_size": (1, None), "detector.momentum": UNIT, "detector.weight_decay": (0, None),
     "detector.step_size": (1, None), "detector.gamma": UNIT, "detector.warmup_iters": (0, None),
@@ -244,6 +249,9 @@ def check_ranges(config: Config) -> None:
         if not ((low is None or value >= low) and (high is None or value <= high)):
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise CxrcamError(f"config key {key!r}: {value!r} must be {bounds}")
+    if config.boxes.filter_low > config.boxes.filter_high:
+        raise CxrcamError(f"config keys 'boxes.filter_low' ({config.boxes.filter_low}) and 'boxes.filter_high' "
+                          f"({config.boxes.filter_high}): the low threshold of the 2-class filter must not exceed the high")
 
 
 def _describe(tp: Any) -> str:

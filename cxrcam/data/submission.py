@@ -32,6 +32,11 @@ def normal_scores(probs: np.ndarray, rule: str = "max") -> np.ndarray:
 ID_COLUMN = {"vinbig": "image_id", "rsna": "patientId"}
 
 
+def submission_format(schema) -> str:
+    """The competition format a dataset's submissions are written in: RSNA's for RSNA, else VinBigData's."""
+    return "rsna" if schema.name == "rsna" else "vinbig"
+
+
 def prediction_string(group: pd.DataFrame, fmt: str = "vinbig") -> str:
     """One image's detections (DETECTION_COLUMNS) as a PredictionString, best score first."""
     group = group.sort_values("score", ascending=False, kind="stable")

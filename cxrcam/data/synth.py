@@ -1,12 +1,15 @@
 """Synthetic chest radiographs in the real dataset layouts: the built-in data for demo and tests.
 
 Each image is a chest phantom (body, lungs with vessel markings, mediastinum, heart, aortic
-knob, ribs, diaphragm, noise) rendered as a density map (bright = dense). A finding changes
-the anatomy where it plausibly lies, with a look of its own, and its box is the extent of that
-change. Two thirds of images are normal by default (``normal_fraction``; VinBigData's real share
-is 0.71: 10,606 of 15,000); abnormal ones carry one to three findings.
+knob, ribs, diaphragm, noise) rendered as a density map (bright = dense), or a real normal
+radiograph (``backgrounds``: :class:`Backgrounds`). Which findings an image has, how many readers
+mark each, and where its boxes lie are drawn from the released table's statistics (the
+``vinbig`` / ``nih`` profiles, :mod:`cxrcam.data.profiles`); each lesion's look is ours, fitted
+to its box (:data:`FITTED`). The ``uniform`` profile is the generator of before: findings drawn
+uniformly, 1-3 per abnormal image, each placed by its look where it plausibly lies (:data:`LOOKS`),
+two thirds of images normal.
 VinBigData output is 16-bit DICOM of varying non-square size (some MONOCHROME1, some with
-window or rescale tags) with three readers' jittered boxes per finding; NIH output is PNG
+window or rescale tags) with three readers' boxes per finding; NIH output is PNG
 with ``Data_Entry_2017.csv``, ``BBox_List_2017.csv`` and official-style split lists.
 """
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import shutil
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -499,15 +504,13 @@ class Backgrounds:
         files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise CxrcamError(f"--backgrounds {folder}: no images (DICOM, PNG, JPEG) found")
-        test = [f for f in files if zlib_half(f.name)] or files[-1:]
+        test = [f for f in files if for_test(f.name)] or files[-1:]
         chosen = test if split == "test" else ([f for f in files if f not in test] or files)
         self.images = []
         for f in chosen:
             try:
                 self.images.append(read_image(f).image.astype(np.float32) / 255)
             except Exception as exc:  # noqa: BLE001 - a background that cannot be read is named, not fatal
-                import warnings
-
                 warnings.warn(f"--backgrounds: {f} is left out ({exc})", stacklevel=2)
         if not self.images:
             raise CxrcamError(f"--backgrounds {folder}: none of the {split} backgrounds could be read")
@@ -533,10 +536,8 @@ class Backgrounds:
                                              (0.55, 0.63, 0.12, 0.1), (0.565, 0.27, 0.03))
 
 
-def zlib_half(name: str) -> bool:
-    """Whether a background file goes to the test set (a stable third of the files, by name)."""
-    import zlib
-
+def for_test(name: str) -> bool:
+    """Whether a background file serves the test set only (a stable third of the files, by name)."""
     return zlib.crc32(name.encode()) % 3 == 0
 
 

@@ -32,7 +32,8 @@ from cxrcam.evaluation.weak import CURVE_COLUMNS, curve_table, maxboxacc_table, 
 from cxrcam.files import write_csv
 from cxrcam.localize.step import NO_TRUTH, ImageResult
 from cxrcam.outputs.pictures import PICTURE_SIZE, write_pictures
-from cxrcam.data.submission import normal_scores, write_submission
+from cxrcam.data.submission import normal_scores, submission_format, write_submission
+from cxrcam.outputs.postprocess import two_class_filter
 from cxrcam.runtime import dist
 from cxrcam.schemas import Schema
 
@@ -153,10 +154,12 @@ def write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schema
     normal = pd.Series(normal_scores(probs[list(schema.findings)].to_numpy(), config.boxes.normal_score),
                        index=probs["image_id"].to_numpy())
     image_ids = list(source.images["image_id"]) + [i for i, _, _ in source.failures if i not in order]
-    fmt = "rsna" if schema.name == "rsna" else "vinbig"  # the competition's own format for its data
-    write_submission(out / "submission.csv", image_ids, detections, normal, schema.no_finding_id, fmt)
-    if refined:
-        write_submission(out / "cam_submission.csv", image_ids, cam_detections, normal, schema.no_finding_id, fmt)
+    fmt = submission_format(schema)  # the competition's own format for its data
+    box = config.boxes
+    for path, found in (("submission.csv", detections), *((("cam_submission.csv", cam_detections),) if refined else ())):
+        kept, rows = two_class_filter(found, normal if schema.no_finding_id is not None else None, box.filter_low,
+                                      box.filter_high, p_normal=normal)
+        write_submission(out / path, image_ids, kept, rows, schema.no_finding_id, fmt)
     write_csv(out / "probabilities.csv", probs.reset_index(drop=True))
     write_csv(out / "peaks.csv", parts["peaks"])
     write_csv(out / "failures.csv", failures)
