@@ -27,6 +27,7 @@ import pandas as pd
 from cxrcam.boxes import BoxRules, points_in_boxes
 from cxrcam.calibration import box_rules
 from cxrcam.config import BoxConfig, Config, class_thresholds, from_dict
+from cxrcam.data.submission import parse_submission
 from cxrcam.data.tables import BOX_COLUMNS, read_table, report_invalid, target_columns
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.coco import coco_ap
@@ -34,7 +35,6 @@ from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
 from cxrcam.evaluation.rsna import rsna_score
 from cxrcam.evaluation.weak import CURVE_COLUMNS, accuracy_table, random_control, random_detections
 from cxrcam.files import atomic_write_text, save_figure, write_csv, write_json
-from cxrcam.data.submission import parse_submission
 from cxrcam.schemas import NIH, RSNA, SCHEMAS, Schema
 
 NIH_SIDE = 1024  # every released NIH image is 1024 x 1024
@@ -185,10 +185,10 @@ def score(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config 
                **counts,
                "iou_thr": config.eval.iou_thr}
     voc_truth, per_class = _detection_metrics(truth, dets, fmt, config.eval.iou_thr, metrics)
-    findings = dets["class_id"] != truth.schema.no_finding_id
     if truth.complete and not len(truth.boxes) and truth.schema.no_finding_id is not None:
+        findings = int((dets["class_id"] != truth.schema.no_finding_id).sum())
         warnings.warn(f"{gt}: every truth image is normal, so mAP@{config.eval.iou_thr} is the \"No finding\" AP "
-                      f"alone and findings mAP is undefined; the {int(findings.sum())} finding boxes predicted are "
+                      f"alone and findings mAP is undefined; the {findings} finding boxes predicted are "
                       f"false positives no figure here counts", stacklevel=2)
     prob_table = _read_probabilities(Path(probs) if probs else found_probs, truth.schema)
     rules, thresholds = _box_settings(saved, config, truth.schema.num_findings)
