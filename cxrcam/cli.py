@@ -576,10 +576,11 @@ def report(run_dir: Path, out: Path, embed: bool, max_pictures: int) -> None:
 @click.argument("overrides", nargs=-1)
 def demo(out: Path, n_images: int, n_test: int, size: int, epochs: int, detector_epochs: int, model: str, seed: int,
          normal_fraction: float | None, profile: str, backgrounds: Path | None, overrides: tuple[str, ...]) -> None:
-    """Run the whole pipeline on built-in synthetic data (offline; 6-11 minutes on 2 idle CPU cores).
+    """Run the whole pipeline on built-in synthetic data (offline; about 6 minutes on 2 idle CPU cores).
 
     \b
-    Every stage is the real command, printed before it runs: synth (train + held-out test set),
+    Every stage is the real command, printed before it runs: synth (train + held-out test set, drawn
+    from VinBigData's released table),
     prepare, train-classifier, calibrate (per-class thresholds on the validation fold), localize
     --threshold 0.65 and --threshold calibration.json, train-detector (from the classifier's
     weights), refine (the calibrated CAM proposals join the detector's), evaluate, report. Ends with
