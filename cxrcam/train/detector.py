@@ -200,7 +200,8 @@ def _cam_boxes(cache: Cache, config: Config, info: dist.DistInfo, pseudo_rows: n
                     write_csv(files[part], found[part])
     pseudo = found.get("pseudo", pd.DataFrame(columns=cache.boxes.columns))
     proposals = found.get("proposals", pd.DataFrame(columns=PROPOSAL_COLUMNS))
-    return pseudo, {k: g[CACHE_BOX_COLUMNS].to_numpy(np.float32) for k, g in proposals.groupby("image_id")}
+    # copies: pandas hands out read-only arrays, which torch.from_numpy warns about (issue 38)
+    return pseudo, {k: g[CACHE_BOX_COLUMNS].to_numpy(np.float32, copy=True) for k, g in proposals.groupby("image_id")}
 
 
 def train_detector(config: Config, data: str | Path, out: str | Path, resume: bool = False,
