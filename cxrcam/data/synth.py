@@ -424,6 +424,20 @@ FITTED: dict[str, Callable] = {  # by class name, both datasets
 }
 
 
+LUNG = 0.14  # the phantom's lung density
+REAL_CONTRAST = 0.6  # a lesion's share of its phantom contrast in real anatomy (the full one saturates the heart)
+
+
+def _added(look: Callable, d: np.ndarray, box: Box, rng: np.random.Generator) -> None:
+    """``look`` as an added attenuation, for real anatomy: drawn on a lung-density field and added
+    to ``d`` as its difference from that field (times :data:`REAL_CONTRAST`). In the display (log)
+    domain attenuations add, so the same lesion shows on a rib or the heart as on the lung, where a
+    look that sets a density (an enlarged heart at 0.66) would vanish in anatomy already brighter."""
+    ref = np.full(d.shape, LUNG, np.float32)
+    look(ref, box, rng)
+    d += REAL_CONTRAST * (ref - LUNG)
+
+
 def _pixels(row, w: int, h: int) -> Box:
     """A geometry row (cx, cy, width, height shares) as a box in a w x h image, at least 2 px a side."""
     cx, cy, bw, bh = row
@@ -496,7 +510,7 @@ class Backgrounds:
     """Normal radiographs (``--backgrounds DIR``) for findings to be inserted into, split between the
     training and the test sets by file (the test anatomy is unseen), each use augmented: a flip, a crop,
     a gamma and contrast change and a small elastic warp. A finding is added in the display
-    (log-attenuation) domain, where attenuations add, as lesion-insertion studies blend."""
+    (log-attenuation) domain, where attenuations add, as lesion-insertion studies blend (:func:`_added`)."""
 
     def __init__(self, folder: str | Path, split: str):
         from cxrcam.data.images import IMAGE_SUFFIXES, read_image
@@ -673,7 +687,8 @@ def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split
             d, _ = base or render_normal(h, w, rng)
             reading = read_vinbig(profile, rng, w, h, normal_fraction, split)
             for cid, box in reading.findings:
-                FITTED[VINBIG.findings[cid]](d, box, rng)
+                look = FITTED[VINBIG.findings[cid]]
+                _added(look, d, box, rng) if base else look(d, box, rng)
             write_dicom(out / split / f"{image_id}.dicom", _finish(d, rng), rng)
             marked = {r for r, _, _ in reading.marks}
             rows += [(image_id, VINBIG.findings[c], c, r, *box) for r, c, box in reading.marks]
@@ -720,6 +735,8 @@ def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool, normal_f
             for cid, box in findings:  # a boxed class fitted to its drawn box; the others as the phantom's
                 if box is None:
                     LOOKS["nih"][NIH.findings[cid]](d, anatomy, rng)
+                elif base:
+                    _added(FITTED[NIH.findings[cid]], d, box, rng)
                 else:
                     FITTED[NIH.findings[cid]](d, box, rng)
             img = SynthImage(_finish(d, rng), [(c, b) for c, b in findings])
