@@ -468,7 +468,7 @@ class Reading:
     readers: list[str]
 
 
-def read_vinbig(profile: dict, rng: np.random.Generator, w: int, h: int, normal_fraction: float,
+def draw_vinbig(profile: dict, rng: np.random.Generator, w: int, h: int, normal_fraction: float,
                 split: str = "train") -> Reading:
     """Draw one VinBigData image's truth from the profile: a finding set; per finding, how many of
     the 3 readers mark it and how many boxes each draws, the boxes from the class's geometry and each
@@ -492,7 +492,7 @@ def read_vinbig(profile: dict, rng: np.random.Generator, w: int, h: int, normal_
     return Reading(findings, marks, readers)
 
 
-def read_nih(profile: dict, rng: np.random.Generator, size: int, normal_fraction: float) -> list[tuple[int, Box | None]]:
+def draw_nih(profile: dict, rng: np.random.Generator, size: int, normal_fraction: float) -> list[tuple[int, Box | None]]:
     """Draw one NIH image's findings from the profile: (class id, box from the box list's geometry for
     the 8 boxed classes; None for the 6 label-only ones)."""
     if rng.random() < normal_fraction:
@@ -685,7 +685,7 @@ def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split
         image_id = _image_id(seed, i)
         if profile is not None:
             d, _ = base or render_normal(h, w, rng)
-            reading = read_vinbig(profile, rng, w, h, normal_fraction, split)
+            reading = draw_vinbig(profile, rng, w, h, normal_fraction, split)
             for cid, box in reading.findings:
                 look = FITTED[VINBIG.findings[cid]]
                 _added(look, d, box, rng) if base else look(d, box, rng)
@@ -731,7 +731,7 @@ def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool, normal_f
         base = backgrounds.draw(size, size, rng) if backgrounds else None
         if profile is not None:
             d, anatomy = base or render_normal(size, size, rng)
-            findings = read_nih(profile, rng, size, normal_fraction)
+            findings = draw_nih(profile, rng, size, normal_fraction)
             for cid, box in findings:  # a boxed class fitted to its drawn box; the others as the phantom's
                 if box is None:
                     LOOKS["nih"][NIH.findings[cid]](d, anatomy, rng)
@@ -739,7 +739,7 @@ def _write_nih(out: Path, n: int, seed: int, size: int, progress: bool, normal_f
                     _added(FITTED[NIH.findings[cid]], d, box, rng)
                 else:
                     FITTED[NIH.findings[cid]](d, box, rng)
-            img = SynthImage(_finish(d, rng), [(c, b) for c, b in findings])
+            img = SynthImage(_finish(d, rng), findings)
         else:
             img = synth_image("nih", size, size, rng, normal_fraction, base)
         cv2.imwrite(str(out / "images" / name), np.round(img.density * 255).astype(np.uint8))
