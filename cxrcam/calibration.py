@@ -23,7 +23,7 @@ from cxrcam.errors import CxrcamError
 from cxrcam.files import write_json
 from cxrcam.schemas import Schema
 
-SETTING_KEYS = ("threshold", "score", "min_area")  # what a class's entry may set of boxes.*
+SETTING_KEYS = ("threshold", "score", "min_area", "threshold_mode", "scale")  # what a class's entry may set of boxes.*
 
 
 @dataclass

@@ -349,20 +349,26 @@ def localize(checkpoint: Path, **kwargs) -> None:
               help="A candidate heat map (repeat for several), tried beside the configured cam.method/target_layer: "
                    "e.g. --maps layercam@layer3 --maps layercam@layer3,layer4 (fused). Default: LayerCAM at the "
                    "backbone's next-to-last stage, alone and fused with the last; --maps none: the configured map only.")
+@click.option("--modes", multiple=True, type=click.Choice(["fixed", "otsu", "peak", "percentile", "none"]),
+              help="A threshold mode tried on each map (repeat for several; boxes.threshold_mode): the map itself "
+                   "(fixed), Otsu's cut of each map, each region's own peak, the map's percentiles. Default: all four; "
+                   "--modes none: the configured one only.")
 @click.option("--dataset", type=click.Choice(list(SCHEMAS)), help="Layout of a --data dataset folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch [config: cam.batch_size, 16].")
 @device_option
 @config_options
 def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, min_boxes: int, maps: tuple[str, ...],
-              dataset: str | None, batch_size: int | None, device: str | None, config: Config) -> None:
+              modes: tuple[str, ...], dataset: str | None, batch_size: int | None, device: str | None,
+              config: Config) -> None:
     """Choose the heat map and each class's threshold on a small boxed set, for `localize --threshold FILE`.
 
     \b
     For every candidate map (the configured one and --maps) the boxed images' maps are computed
-    once; boxes are re-cut at every threshold from 0.05 to 0.95 and scored with AP@0.4 per class
-    (VinBigData's metric), on all images and on each half. A map or a class's threshold replaces
-    the configured one only where it wins on the half it was not chosen on (both ways), so a few
-    boxes cannot be overfitted; the other box scores and min_area values are tried and reported.
+    once; boxes are re-cut in each threshold mode (--modes) at every threshold from 0.05 to 0.95
+    and scored with AP@0.4 per class (VinBigData's metric), on all images and on each half. A map
+    and mode, a class's threshold, or a class's box scale (0.6-1.5) replaces the configured one
+    only where it wins on the half it was not chosen on (both ways), so a few boxes cannot be
+    overfitted; the other box scores and min_area values are tried and reported.
     Also reports MaxBoxAccV2 (Choe et al., CVPR 2020) of each map beside its random-map control.
     Writes the calibration file (localize, refine and pseudo-boxes then use its map and
     thresholds), <name>.png (AP against threshold per class) and <name>_box_accuracy.png.
@@ -376,29 +382,31 @@ def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, m
         config.cam.batch_size = batch_size
     _set_device(config, device)
     candidates = None if not maps else [] if list(maps) == ["none"] else list(maps)
+    mode_list = None if not modes else [] if "none" in modes else list(modes)
     result = run(checkpoint, data, out, config, dataset=dataset, fold=fold, min_boxes=min_boxes, search=search,
-                 maps=candidates)
+                 maps=candidates, modes=mode_list)
     click.echo(f"calibrated on {result.images} images in {result.seconds:.0f}s -> {out}")
-    click.echo(f"{'heat map':<32}  held-out AP (at {config.boxes.threshold} / calibrated)  MaxBoxAccV2 (random maps)")
+    click.echo(f"{'heat map, threshold mode':<44}  held-out AP (at {config.boxes.threshold} / calibrated)  "
+               f"MaxBoxAccV2 (random maps)")
+    key = ("method", "target_layer", "threshold_mode")
     for m in result.maps:
-        name = map_name(m["method"], m["target_layer"])
-        mark = " <- chosen" if (m["method"], m["target_layer"]) == (result.chosen["method"],
-                                                                    result.chosen["target_layer"]) else ""
-        click.echo(f"{name:<32}  {_f3(m['heldout_ap_default'])} / {_f3(m['heldout_ap'])}"
+        name = f"{map_name(m['method'], m['target_layer'])}, {m['threshold_mode']}"
+        mark = " <- chosen" if all(m[k] == result.chosen[k] for k in key) else ""
+        click.echo(f"{name:<44}  {_f3(m['heldout_ap_default'])} / {_f3(m['heldout_ap'])}"
                    f"{'':<22}{_f3(m['maxboxacc'])} ({_f3(m['control'])}){mark}")
     if any(_f3(m["heldout_ap"]) == "-" for m in result.maps):
         click.echo("(-: undefined, no class has truth boxes in both halves of the calibration images)")
     click.echo(f"map: {result.chosen['why']}")
     width = max(len(n) for n in result.classes)
-    click.echo(f"{'class':<{width}}  boxes  threshold  AP@{config.eval.iou_thr} (at {config.boxes.threshold})  "
+    click.echo(f"{'class':<{width}}  boxes  threshold  scale  AP@{config.eval.iou_thr} (at {config.boxes.threshold})  "
                f"better setting")
     for name, e in result.classes.items():
         best = e["best_setting"]
         better = (f"score={best['score']} min_area={best['min_area']} t={best['threshold']:.2f}: AP {_f3(best['ap'])}"
                   if best["ap"] > e["ap"] + 1e-9 else "-")
         note = {"class": "", "all classes": " (too few boxes: shared)"}.get(e["source"], " (kept: no held-out gain)")
-        click.echo(f"{name:<{width}}  {e['n_truth']:5d}  {e['threshold']:9.2f}  {_f3(e['ap'])} ({_f3(e['ap_default'])})"
-                   f"  {better}{note}")
+        click.echo(f"{name:<{width}}  {e['n_truth']:5d}  {e['threshold']:9.2f}  {e['scale']:5.3g}  {_f3(e['ap'])} "
+                   f"({_f3(e['ap_default'])})  {better}{note}")
     click.echo(f"mean AP over the calibrated classes: {_f3(result.mean_ap)} (at {config.boxes.threshold}: "
                f"{_f3(result.mean_ap_default)}; chosen on these images, so optimistic)")
     click.echo(f"MaxBoxAccV2 of the chosen map {_f3(result.maxboxacc)} (random maps {_f3(result.maxboxacc_control)})")

@@ -98,6 +98,9 @@ class CamConfig:
 
     method: str = "gradcam++"  # gradcam, gradcam++ (closed form when possible), or any pytorch-grad-cam method
     target_layer: str = ""  # module name; empty = the tensor entering the global pooling
+    # what a class's map explains: its logit ("class"), or its logit against the mean of the image's other
+    # predicted classes' ("contrastive": the evidence particular to this finding)
+    target: Literal["class", "contrastive"] = "class"
     batch_size: int = 16
     workers: int = 2
 
@@ -122,6 +125,10 @@ class BoxConfig:
     """Heat map -> boxes (see cxrcam.boxes.from_cam)."""
 
     threshold: float = 0.65  # keep map pixels >= threshold (maps are min-max scaled to [0, 1])
+    # what the threshold cuts: the map ("fixed"), Otsu's cut of each map ("otsu": no threshold to tune), the map
+    # over each region's own peak ("peak"), or the map's percentiles ("percentile": keep its top 1 - threshold)
+    threshold_mode: Literal["fixed", "otsu", "peak", "percentile"] = "fixed"
+    scale: float = 1.0  # each box resized about its centre by this (RSNA's winners: 0.875-0.9)
     # a class is predicted (gets boxes, pictures, refine's CAM proposals) above this probability;
     # "auto": each class's operating point from the checkpoint (train-classifier's F1 on validation)
     min_prob: Union[float, Literal["auto"]] = "auto"

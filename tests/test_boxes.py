@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from cxrcam.boxes import cam_peak, cam_to_boxes, pairwise_iobb, pairwise_iou, select_boxes
+from cxrcam.boxes import cam_peak, cam_to_boxes, cut_map, pairwise_iobb, pairwise_iou, resize_boxes, select_boxes
 from cxrcam.config import BoxConfig
 from cxrcam.errors import CxrcamError
 from cxrcam.data.submission import normal_scores, read_submission, submission_table
@@ -35,6 +35,49 @@ def test_components_become_boxes_on_continuous_coordinates():
     # min_area 0 keeps the one-pixel speck as a 1 x 1 box
     boxes, _ = cam_to_boxes(cam, 1.0, BoxConfig(threshold=0.65, min_area=0, top_k=0))
     assert [2, 95, 3, 96] in boxes.tolist()
+
+
+def test_threshold_modes_against_their_definitions():
+    """Otsu: the level of greatest between-class variance (written from Otsu 1979); percentile:
+    keep the map's top 1 - t; peak: a weaker second region is cut at t x its own peak."""
+    rng = np.random.default_rng(0)
+    cam = np.clip(np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7, 0.1, 1000)]), 0, 1)
+    cam = cam.reshape(50, 80).astype(np.float32)
+    levels = np.round(cam * 255).ravel()
+    best, best_var = 0, -1.0
+    for k in range(255):
+        low, high = levels[levels <= k], levels[levels > k]
+        if len(low) and len(high):
+            var = len(low) * len(high) * (low.mean() - high.mean()) ** 2
+            if var > best_var + 1e-6:
+                best, best_var = k, var
+    assert np.array_equal(cut_map(cam, "otsu") >= 0.5, levels.reshape(cam.shape) > best)
+    assert 0.2 < (cut_map(cam, "otsu") > 0).mean() < 0.3  # the brighter quarter
+    for t in (0.5, 0.9):
+        assert (cut_map(cam, "percentile") >= t).mean() == pytest.approx(1 - t, abs=1e-3)
+        # the pixels above the t-quantile: the top (1 - t) x 4000 exactly
+        assert np.array_equal(cut_map(cam, "percentile") >= t, cam > np.quantile(cam, t, method="inverted_cdf"))
+    two = np.zeros((60, 60), np.float32)
+    two[5:25, 5:25], two[10:20, 10:20] = 0.6, 1.0  # a strong finding, its core at 1
+    two[35:55, 35:55], two[40:50, 40:50] = 0.25, 0.4  # a weak one, its core at 0.4
+    fixed, _ = cam_to_boxes(two, 1.0, BoxConfig(threshold=0.7, nms_iou=1, top_k=0))
+    peak, _ = cam_to_boxes(two, 1.0, BoxConfig(threshold=0.7, threshold_mode="peak", nms_iou=1, top_k=0))
+    assert fixed.tolist() == [[10, 10, 20, 20]]
+    assert sorted(peak.tolist()) == [[10, 10, 20, 20], [40, 40, 50, 50]]  # each core, by its own peak
+    with pytest.raises(ValueError, match="unknown threshold mode"):
+        cut_map(two, "mean")
+
+
+def test_box_scale_about_the_centre_within_the_image():
+    boxes = np.array([[10, 20, 30, 60], [0, 0, 10, 10]], np.float64)
+    half = resize_boxes(boxes, 0.5, 100, 100)
+    assert half.tolist() == [[15, 30, 25, 50], [2.5, 2.5, 7.5, 7.5]]
+    grown = resize_boxes(boxes, 2.0, 40, 70)
+    assert grown.tolist() == [[0, 0, 40, 70], [0, 0, 15, 15]]  # clipped to the image
+    cam = blob_map()
+    plain, _ = cam_to_boxes(cam, 1.0, BoxConfig(min_area=0.001, nms_iou=1, top_k=0))
+    shrunk, _ = cam_to_boxes(cam, 1.0, BoxConfig(min_area=0.001, nms_iou=1, top_k=0, scale=0.875))
+    assert shrunk == pytest.approx(resize_boxes(plain, 0.875, 80, 100))
 
 
 def test_score_statistics_and_top_k():

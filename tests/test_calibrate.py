@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import cxrcam
-from cxrcam.boxes import components, maps_to_boxes, pairwise_iou
-from cxrcam.calibrate.sweep import SWEEP
+from cxrcam.boxes import THRESHOLD_MODES, components, maps_to_boxes, pairwise_iou
+from cxrcam.calibrate.sweep import SCALES, SWEEP
 from cxrcam.calibration import box_rules
 from cxrcam.cam import CheckpointMaps, create_cam
 from cxrcam.config import BoxConfig, load_config
@@ -108,14 +108,17 @@ def test_the_sweep_writes_the_boxes_localize_writes():
     from cxrcam.calibrate.sweep import ClassMaps, Pair, class_boxes
 
     rng = np.random.default_rng(4)
-    pairs = [Pair(f"img{n}", 0, float(rng.random()), n != 3, components(smooth_map(rng), SWEEP)) for n in range(8)]
+    pairs = [Pair(f"img{n}", 0, float(rng.random()), n != 3, components(smooth_map(rng), SWEEP, mode=mode), (64, 64))
+             for n, mode in zip(range(8), [*THRESHOLD_MODES] * 2)]
     maps = ClassMaps.of(pairs)
     for t in (0.3, 0.65, 0.9):
         for config in (BoxConfig(score="mean", top_k=2, nms_iou=0.1), BoxConfig(score="contrast", min_area=0.01),
-                       BoxConfig(score="none", top_k=1), BoxConfig(score="max", top_k=0, nms_iou=1.0)):
+                       BoxConfig(score="none", top_k=1), BoxConfig(score="max", top_k=0, nms_iou=1.0),
+                       BoxConfig(scale=0.8), BoxConfig(scale=1.3, top_k=2)):
             ids, boxes, scores = class_boxes(maps, t, config)
             want = [(p.image_id, b, s) for p in pairs if p.predicted
-                    for b, s in zip(*score_components(p.rows[p.rows[:, 0] == SWEEP.index(t)], p.prob, config))]
+                    for b, s in zip(*score_components(p.rows[p.rows[:, 0] == SWEEP.index(t)], p.prob, config,
+                                                      p.size))]
             assert list(ids) == [w[0] for w in want]
             assert boxes.tolist() == [w[1].tolist() for w in want] and scores.tolist() == [w[2] for w in want]
     assert "img3" not in set(class_boxes(maps, 0.3, BoxConfig())[0])  # not predicted: no boxes
@@ -269,7 +272,7 @@ def test_few_boxes_keep_the_configured_threshold():
     for curve, expected in ((flat, 0.65), (peak, 0.35)):  # a real peak: the middle of its plateau
         classes = {"boxed": {"n_truth": 9, "curve": curve, "threshold": 0.65, "ap": 1.0},
                    "few": {"n_truth": 2, "curve": [0.0] * len(SWEEP), "threshold": 0.65, "ap": 0.0}}
-        _choose(classes, 5, "threshold", Config())
+        _choose(classes, 5, "threshold", Config(), "fixed")
         assert classes["few"]["threshold"] == pytest.approx(expected) and classes["few"]["source"] == "all classes"
 
 
@@ -292,7 +295,7 @@ def test_a_threshold_or_map_stands_only_where_its_gain_holds_on_both_halves():
         return classes
 
     classes = entries(curve(None))  # the second half sees nothing better than 0.65
-    _choose(classes, 5, "threshold", Config(), confirm=True)
+    _choose(classes, 5, "threshold", Config(), "fixed", confirm=True)
     assert classes["steady"]["threshold"] == pytest.approx(0.3)
     assert classes["one half"]["threshold"] == 0.65 and classes["one half"]["source"].startswith("configured")
     configured = {"classes": {"c": {"default_halves": [0.5, 0.5]}}}
@@ -312,7 +315,11 @@ def test_calibrate_tries_maps_records_the_evidence_and_localize_uses_the_choice(
                     "--maps", "layercam@layer3", "cam.workers=0")
     assert result.returncode == 0, result.stderr
     saved = json.loads(cal.read_text())
-    assert [(m["method"], m["target_layer"]) for m in saved["maps"]] == [("gradcam++", ""), ("layercam", "layer3")]
+    assert [(m["method"], m["target_layer"], m["threshold_mode"]) for m in saved["maps"]] == [
+        (method, layer, mode) for method, layer in (("gradcam++", ""), ("layercam", "layer3")) for mode in THRESHOLD_MODES]
+    assert saved["cam"]["threshold_mode"] in THRESHOLD_MODES and "peak" in result.stdout
+    for e in saved["classes"].values():  # the chosen mode, or the configured setting where a class gained nothing
+        assert e["threshold_mode"] in {saved["cam"]["threshold_mode"], "fixed"} and e["scale"] in SCALES
     for m in saved["maps"]:
         assert m["maxboxacc"] >= 0 and m["control"] >= 0 and "heldout_ap" in m and "heldout_ap_default" in m
     assert (saved["cam"]["method"], saved["cam"]["target_layer"]) in {("gradcam++", ""), ("layercam", "layer3")}
@@ -327,3 +334,24 @@ def test_calibrate_tries_maps_records_the_evidence_and_localize_uses_the_choice(
     assert json.loads((tmp_path / "loc" / "localize.json").read_text())["cam"] == {
         "method": "layercam", "target_layer": "backbone.layer3"}
     assert "chose layercam@layer3 maps" in loc.stderr and "cam.method=gradcam" in loc.stderr
+
+
+def test_a_box_scale_is_chosen_where_it_holds_on_both_halves():
+    """Truth boxes 0.6 x the map's components on every image: AP@0.4 is 1 from scale 0.6 to 0.9 and
+    0 at 1, so calibrate keeps 0.9 (of the best, the nearest the configured 1); where the truth is
+    the components' own size, the configured 1 stays."""
+    from cxrcam.calibrate.run import _choose_scales
+    from cxrcam.calibrate.sweep import Pair
+    from cxrcam.config import Config
+
+    rows = components(np.pad(np.ones((40, 40), np.float32), 30), SWEEP)  # one 40 px box at every threshold
+    pairs = [Pair(f"img{n}", 0, 0.9, True, rows.copy(), (100, 100)) for n in range(24)]
+    for factor, expected in ((0.6, 0.9), (1.0, 1.0)):
+        half = 20 * factor
+        truth = pd.DataFrame({"image_id": [p.image_id for p in pairs], "class_id": 0, "x_min": 50 - half,
+                              "y_min": 50 - half, "x_max": 50 + half, "y_max": 50 + half})
+        classes = {"c": {"class_id": 0, "n_truth": 24, "threshold": 0.5, "score": "mean", "min_area": 0.001,
+                         "threshold_mode": "fixed", "ap": 0.0}}
+        _choose_scales(classes, pairs, truth, Config(), 5)
+        assert classes["c"]["scale"] == pytest.approx(expected)
+        assert classes["c"]["ap"] == pytest.approx(1.0 if factor == 0.6 else 0.0)

@@ -10,7 +10,8 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cxrcam.cam import ClosedFormCAM, GradientCAM, LibraryCAM, compute_cams, create_cam, probe, scale_cams
+from cxrcam.cam import (ClosedFormCAM, GradientCAM, LibraryCAM, compute_cams, create_cam, probe, scale_cams,
+                        target_weights)
 from cxrcam.models import create_classifier
 from cxrcam.models.factory import Classifier
 
@@ -271,3 +272,67 @@ def test_gradient_engine_under_a_callers_no_grad(context):
         cam = GradientCAM(model, "layercam", "layer3,layer4", batched=batched)
         with context():
             assert torch.allclose(cam(images, [1, 2]).cams, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,layer,engine,batched", [
+    ("gradcam++", "", ClosedFormCAM, None), ("layercam", "layer3", GradientCAM, False),
+    ("layercam", "layer3,layer4", GradientCAM, True), ("gradcam++", "layer4", LibraryCAM, None)])
+def test_each_image_gets_only_its_own_maps(method, layer, engine, batched):
+    """``pairs``: each image's own classes (none for a normal image), equal to the same maps of the
+    all-class call, image by image, with the logits the plan saw."""
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", 6).eval()
+    images = torch.rand(3, 1, 64, 64)
+    cam = create_cam(model, method, layer, fast=engine is not LibraryCAM)
+    assert isinstance(cam, engine)
+    if batched is not None:
+        cam.batched = batched
+    need = [[4, 1], [], [2]]
+    out = cam.pairs(images, lambda logits: [target_weights(n, logits.shape[1]) for n in need])
+    everything = cam(images)
+    assert out.images == [0, 0, 2] and out.maps.shape == (3, 64, 64)
+    expected = torch.stack([everything.cams[b, c] for b, n in enumerate(need) for c in n])
+    assert torch.allclose(out.maps, expected, atol=1e-5) and float(expected.max()) > 0.99
+    assert torch.allclose(out.logits, everything.logits, atol=1e-5)
+    assert cam.pairs(images, lambda logits: [target_weights([], 6)] * 3).maps.shape == (0, 64, 64)
+
+
+def test_a_batch_costs_its_busiest_images_pairs_not_the_union():
+    """Three images needing three different classes: one backward pass (one round), where the
+    all-class call runs one per class."""
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", 6).eval()
+    cam = create_cam(model, "layercam", "layer3")
+    cam.batched = False
+    passes = []
+    hook = model.backbone.layer4.register_full_backward_hook(lambda *args: passes.append(1))
+    try:
+        cam.pairs(torch.rand(3, 1, 64, 64), lambda logits: [target_weights([c], 6) for c in (0, 3, 5)])
+        assert len(passes) == 1
+        cam(torch.rand(3, 1, 64, 64), [0, 3, 5])
+        assert len(passes) == 1 + 3
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam"])
+def test_contrastive_maps_are_the_library_maps_of_the_contrast(method):
+    """A class against the image's other findings: pytorch-grad-cam's map of the target
+    logit_c - mean(logit_others), from the closed form and from the gradient engine at layer3."""
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", 6).eval()
+    images = torch.rand(2, 1, 64, 64)
+    weights = target_weights([1, 4], 6, [[1, 2, 5], [0, 4]])
+    assert torch.allclose(weights[0], torch.tensor([0, 1, -0.5, 0, 0, -0.5])) and weights[1, 0] == -1
+
+    def library(layer):
+        engine = LIBRARY[method](model=model, target_layers=[layer])
+        return np.stack([engine(input_tensor=images, targets=[lambda out, w=w: (out * w).sum(-1)] * 2)
+                         for w in weights], 1)
+
+    for cam, layer in ((create_cam(model, method), model.backbone.layer4),
+                       (create_cam(model, method, "layer3"), model.backbone.layer3)):
+        out = cam.pairs(images, lambda logits: [weights, weights])
+        theirs = library(layer)
+        assert np.abs(out.maps.numpy().reshape(2, 2, 64, 64) - theirs).max() < 1e-4
+        assert theirs.max() > 0.99

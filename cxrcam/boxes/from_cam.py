@@ -2,7 +2,10 @@
 
 For one class of one image with probability ``p`` and a heat map scaled to [0, 1]:
 
-1. keep pixels with map >= ``threshold`` (0.65 by default, or the class's calibrated value);
+1. keep pixels with map >= ``threshold`` (0.65 by default, or the class's calibrated value); with
+   ``threshold_mode`` other than "fixed" the threshold cuts a map derived from this one
+   (:func:`cut_map`: Otsu's cut, each region's own peak, or a percentile of the map), so that it
+   follows each map's own contrast (CheXlocalize found Otsu as good as per-class thresholds);
 2. label 8-connected components (OpenCV) and drop those smaller than ``min_area`` (a share
    of the image area);
 3. box = the component's pixel extent on continuous coordinates ([x, x + w]);
@@ -11,7 +14,8 @@ For one class of one image with probability ``p`` and a heat map scaled to [0, 1
    inside the box minus mean in the ring, at least 0), or p alone (``"none"``): among boxes
    of one class, a stronger or more distinct activation ranks first, and across classes the
    classifier's confidence leads;
-5. per-class NMS at ``nms_iou`` (torchvision) and the ``top_k`` best boxes.
+5. per-class NMS at ``nms_iou`` (torchvision) and the ``top_k`` best boxes;
+6. each box resized about its centre by ``scale`` (:func:`~cxrcam.boxes.convert.resize_boxes`).
 
 :func:`components` does steps 1-3 (and every statistic) at many thresholds at once, so that
 ``cxrcam calibrate`` sweeps thresholds, scores and areas over maps computed once;
@@ -22,11 +26,12 @@ the components of several thresholds at once (``cxrcam refine``, ``detector.cam_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 
+from cxrcam.boxes.convert import resize_boxes
 from cxrcam.config import BoxConfig
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # one image's boxes N x 4 xyxy, class ids, scores
@@ -39,16 +44,52 @@ STAT_COLUMN = {"mean": MEAN, "max": MAX, "contrast": CONTRAST}
 RING = 0.5  # the contrast ring is the box grown by this share of its side, minus the box
 
 
-def components(cam: np.ndarray, thresholds: Sequence[float], statistics: bool = True) -> np.ndarray:
-    """Every connected component of ``cam >= t`` for each ``t``: rows of
-    (index of t, x0, y0, x1, y1, area share, mean, max, contrast), boxes in map pixels
-    (``statistics=False``: the last three are 0, for callers that need the boxes alone)."""
+THRESHOLD_MODES = ("fixed", "otsu", "peak", "percentile")
+PEAK_FLOOR = 0.2  # "peak": a region is a connected part of the map above this (a fifth of the map's peak)
+
+
+def cut_map(cam: np.ndarray, mode: str = "fixed") -> np.ndarray:
+    """The map a threshold ``t`` cuts, by ``boxes.threshold_mode``:
+
+    * "fixed": the map itself (keep map >= t);
+    * "otsu": 1 where the map is at or above Otsu's threshold of this map, else 0 (every t in
+      (0, 1] gives Otsu's cut: nothing to tune);
+    * "peak": the map over the peak of its own region (the connected part above :data:`PEAK_FLOOR`
+      holding it), 0 outside regions: keep what is above t x its region's peak, so a second,
+      weaker finding gets a box of its own extent;
+    * "percentile": each pixel's rank in the map (share of the map's pixels below it): keep the
+      top 1 - t of the map."""
     cam = np.asarray(cam, dtype=np.float32)
+    if mode == "fixed":
+        return cam
+    if mode == "otsu":
+        level, _ = cv2.threshold(np.round(cam * 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        return (np.round(cam * 255) > level).astype(np.float32)  # OpenCV's THRESH_BINARY: above the level
+    if mode == "peak":
+        n, labels = cv2.connectedComponents((cam >= PEAK_FLOOR).view(np.uint8), connectivity=8)
+        peak = np.zeros(n)
+        np.maximum.at(peak, labels.ravel(), cam.ravel())
+        peak[0] = np.inf  # outside every region: 0
+        return (cam / peak[labels]).astype(np.float32)
+    if mode == "percentile":
+        flat = cam.ravel()
+        return (np.searchsorted(np.sort(flat), flat, side="left") / flat.size).reshape(cam.shape).astype(np.float32)
+    raise ValueError(f"unknown threshold mode {mode!r}; choose one of {', '.join(THRESHOLD_MODES)}")
+
+
+def components(cam: np.ndarray, thresholds: Sequence[float], statistics: bool = True, mode: str = "fixed"
+               ) -> np.ndarray:
+    """Every connected component of ``cut >= t`` for each ``t`` (``cut``: :func:`cut_map` of ``cam``
+    by ``mode``): rows of (index of t, x0, y0, x1, y1, area share, mean, max, contrast), boxes in
+    map pixels, the statistics of ``cam`` itself (``statistics=False``: the last three are 0, for
+    callers that need the boxes alone)."""
+    cam = np.asarray(cam, dtype=np.float32)
+    cut = cut_map(cam, mode)
     h, w = cam.shape
     values = cam.astype(np.float64)
     index, found, sums, peaks = [], [], [], []  # per threshold with components: its index, stats, ...
     for k, t in enumerate(thresholds):
-        mask = cam >= t
+        mask = cut >= t
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
         if n <= 1:
             continue
@@ -101,15 +142,18 @@ def rate_components(rows: np.ndarray, config: BoxConfig) -> tuple[np.ndarray, np
     return keep, rows[keep, X0:Y1 + 1], stat
 
 
-def score_components(rows: np.ndarray, prob: float, config: BoxConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Steps 2, 4 and 5 on the components of one threshold: boxes and scores, best first."""
+def score_components(rows: np.ndarray, prob: float, config: BoxConfig, size: tuple[float, float]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 2, 4, 5 and 6 on the components of one threshold: boxes and scores, best first
+    (``size``: the (height, width) the resized boxes stay within)."""
     _, boxes, stat = rate_components(rows, config)
-    return select_boxes(boxes, prob * stat, config.top_k, config.nms_iou)
+    boxes, scores = select_boxes(boxes, prob * stat, config.top_k, config.nms_iou)
+    return resize_boxes(boxes, config.scale, size[1], size[0]), scores
 
 
 def cam_to_boxes(cam: np.ndarray, prob: float, config: BoxConfig = BoxConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (N x 4 xyxy, in the map's pixels) and scores for one class's map (H x W in [0, 1])."""
-    return score_components(components(cam, [config.threshold]), prob, config)
+    return score_components(components(cam, [config.threshold], mode=config.threshold_mode), prob, config, cam.shape)
 
 
 @dataclass
@@ -124,19 +168,32 @@ class BoxRules:
         return self.per_class.get(int(class_id), self.default)
 
 
-def maps_to_boxes(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Sequence[int]],
+MapOf = Callable[[int, int], np.ndarray]  # (image b of the batch, class c) -> its scaled map (H x W)
+
+
+def _map_of(maps: np.ndarray | MapOf, classes: Sequence[int] | None) -> MapOf:
+    """Maps as ``CamOutput`` gives them (B x len(classes) x H x W, with ``classes``), or a lookup
+    (``MapBatch.map``, whose images each have their own classes; ``classes`` None)."""
+    if callable(maps):
+        return maps
+    column = {int(c): k for k, c in enumerate(classes)}
+    return lambda b, c: maps[b, column[int(c)]]
+
+
+def maps_to_boxes(maps: np.ndarray | MapOf, classes: Sequence[int] | None, wanted: Sequence[Sequence[int]],
                   probs: np.ndarray | None = None, rules: BoxConfig | BoxRules = BoxConfig()) -> list[Detections]:
     """Each image's boxes (map pixels) of its ``wanted`` classes.
 
-    cams: B x len(classes) x H x W, the scaled maps of ``classes``; probs: B x all classes, the
+    maps: B x len(classes) x H x W, the scaled maps of ``classes``, or (``classes`` None) a lookup
+    ``maps(b, c)``: image b's map of class c (``MapBatch.map``); probs: B x all classes, the
     probability each box score starts from (None: 1); rules: one setting, or one per class."""
     rules = rules if isinstance(rules, BoxRules) else BoxRules(rules)
-    column = {int(c): k for k, c in enumerate(classes)}
+    map_of = _map_of(maps, classes)
     out = []
     for b, chosen in enumerate(wanted):
         boxes, labels, scores = [np.zeros((0, 4))], [np.zeros(0, np.int64)], [np.zeros(0)]
         for c in chosen:
-            bx, sc = cam_to_boxes(cams[b, column[int(c)]], 1.0 if probs is None else float(probs[b, c]), rules(c))
+            bx, sc = cam_to_boxes(map_of(b, c), 1.0 if probs is None else float(probs[b, c]), rules(c))
             boxes.append(bx)
             scores.append(sc)
             labels.append(np.full(len(bx), int(c), np.int64))
@@ -147,7 +204,7 @@ def maps_to_boxes(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Seq
 PROPOSAL_OFFSETS = (-0.15, 0.0, 0.15)  # cam_proposals cuts each map at its class's threshold + these
 
 
-def cam_proposals(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Sequence[int]],
+def cam_proposals(maps: np.ndarray | MapOf, classes: Sequence[int] | None, wanted: Sequence[Sequence[int]],
                   rules: BoxConfig | BoxRules = BoxConfig()) -> list[np.ndarray]:
     """Each image's CAM proposals for a detector's RoI heads (map pixels, class-agnostic): every
     component (>= ``min_area``) of each ``wanted`` class's map at the class's threshold and at
@@ -155,14 +212,14 @@ def cam_proposals(cams: np.ndarray, classes: Sequence[int], wanted: Sequence[Seq
     give the nested boxes a box head can choose among; as submission boxes they halve the mAP
     (docs/BENCHMARKS.md, issue 14)."""
     rules = rules if isinstance(rules, BoxRules) else BoxRules(rules)
-    column = {int(c): k for k, c in enumerate(classes)}
+    map_of = _map_of(maps, classes)
     out = []
     for b, chosen in enumerate(wanted):
         boxes = [np.zeros((0, 4))]
         for c in chosen:
             rule = rules(c)
             cuts = sorted({float(np.clip(rule.threshold + d, 0.01, 0.99)) for d in PROPOSAL_OFFSETS})
-            rows = components(cams[b, column[int(c)]], cuts, statistics=False)
+            rows = components(map_of(b, c), cuts, statistics=False, mode=rule.threshold_mode)
             boxes.append(rows[rows[:, AREA] >= rule.min_area, X0:Y1 + 1])
         out.append(np.unique(np.concatenate(boxes), axis=0))
     return out

@@ -23,6 +23,7 @@ issue-26 measurements showed the map itself (method and layer) matters as much. 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -33,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrcam.boxes import components, scale_boxes
+from cxrcam.boxes import THRESHOLD_MODES, components, scale_boxes
 from cxrcam.boxes.from_cam import X0, Y1
-from cxrcam.calibrate.sweep import SWEEP, Pair, choose_threshold, on_grid, sweep_class, truth_of
+from cxrcam.calibrate.sweep import (SCALES, SWEEP, ClassMaps, Pair, ap_at, choose_threshold, on_grid, sweep_class,
+                                   truth_of)
 from cxrcam.calibration import write_calibration
 from cxrcam.cam import map_name, parse_map
 from cxrcam.cam.checkpoint import CheckpointMaps, needed_classes
@@ -43,6 +45,7 @@ from cxrcam.config import Config
 from cxrcam.data.sources import open_source
 from cxrcam.data.tables import boxes_by_image
 from cxrcam.errors import CxrcamError
+from cxrcam.evaluation.detection import truth_by_image
 from cxrcam.evaluation.weak import CURVE_COLUMNS, maxboxacc_table, pair_curves, plot_box_accuracy
 from cxrcam.files import save_figure
 from cxrcam.runtime import dist
@@ -93,17 +96,30 @@ def candidate_maps(model, config: Config, maps: list[str] | None) -> list[tuple[
     return found
 
 
+def candidate_modes(config: Config, modes: list[str] | None) -> list[str]:
+    """The threshold modes tried on each map (``boxes.threshold_mode``), the configured one first;
+    default: all of :data:`~cxrcam.boxes.THRESHOLD_MODES`."""
+    found = [config.boxes.threshold_mode]
+    for mode in THRESHOLD_MODES if modes is None else modes:
+        if mode not in THRESHOLD_MODES:
+            raise CxrcamError(f"--modes: unknown threshold mode {mode!r}; choose among {', '.join(THRESHOLD_MODES)}")
+        if mode not in found:
+            found.append(mode)
+    return found
+
+
 def _collect(maps: CheckpointMaps, images: pd.DataFrame, truth: pd.DataFrame, progress: bool,
-             desc: str) -> tuple[list[Pair], pd.DataFrame]:
-    """Stream the images once through the map pass: each predicted or true class's components
-    (original pixels), and the box accuracy curves of every true class with their random-map control."""
+             desc: str, modes: list[str]) -> tuple[dict[str, list[Pair]], pd.DataFrame]:
+    """Stream the images once through the map pass: per threshold mode, each predicted or true
+    class's components (original pixels); and the box accuracy curves of every true class with
+    their random-map control."""
     by_image, size = boxes_by_image(truth), maps.size
     no_truth = (np.zeros((0, 4)), np.zeros(0, np.int64))
 
     def plan(row: int, p: np.ndarray):  # calibrate's addition: the truth classes
         return needed_classes(p, maps.thresholds, extra=by_image.get(images.at[row, "image_id"], no_truth)[1])
 
-    pairs, curves = [], []
+    pairs, curves = {mode: [] for mode in modes}, []
     for batch in maps.stream(images, plan, desc, progress, leave=False):
         if batch.maps is None:
             continue
@@ -111,9 +127,10 @@ def _collect(maps: CheckpointMaps, images: pd.DataFrame, truth: pd.DataFrame, pr
         for b, (image_id, (h, w), need) in enumerate(zip(batch.ids, batch.sizes, batch.maps.plans)):
             for c in need.need:
                 cam = batch.maps.map(b, c)
-                rows = components(cam, SWEEP)  # at the input size: the boxes localize cuts
-                rows[:, X0:Y1 + 1] = scale_boxes(rows[:, X0:Y1 + 1], w / size, h / size)
-                pairs.append(Pair(image_id, c, float(probs[b, c]), c in need.predicted, rows))
+                for mode in modes:
+                    rows = components(cam, SWEEP, mode=mode)  # at the input size: the boxes localize cuts
+                    rows[:, X0:Y1 + 1] = scale_boxes(rows[:, X0:Y1 + 1], w / size, h / size)
+                    pairs[mode].append(Pair(image_id, c, float(probs[b, c]), c in need.predicted, rows, (h, w)))
                 if c in need.extra:
                     boxes, classes = by_image[image_id]
                     model_ious, control = pair_curves(cam, scale_boxes(boxes[classes == c], size / w, size / h),
@@ -127,25 +144,27 @@ def half_of(image_id: str) -> int:
     return zlib.crc32(str(image_id).encode()) % 2
 
 
-def _sweep(pairs: list[Pair], truth: pd.DataFrame, schema, config: Config, progress: bool) -> dict:
+def _sweep(pairs: list[Pair], truth: pd.DataFrame, schema, config: Config, progress: bool, mode: str) -> dict:
     """Each boxed class's AP curve on all images and on each half (the other box settings are
     tried for the chosen map alone: :func:`_other_settings`)."""
     classes, iou_thr = {}, config.eval.iou_thr
+    boxes = dataclasses.replace(config.boxes, threshold_mode=mode)
     for c in progress_bar(range(schema.num_findings), desc="calibrate sweep", unit="class", disable=not progress,
                           leave=False):
         class_truth = truth_of(truth, c)
         if not len(class_truth):
             continue
         classes[schema.class_name(c)] = sweep_class([p for p in pairs if p.class_id == c], class_truth, c,
-                                                    config.boxes, iou_thr, others=False, half=half_of)
+                                                    boxes, iou_thr, others=False, half=half_of)
     return classes
 
 
-def _other_settings(classes: dict, pairs: list[Pair], truth: pd.DataFrame, config: Config) -> None:
+def _other_settings(classes: dict, pairs: list[Pair], truth: pd.DataFrame, config: Config, mode: str) -> None:
     """Every other box score and min_area, tried for each class of the chosen map (``best_setting``)."""
+    boxes = dataclasses.replace(config.boxes, threshold_mode=mode)
     for e in classes.values():
         c = e["class_id"]
-        e["best_setting"] = sweep_class([p for p in pairs if p.class_id == c], truth_of(truth, c), c, config.boxes,
+        e["best_setting"] = sweep_class([p for p in pairs if p.class_id == c], truth_of(truth, c), c, boxes,
                                         config.eval.iou_thr)["best_setting"]
 
 
@@ -183,14 +202,47 @@ def _gains_on_both_halves(candidate: dict, baseline: dict) -> bool:
 def _configured(entry: dict, config: Config) -> None:
     """A class at the configured box setting: no calibration gain held out for it."""
     entry.update(threshold=on_grid(config.boxes.threshold), ap=entry["ap_default"], score=config.boxes.score,
-                 min_area=config.boxes.min_area, source="configured (no held-out gain)")
+                 min_area=config.boxes.min_area, threshold_mode=config.boxes.threshold_mode,
+                 source="configured (no held-out gain)")
 
 
-def _choose(classes: dict, min_boxes: int, search: str, config: Config, confirm: bool = False) -> None:
+def _choose_scales(classes: dict, pairs: list[Pair], truth: pd.DataFrame, config: Config, min_boxes: int) -> None:
+    """Each well-boxed class's box scale (:data:`SCALES`) at its chosen setting: chosen on one half
+    of the images and scored on the other, both ways; kept only where that beats the configured
+    ``boxes.scale`` on each half (then chosen on all images), as thresholds are. Among scales tied at
+    the best AP, the one nearest the configured scale."""
+    default = config.boxes.scale
+    grid = sorted({*SCALES, default})
+    for e in classes.values():
+        e["scale"] = default
+        if e["n_truth"] < min_boxes:
+            continue
+        setting = dataclasses.replace(config.boxes, **{k: e[k] for k in ("score", "min_area", "threshold_mode")})
+        curves = ap_at(ClassMaps.of([p for p in pairs if p.class_id == e["class_id"]]),
+                       truth_by_image(truth_of(truth, e["class_id"])),
+                       [(e["threshold"], dataclasses.replace(setting, scale=f)) for f in grid],
+                       config.eval.iou_thr, half=half_of)
+        if not np.isfinite(curves).all():
+            continue
+        k0 = grid.index(default)
+        change = np.abs(np.log(np.asarray(grid) / default))
+
+        def best(curve: np.ndarray) -> int:  # of the scales at the best AP, the least change
+            return int(np.flatnonzero(curve >= curve.max() - 1e-9)[np.argmin(change[curve >= curve.max() - 1e-9])])
+
+        held = [curves[1, best(curves[2])], curves[2, best(curves[1])]]  # half 0 by 1's choice, and back
+        e["scale_halves"], e["scale_default_halves"] = [float(v) for v in held], [float(curves[1, k0]),
+                                                                                    float(curves[2, k0])]
+        if all(h > d + 1e-9 for h, d in zip(held, e["scale_default_halves"])):
+            e["scale"], e["ap"] = float(grid[best(curves[0])]), float(curves[0].max())
+
+
+def _choose(classes: dict, min_boxes: int, search: str, config: Config, mode: str, confirm: bool = False) -> None:
     """Each class's setting: its own best where it has ``min_boxes`` truth boxes, else the
     threshold best for the mean AP of the classes that do (the configured one unless beaten). With
     ``confirm``, a class whose calibrated threshold did not beat the configured one on both
-    held-out halves (:func:`_held_out`) keeps the configured setting."""
+    held-out halves (:func:`_held_out`) keeps the configured setting. ``mode``: the threshold mode
+    the thresholds were chosen in."""
     own = [e for e in classes.values() if e["n_truth"] >= min_boxes]
     if not own:
         warnings.warn(f"no class has {min_boxes} truth boxes among the calibration images: one threshold for all "
@@ -210,6 +262,7 @@ def _choose(classes: dict, min_boxes: int, search: str, config: Config, confirm:
             _configured(e, config)
         e.setdefault("score", config.boxes.score)
         e.setdefault("min_area", config.boxes.min_area)
+        e.setdefault("threshold_mode", mode)
 
 
 def _mean(values) -> float:
@@ -220,10 +273,11 @@ def _mean(values) -> float:
 
 def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config: Config = Config(),
               dataset: str | None = None, fold: str = "val", min_boxes: int = 5, search: str = "threshold",
-              progress: bool = True, maps: list[str] | None = None) -> Calibration:
+              progress: bool = True, maps: list[str] | None = None, modes: list[str] | None = None) -> Calibration:
     """Write ``out`` (calibration.json) and its plots; see the module docstring. ``search``:
     "threshold" sets each class's threshold; "all" also its box score and min_area. ``maps``:
     the candidate maps ("method@layer"; default: see :func:`candidate_maps`; [] tries only the
+    configured one). ``modes``: the threshold modes tried on each (default: all; [] only the
     configured one)."""
     start, out = time.perf_counter(), Path(out)
     maps_of = CheckpointMaps(checkpoint, config, dist.pick_device(config.runtime.device), calibrated=False)
@@ -236,17 +290,20 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
     candidates = []
     for method, layer in candidate_maps(maps_of.model, config, maps):
         maps_of.use_map(method, layer)
-        pairs, curves = _collect(maps_of, images, truth, progress, f"calibrate maps {map_name(method, layer)}")
-        classes = _sweep(pairs, truth, schema, config, progress)
-        _held_out(classes, min_boxes, config.boxes.threshold)
+        modes_tried = candidate_modes(config, modes)
+        by_mode, curves = _collect(maps_of, images, truth, progress, f"calibrate maps {map_name(method, layer)}",
+                                   modes_tried)
         table = maxboxacc_table(curves, schema)
         overall = table[table["class"] == "all"].set_index("source")["maxboxacc_v2"].to_dict()
-        candidates.append({"method": method, "target_layer": layer, "classes": classes, "curves": curves, "pairs": pairs,
-                           "table": table, "maxboxacc": overall.get("model", math.nan),
-                           "control": overall.get("random map", math.nan),
-                           "heldout_ap": _mean(e["heldout_ap"] for e in classes.values()),
-                           "heldout_ap_default": _mean(e["heldout_ap_default"] for e in classes.values())})
-    baseline = candidates[0]["heldout_ap_default"]  # the configured map at the configured threshold
+        for mode in modes_tried:
+            classes = _sweep(by_mode[mode], truth, schema, config, progress, mode)
+            _held_out(classes, min_boxes, config.boxes.threshold)
+            candidates.append({"method": method, "target_layer": layer, "threshold_mode": mode, "classes": classes,
+                               "curves": curves, "pairs": by_mode[mode], "table": table,
+                               "maxboxacc": overall.get("model", math.nan), "control": overall.get("random map", math.nan),
+                               "heldout_ap": _mean(e["heldout_ap"] for e in classes.values()),
+                               "heldout_ap_default": _mean(e["heldout_ap_default"] for e in classes.values())})
+    baseline = candidates[0]["heldout_ap_default"]  # the configured map and mode at the configured threshold
     winners = [m for m in candidates if _gains_on_both_halves(m, candidates[0])]
     if winners:
         best = max(winners, key=lambda m: m["heldout_ap"])
@@ -256,23 +313,26 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
         best, why = candidates[0], ("no candidate beat the configured map and threshold on both held-out halves: "
                                     "the configured procedure stands")
     classes = best["classes"]
-    _other_settings(classes, best["pairs"], truth, config)
+    _other_settings(classes, best["pairs"], truth, config, best["threshold_mode"])
     if winners:
-        _choose(classes, min_boxes, search, config, confirm=True)
+        _choose(classes, min_boxes, search, config, best["threshold_mode"], confirm=True)
     else:  # the configured procedure stands: every class at the configured setting
         for e in classes.values():
             _configured(e, config)
+    _choose_scales(classes, best["pairs"], truth, config, min_boxes)
     own = [e for e in classes.values() if e["source"] == "class"] or list(classes.values())
-    chosen = {"method": best["method"], "target_layer": best["target_layer"], "why": why}
-    evidence = [{k: m[k] for k in ("method", "target_layer", "heldout_ap", "heldout_ap_default", "maxboxacc",
-                                   "control")} for m in candidates]
+    chosen = {"method": best["method"], "target_layer": best["target_layer"],
+              "threshold_mode": best["threshold_mode"], "why": why}
+    evidence = [{k: m[k] for k in ("method", "target_layer", "threshold_mode", "heldout_ap", "heldout_ap_default",
+                                   "maxboxacc", "control")} for m in candidates]
     result = Calibration(len(images), classes, _mean(e["ap_default"] for e in own), _mean(e["ap"] for e in own),
                          best["maxboxacc"], best["control"], time.perf_counter() - start, out, evidence, chosen)
     write_calibration(out, {
         "checkpoint": str(checkpoint), "data": str(data), "fold": fold, "images": len(images), "schema": schema.name,
         "search": search, "iou_thr": config.eval.iou_thr, "min_boxes": min_boxes, "thresholds": list(SWEEP),
         "default": {"threshold": config.boxes.threshold, "score": config.boxes.score, "min_area": config.boxes.min_area,
-                    "method": config.cam.method, "target_layer": config.cam.target_layer},
+                    "threshold_mode": config.boxes.threshold_mode, "scale": config.boxes.scale,
+                    "method": config.cam.method, "target_layer": config.cam.target_layer, "target": config.cam.target},
         "cam": chosen, "maps": evidence,
         "mean_ap": {"default": result.mean_ap_default, "calibrated": result.mean_ap},
         "maxboxacc": best["table"].to_dict(orient="records"), "classes": classes,
@@ -307,4 +367,4 @@ def _plot(classes: dict, default: float, path: Path) -> None:
     save_figure(fig, path, bbox_inches="tight")
 
 
-__all__ = ["calibrate", "Calibration", "candidate_maps", "half_of"]
+__all__ = ["calibrate", "Calibration", "candidate_maps", "candidate_modes", "half_of"]

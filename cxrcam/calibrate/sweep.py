@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cxrcam.boxes import rate_components, select_boxes
+from cxrcam.boxes import rate_components, resize_boxes, select_boxes
 from cxrcam.boxes.from_cam import NO_COMPONENTS, T
 from cxrcam.config import BoxConfig
 from cxrcam.data.tables import BOX_COLUMNS
@@ -27,6 +27,7 @@ from cxrcam.evaluation.weak import CAM_THRESHOLDS
 SWEEP = tuple(t for t in CAM_THRESHOLDS if 0.05 <= t <= 0.95)  # 0.05, 0.06, ... 0.95
 COARSE = SWEEP[::5]  # 0.05, 0.10, ... 0.95: the grid the other box settings are tried on
 SCORES = ("mean", "max", "contrast", "none")
+SCALES = (0.6, 0.7, 0.8, 0.875, 0.9, 1.0, 1.1, 1.25, 1.5)  # box scales calibrate tries (boxes.scale)
 MIN_AREAS = (0.0, 0.001, 0.01)
 _INDEX = {t: k for k, t in enumerate(SWEEP)}
 
@@ -40,6 +41,7 @@ class Pair:
     prob: float
     predicted: bool  # the class gets boxes in localize (prob above its decision threshold)
     rows: np.ndarray = field(default_factory=lambda: NO_COMPONENTS)  # components() at every SWEEP threshold
+    size: tuple[float, float] = (np.inf, np.inf)  # the image's (height, width): what resized boxes stay within
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ClassMaps:
 
     image_ids: np.ndarray  # per pair
     probs: np.ndarray  # per pair
+    sizes: np.ndarray  # per pair: (height, width)
     by_threshold: dict[int, tuple[np.ndarray, np.ndarray]]  # SWEEP index -> (pair of each row, rows)
 
     @classmethod
@@ -60,13 +63,15 @@ class ClassMaps:
         keys, starts = np.unique(rows[order, T].astype(np.int64), return_index=True)
         split = zip(np.split(owner[order], starts[1:]), np.split(rows[order], starts[1:]))
         return cls(np.array([p.image_id for p in pairs], dtype=object), np.array([p.prob for p in pairs]),
+                   np.array([p.size for p in pairs], np.float64).reshape(-1, 2),
                    dict(zip(keys.tolist(), split)) if len(rows) else {})
 
 
 def class_boxes(maps: ClassMaps, threshold: float, config: BoxConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image ids, boxes, scores): what localize would write for these maps with ``config`` cut
     at ``threshold``: :func:`~cxrcam.boxes.score_components` per image, vectorised where an
-    image has one component (no NMS or top-k to apply), per image where it has several."""
+    image has one component (no NMS or top-k to apply), per image where it has several; each box
+    resized by ``config.scale`` within its image."""
     owner, rows = maps.by_threshold.get(_INDEX[threshold], (np.zeros(0, np.int64), NO_COMPONENTS))
     keep, boxes, stat = rate_components(rows, config)
     owner = owner[keep]
@@ -78,18 +83,26 @@ def class_boxes(maps: ClassMaps, threshold: float, config: BoxConfig) -> tuple[n
         parts.append((np.full(len(b), p), np.arange(len(b)), b, s))
     owner, rank, boxes, scores = (np.concatenate(v) for v in zip(*parts))
     order = np.lexsort((rank, owner))  # pair by pair, each one's boxes best first, as localize writes them
-    return maps.image_ids[owner[order]], boxes[order].reshape(-1, 4), scores[order]
+    owner, boxes = owner[order], boxes[order].reshape(-1, 4)
+    boxes = resize_boxes(boxes, config.scale, maps.sizes[owner, 1], maps.sizes[owner, 0])
+    return maps.image_ids[owner], boxes, scores[order]
 
 
 def ap_curve(maps: ClassMaps, truth: dict[str, np.ndarray], config: BoxConfig, iou_thr: float,
              thresholds=SWEEP, half: Callable[[str], int] | None = None) -> np.ndarray:
     """AP@iou_thr of one class at each threshold (truth: image_id -> that class's boxes). With
     ``half`` (image_id -> 0 or 1), three rows: all images, then each half, from the same boxes."""
+    return ap_at(maps, truth, [(t, config) for t in thresholds], iou_thr, half)
+
+
+def ap_at(maps: ClassMaps, truth: dict[str, np.ndarray], settings: list[tuple[float, BoxConfig]], iou_thr: float,
+          half: Callable[[str], int] | None = None) -> np.ndarray:
+    """AP@iou_thr of one class at each (threshold, box setting); with ``half``, as :func:`ap_curve`."""
     if half is None:
-        return np.array([ap_of(truth, *class_boxes(maps, t, config), iou_thr)[0] for t in thresholds])
+        return np.array([ap_of(truth, *class_boxes(maps, t, config), iou_thr)[0] for t, config in settings])
     subsets = [{k: v for k, v in truth.items() if half(k) == h} for h in (0, 1)]
-    out = np.zeros((3, len(thresholds)))
-    for k, t in enumerate(thresholds):
+    out = np.zeros((3, len(settings)))
+    for k, (t, config) in enumerate(settings):
         ids, boxes, scores = class_boxes(maps, t, config)
         out[0, k] = ap_of(truth, ids, boxes, scores, iou_thr)[0]
         halves = np.array([half(i) for i in ids], dtype=np.int64)
@@ -154,5 +167,5 @@ def truth_of(truth: pd.DataFrame, class_id: int) -> pd.DataFrame:
     return truth.loc[truth["class_id"] == class_id, ["image_id", "class_id", *BOX_COLUMNS]]
 
 
-__all__ = ["Pair", "ClassMaps", "SWEEP", "SCORES", "MIN_AREAS", "class_boxes", "ap_curve",
+__all__ = ["Pair", "ClassMaps", "SWEEP", "SCORES", "SCALES", "MIN_AREAS", "class_boxes", "ap_curve", "ap_at",
            "best_threshold", "on_grid", "choose_threshold", "sweep_class", "truth_of"]

@@ -7,8 +7,8 @@ pytorch-grad-cam (:mod:`.library`), each overriding one function of :class:`Base
 (:mod:`.base`); the methods' formulas are in :mod:`.methods`. :mod:`.checkpoint` is the map pass
 the stages share: a classifier checkpoint with its calibration, streamed over images.
 """
-from cxrcam.cam.base import (BaseCAM, CamOutput, Classes, map_name, parse_layers, parse_map, probe, resolve_layer,
-                              scale_cams)
+from cxrcam.cam.base import (BaseCAM, CamOutput, Classes, PairMaps, map_name, parse_layers, parse_map, probe,
+                              resolve_layer, scale_cams, target_weights)
 from cxrcam.cam.checkpoint import CheckpointMaps, MapBatch, Plan, needed_classes
 from cxrcam.cam.closed_form import ClosedFormCAM
 from cxrcam.cam.factory import compute_cams, create_cam
@@ -17,5 +17,5 @@ from cxrcam.cam.library import LIBRARY_METHODS, LibraryCAM
 from cxrcam.cam.methods import GRADIENT_METHODS
 
 __all__ = ["compute_cams", "create_cam", "BaseCAM", "CamOutput", "Classes", "ClosedFormCAM", "GradientCAM",
-           "LibraryCAM", "GRADIENT_METHODS", "LIBRARY_METHODS", "probe", "scale_cams", "parse_layers", "parse_map",
+           "LibraryCAM", "PairMaps", "target_weights", "GRADIENT_METHODS", "LIBRARY_METHODS", "probe", "scale_cams", "parse_layers", "parse_map",
            "map_name", "resolve_layer", "CheckpointMaps", "MapBatch", "Plan", "needed_classes"]

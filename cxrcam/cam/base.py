@@ -7,8 +7,14 @@ A CAM object is built once for a model and then called on batches::
     out = cam(images, [3, 10])   # the maps of classes 3 and 10 only
     out = cam(images, lambda logits: ...)   # classes chosen from the batch's own logits
 
-An engine overrides one function, :meth:`BaseCAM.raw_maps`: the maps of the chosen classes at
-each target layer, after the forward pass that gave the logits.
+An engine overrides one function, :meth:`BaseCAM.raw_maps`: after the forward pass that gave
+the logits, the maps at each target layer of R *targets* per image, each a weighted sum of the
+image's logits (R x B x all classes). A class's map is its one-hot target; a class-contrastive map
+(``cam.target=contrastive``) is the class's logit against the mean of the image's other predicted
+classes' (:func:`target_weights`). :meth:`BaseCAM.__call__` asks every image for the same classes;
+:meth:`BaseCAM.pairs` gives each image its own (image, target) pairs, in rounds (round r: each
+image's r-th pair), so a batch costs as many backward passes as its busiest image has pairs, not
+as many as the union of the classes its images need.
 
 Maps are scaled exactly as pytorch-grad-cam scales them (per layer: ReLU, per-map min-max,
 bilinear resize to the input; then the mean over the layers, ReLU, min-max again), so any
@@ -38,6 +44,30 @@ class CamOutput:
     cams: torch.Tensor  # B x C x H x W, float32, each map min-max scaled to [0, 1]
     logits: torch.Tensor  # B x (all classes) raw classifier outputs
     classes: list[int]  # the class id of each of the C maps
+
+
+@dataclass
+class PairMaps:
+    """The scaled maps of some (image, target) pairs (:meth:`BaseCAM.pairs`)."""
+
+    maps: torch.Tensor  # P x H x W, float32 in [0, 1], on the model's device
+    images: list[int]  # each pair's image (row of the batch)
+    logits: torch.Tensor  # B x (all classes)
+
+
+def target_weights(classes: Sequence[int], num_classes: int, contrast: Sequence[Sequence[int]] | None = None
+                   ) -> torch.Tensor:
+    """One target per class of ``classes``: its one-hot logit weights (len x num_classes); with
+    ``contrast`` (per target, the classes it is set against), the class's logit minus the mean of
+    those classes' logits: what is particular to this finding, not what all of the image's
+    findings share (the abnormal lungs)."""
+    weights = torch.zeros((len(classes), num_classes))
+    weights[torch.arange(len(classes)), torch.as_tensor(list(classes), dtype=torch.long)] = 1
+    for k, others in enumerate(contrast or ()):
+        others = [o for o in others if o != classes[k]]
+        if others:
+            weights[k, others] -= 1 / len(others)
+    return weights
 
 
 @dataclass
@@ -220,9 +250,10 @@ class BaseCAM:
         """The batch's logits (B x all classes)."""
         return self.model(images).float()
 
-    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> list[torch.Tensor]:
-        """Per target layer, maps B x len(classes) x h x w before scaling, right after
-        :meth:`forward` on ``images``."""
+    def raw_maps(self, images: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor]:
+        """Per target layer, maps R x B x h x w before scaling, right after :meth:`forward` on
+        ``images``: map [r, b] is of image b's target ``sum_c weights[r, b, c] * logit[b, c]``
+        (R x B x all classes, on the model's device; an all-zero row is a round the image sits out)."""
         raise NotImplementedError
 
     def __call__(self, images: torch.Tensor, classes: Classes = None) -> CamOutput:
@@ -237,5 +268,26 @@ class BaseCAM:
             logits = self.forward(images.float())
             chosen = [int(c) for c in (range(logits.shape[1]) if classes is None else
                                        classes(logits) if callable(classes) else classes)]
-            maps = self.raw_maps(images, chosen)
+            weights = target_weights(chosen, logits.shape[1]).to(logits)[:, None].expand(-1, len(images), -1)
+            maps = [m.transpose(0, 1) for m in self.raw_maps(images, weights)]  # B x C x h x w
         return CamOutput(scale_cams(maps, tuple(images.shape[-2:])), logits, chosen)
+
+    def pairs(self, images: torch.Tensor, plan: Callable[[torch.Tensor], Sequence[torch.Tensor]]) -> PairMaps:
+        """Scaled maps of each image's own targets: ``plan(logits)`` gives, per image, its targets'
+        logit weights (n_b x all classes, :func:`target_weights`); the maps come in the same order,
+        image by image (fp32, as :meth:`__call__`)."""
+        images = images.to(self.device)
+        with torch.autocast(self.device.type, enabled=False):
+            logits = self.forward(images.float())
+            targets = list(plan(logits))
+            counts = [len(t) for t in targets]
+            weights = logits.new_zeros((max(counts, default=0), len(images), logits.shape[1]))
+            for b, t in enumerate(targets):
+                weights[:len(t), b] = t.to(logits)
+            rounds = torch.tensor([r for n in counts for r in range(n)], dtype=torch.long, device=self.device)
+            rows = torch.tensor([b for b, n in enumerate(counts) for _ in range(n)], dtype=torch.long,
+                                device=self.device)
+            if not len(rows):  # no image needs a map (a batch of normal images)
+                return PairMaps(images.new_zeros((0, *images.shape[-2:]), dtype=torch.float32), [], logits)
+            maps = [m[rounds, rows][:, None] for m in self.raw_maps(images, weights)]
+        return PairMaps(scale_cams(maps, tuple(images.shape[-2:]))[:, 0], rows.tolist(), logits)

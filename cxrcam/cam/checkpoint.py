@@ -10,7 +10,9 @@
    (above their decision thresholds), plus each stage's own (the pictures and ``--classes`` in
    localize, the truth classes in localize and calibrate, the labels in the detector pass);
 3. :meth:`CheckpointMaps.stream` decodes the images in a DataLoader and yields, batch by batch,
-   the probabilities and the maps of the classes some image of the batch needs (one CAM call).
+   the probabilities and each image's maps of the classes it needs (one CAM call,
+   :meth:`~cxrcam.cam.base.BaseCAM.pairs`: an image is not mapped for the classes its neighbours
+   in the batch need, and on a GPU only the maps asked for come to the CPU).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxrcam.calibration import box_rules
-from cxrcam.cam.base import BaseCAM, map_name, parse_map
+from cxrcam.cam.base import BaseCAM, map_name, parse_map, target_weights
 from cxrcam.cam.factory import create_cam
 from cxrcam.config import Config
 from cxrcam.data.dataset import ImageFiles
@@ -57,16 +59,21 @@ def needed_classes(probs: np.ndarray, thresholds: np.ndarray, only: Sequence[int
 
 @dataclass
 class MapBatch:
-    """One batch's probabilities (B x all classes), plans, and the maps of ``classes`` (B x C x H x W,
-    numpy, input pixels)."""
+    """One batch's probabilities (B x all classes), plans, and the maps each image needs (input
+    pixels): ``map(b, c)`` is image b's map of class c."""
 
     probs: np.ndarray
     plans: list[Plan]
-    cams: np.ndarray
-    classes: list[int]
+    maps: np.ndarray  # P x H x W, image by image, each image's ``plan.need`` in order
+
+    def __post_init__(self) -> None:
+        self._at = {(b, c): k for k, (b, c) in enumerate((b, c) for b, p in enumerate(self.plans) for c in p.need)}
 
     def map(self, b: int, c: int) -> np.ndarray:
-        return self.cams[b, self.classes.index(int(c))]
+        return self.maps[self._at[(b, int(c))]]
+
+    def __len__(self) -> int:
+        return len(self._at)
 
 
 @dataclass
@@ -115,17 +122,20 @@ class CheckpointMaps:
         return self.cam
 
     def __call__(self, x: torch.Tensor, plan_of: Callable[[int, np.ndarray], Plan]) -> MapBatch:
-        """One batch: ``plan_of(b, probs)`` gives image b's plan; one CAM call computes the maps of
-        the classes some image needs."""
+        """One batch: ``plan_of(b, probs)`` gives image b's plan; one CAM call computes each image's
+        maps of its ``plan.need`` (each class's map; with ``cam.target=contrastive``, each class
+        against the image's other predicted classes)."""
         plans: list[Plan] = []
+        contrastive = self.config.cam.target == "contrastive"
 
-        def needed(logits: torch.Tensor) -> list[int]:
+        def targets(logits: torch.Tensor) -> list[torch.Tensor]:
             probs = torch.sigmoid(logits).cpu().numpy()
             plans[:] = [plan_of(b, p) for b, p in enumerate(probs)]
-            return sorted({c for plan in plans for c in plan.need})
+            return [target_weights(p.need, logits.shape[1], [p.predicted] * len(p.need) if contrastive else None)
+                    for p in plans]
 
-        out = self.cam(x, needed)
-        return MapBatch(torch.sigmoid(out.logits).cpu().numpy(), plans, out.cams.cpu().numpy(), out.classes)
+        out = self.cam.pairs(x, targets)
+        return MapBatch(torch.sigmoid(out.logits).cpu().numpy(), plans, out.maps.cpu().numpy())
 
     def stream(self, images: pd.DataFrame, plan_of: Callable[[int, np.ndarray], Plan], desc: str,
                progress: bool = True, leave: bool = True, size: int | None = None) -> Iterator[Streamed]:

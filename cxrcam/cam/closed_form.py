@@ -32,8 +32,9 @@ class ClosedFormCAM(BaseCAM):
         self._hook.remove()
 
     @torch.no_grad()
-    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> list[torch.Tensor]:
+    def raw_maps(self, images: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor]:
         acts, self._acts = self._acts.float(), None  # kept by the forward pass
         h, w = acts.shape[-2:]
-        grads = (self.info.head.weight[classes].float() / (h * w))[None, :, :, None, None]  # d logit_c / d A_k(i, j)
-        return [METHODS[self.method](acts, grads)]
+        # d target / d A_k(i, j) = sum_c weights[r, b, c] W[c, k] / (h w), the same at every position
+        grads = torch.einsum("rbc,ck->brk", weights.float(), self.info.head.weight.float()) / (h * w)
+        return [METHODS[self.method](acts, grads[..., None, None]).transpose(0, 1)]

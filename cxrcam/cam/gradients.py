@@ -5,12 +5,12 @@ pytorch-grad-cam runs one forward and one full backward per class. Here:
 1. one forward pass, in which autograd records only what lies above the lowest target layer
    (the parameters are frozen for the pass and that layer's output starts the graph), so the
    backward runs from the head down to that layer and no further;
-2. the gradients of all the chosen classes' logits at every target layer, either in one
-   batched backward (``torch.autograd.grad(..., is_grads_batched=True)``: vmap over the
-   one-hot output gradients) or in one backward per class sharing the forward
-   (``retain_graph``); :data:`BATCHED` says which is the faster on each device
-   (``scripts/bench_cam.py``);
-3. each method's formula (:mod:`cxrcam.cam.methods`) on all classes at once.
+2. the gradients of every round's targets (:meth:`BaseCAM.raw_maps`: a class, or a class against
+   the image's other findings) at every target layer, either in one batched backward
+   (``torch.autograd.grad(..., is_grads_batched=True)``: vmap over the rounds' output gradients)
+   or in one backward per round sharing the forward (``retain_graph``); :data:`BATCHED` says
+   which is the faster on each device (``scripts/bench_cam.py``);
+3. each method's formula (:mod:`cxrcam.cam.methods`) on all rounds at once.
 
 Several target layers (``layer3,layer4``) come from the same pass; :func:`cxrcam.cam.base.scale_cams`
 fuses them. Verified against pytorch-grad-cam in tests/test_cam.py.
@@ -96,31 +96,30 @@ class GradientCAM(BaseCAM):
             raise CxrcamError(f"cam.target_layer: {', '.join(missing)} did not run in the forward pass")
         return self._logits.detach().float()
 
-    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> list[torch.Tensor]:
+    def raw_maps(self, images: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor]:
         logits, inputs, values = self._logits, self._inputs, self._values
         self._logits, self._inputs, self._values = None, [], []
-        if not classes:
-            return [v.new_zeros((len(images), 0, *v.shape[-2:]), dtype=torch.float32) for v in values]
+        if not len(weights):
+            return [v.new_zeros((0, len(images), *v.shape[-2:]), dtype=torch.float32) for v in values]
         batched = self.batched if self.batched is not None else BATCHED.get(images.device.type, False)
         with _recording():
-            grads = (self._batched_grads if batched else self._grads_per_class)(logits, inputs, classes)
-        return [METHODS[self.method](v.float(), g.float()) for v, g in zip(values, grads)]
+            grads = (self._batched_grads if batched else self._grads_per_round)(logits, inputs, weights.to(logits))
+        return [METHODS[self.method](v.float(), g.float()).transpose(0, 1) for v, g in zip(values, grads)]
 
     @staticmethod
-    def _batched_grads(logits: torch.Tensor, inputs: list[torch.Tensor], classes: list[int]) -> list[torch.Tensor]:
-        """One vmapped backward for all classes: per layer B x C x K x h x w."""
-        one_hot = torch.zeros((len(classes), *logits.shape), dtype=logits.dtype, device=logits.device)
-        one_hot[torch.arange(len(classes)), :, torch.tensor(classes)] = 1
-        grads = torch.autograd.grad(logits, inputs, grad_outputs=one_hot, is_grads_batched=True)
+    def _batched_grads(logits: torch.Tensor, inputs: list[torch.Tensor], weights: torch.Tensor) -> list[torch.Tensor]:
+        """One vmapped backward for all rounds: per layer B x R x K x h x w."""
+        grads = torch.autograd.grad(logits, inputs, grad_outputs=weights, is_grads_batched=True)
         return [g.transpose(0, 1) for g in grads]
 
     @staticmethod
-    def _grads_per_class(logits: torch.Tensor, inputs: list[torch.Tensor], classes: list[int]) -> list[torch.Tensor]:
-        """One backward per class over the same forward (images are independent in eval mode, so
-        the gradient of the batch's summed logit is each image's own)."""
-        per_class = [torch.autograd.grad(logits[:, c].sum(), inputs, retain_graph=k < len(classes) - 1)
-                     for k, c in enumerate(classes)]
-        return [torch.stack([g[layer] for g in per_class], 1) for layer in range(len(inputs))]
+    def _grads_per_round(logits: torch.Tensor, inputs: list[torch.Tensor], weights: torch.Tensor
+                         ) -> list[torch.Tensor]:
+        """One backward per round over the same forward (images are independent in eval mode, so
+        one backward of the batch's weighted logits gives each image its own target's gradient)."""
+        per_round = [torch.autograd.grad(logits, inputs, grad_outputs=w, retain_graph=r < len(weights) - 1)
+                     for r, w in enumerate(weights)]
+        return [torch.stack([g[layer] for g in per_round], 1) for layer in range(len(inputs))]
 
 
 __all__ = ["GradientCAM", "GRADIENT_METHODS", "BATCHED"]

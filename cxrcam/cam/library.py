@@ -78,16 +78,23 @@ class LibraryCAM(BaseCAM):
                           f"image and class, where gradcam++ needs one per image; expect minutes per image on a CPU "
                           f"(its progress bar shows the rate)", stacklevel=3)
 
-    def raw_maps(self, images: torch.Tensor, classes: list[int]) -> list[torch.Tensor]:
-        """The library's maps, its target layers already fused and scaled (scaling them again
-        changes nothing)."""
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-        slow = (_one_bar(PER_CHANNEL[self.method], self.steps * len(images) * len(classes), self.method)
-                if self.steps and classes else contextlib.nullcontext())
+    def raw_maps(self, images: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor]:
+        """The library's maps, one call per round, its target layers already fused and scaled
+        (scaling them again changes nothing)."""
+        slow = (_one_bar(PER_CHANNEL[self.method], self.steps * len(images) * len(weights), self.method)
+                if self.steps and len(weights) else contextlib.nullcontext())
         with slow:
-            maps = [torch.from_numpy(self.engine(input_tensor=images,
-                                                 targets=[ClassifierOutputTarget(c)] * len(images)))
-                    for c in classes]
-        out = torch.stack(maps, 1) if maps else torch.zeros((len(images), 0, *images.shape[-2:]))
+            maps = [torch.from_numpy(self.engine(input_tensor=images, targets=[_Weighted(w) for w in round_weights]))
+                    for round_weights in weights]
+        out = torch.stack(maps) if maps else torch.zeros((0, len(images), *images.shape[-2:]))
         return [out.to(images.device)]
+
+
+class _Weighted:
+    """A pytorch-grad-cam target: one image's weighted sum of its logits (one-hot: ClassifierOutputTarget)."""
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return (output * self.weights.to(output)).sum(-1)

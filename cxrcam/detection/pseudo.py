@@ -53,15 +53,15 @@ def cam_training_boxes(classifier: str | Path, cache: Cache, config: Config, dev
     pseudo_found, proposal_found = [], []
     for batch in maps.stream(images, plan, "CAM boxes for the detector", progress, leave=False,
                              size=cache.size):
-        if batch.maps is None or not batch.maps.classes:
+        if batch.maps is None or not len(batch.maps):
             continue
         found = batch.maps
         labelled = [plan.extra for plan in found.plans]
         predicted = [plan.predicted for plan in found.plans]
-        for image_id, (boxes, classes, _) in zip(batch.ids, maps_to_boxes(found.cams, found.classes, labelled, None,
+        for image_id, (boxes, classes, _) in zip(batch.ids, maps_to_boxes(found.map, None, labelled, None,
                                                                          pseudo_rules)):
             pseudo_found += [(image_id, int(c), *box) for box, c in zip(boxes, classes)]
-        for image_id, boxes in zip(batch.ids, cam_proposals(found.cams, found.classes, predicted, maps.rules)):
+        for image_id, boxes in zip(batch.ids, cam_proposals(found.map, None, predicted, maps.rules)):
             proposal_found += [(image_id, *box) for box in boxes]
     frame = pd.DataFrame(pseudo_found, columns=["image_id", "class_id", *CACHE_BOX_COLUMNS])
     scales = frame.merge(cache.images[["image_id", "scale_x", "scale_y"]], on="image_id", how="left")

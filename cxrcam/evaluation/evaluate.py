@@ -33,7 +33,8 @@ from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.coco import coco_ap
 from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
 from cxrcam.evaluation.rsna import rsna_score
-from cxrcam.evaluation.weak import CURVE_COLUMNS, accuracy_table, random_control, random_detections
+from cxrcam.evaluation.weak import (CURVE_COLUMNS, accuracy_table, confusion_pointing, random_control,
+                                    random_detections)
 from cxrcam.files import atomic_write_text, save_figure, write_csv, write_json
 from cxrcam.schemas import NIH, RSNA, SCHEMAS, Schema
 
@@ -110,9 +111,8 @@ def _prediction_files(pred: Path) -> tuple[Path, Path | None, Path | None, Path 
     return pred, None, None, None
 
 
-def _pointing(truth: pd.DataFrame, peaks_csv: Path) -> pd.Series:
+def _pointing(truth: pd.DataFrame, peaks: pd.DataFrame) -> pd.Series:
     """Per truth box, 1 when its class's map peak (localize's peaks.csv) lies inside, else 0 (NaN: no peak)."""
-    peaks = pd.read_csv(peaks_csv, dtype={"image_id": str})
     at = truth[["image_id", "class_id"]].merge(peaks, on=["image_id", "class_id"], how="left")
     inside = points_in_boxes(truth[BOX_COLUMNS].to_numpy(), at["peak_x"].to_numpy(), at["peak_y"].to_numpy())
     return pd.Series(np.where(at["peak_x"].notna(), inside.astype(float), np.nan))
@@ -194,7 +194,10 @@ def score(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config 
     rules, thresholds = _box_settings(saved, config, truth.schema.num_findings)
     weak, points = None, None
     if len(truth.boxes):
-        points = _pointing(truth.boxes, peaks) if peaks is not None else None
+        if peaks is not None:
+            peak_table = pd.read_csv(peaks, dtype={"image_id": str})
+            points = _pointing(truth.boxes, peak_table)
+            metrics["pointing_confusion"] = confusion_pointing(truth.boxes, peak_table)
         weak = _weak_metrics(truth, dets, voc_truth, points, rules if control and truth.sizes else None, thresholds,
                              prob_table, config.eval.iou_thr, metrics)
     pred_dir = Path(pred) if Path(pred).is_dir() else None
@@ -447,6 +450,9 @@ def headline(m: dict) -> dict[str, tuple[float | None, float | None]]:
     for key, label in (("iou@0.1", "T(IoU)=0.1"), ("iou@0.5", "T(IoU)=0.5"), ("iobb@0.5", "T(IoBB)=0.5"),
                        ("pointing", "pointing game")):
         row[label] = (model.get(key), control.get(key))
+    confusion = m.get("pointing_confusion") or {}
+    row["pointing, own class (multi-finding images)"] = (confusion.get("own"), None)
+    row["pointing, another finding's box"] = (confusion.get("confused"), None)
     return row
 
 
@@ -508,6 +514,11 @@ def markdown(metrics: dict) -> str:
         for row in metrics["localization"]:
             lines.append(f"| {row['source']} | {row['class']} | {row['n_boxes']} | "
                          + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    confusion = metrics.get("pointing_confusion")
+    if confusion and confusion.get("pairs"):
+        lines += ["", f"Class-confusion pointing game, {confusion['pairs']} truth (image, class) pairs on images with "
+                      f"findings of several classes: the map's peak in a box of its own class {_fmt(confusion['own'])}; "
+                      f"in another finding's box and none of its own {_fmt(confusion['confused'])}"]
     if "maxboxacc" in metrics:
         lines += ["", "MaxBoxAccV2 (Choe et al. 2020: best box accuracy over thresholds, mean over IoU 0.3/0.5/0.7)", "",
                   "| source | class | image-classes | MaxBoxAccV2 | best threshold at IoU 0.5 |", "|---|---|---|---|---|"]

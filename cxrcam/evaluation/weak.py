@@ -69,6 +69,28 @@ def accuracy_table(truth: pd.DataFrame, detections: pd.DataFrame, schema: Schema
     return pd.DataFrame(rows)
 
 
+def confusion_pointing(truth: pd.DataFrame, peaks: pd.DataFrame) -> dict[str, float | int]:
+    """The class-confusion pointing game: on images with truth boxes of two or more classes, for
+    each (image, truth class) whose map peak is known (``peaks``: image_id, class_id, peak_x,
+    peak_y), whether the peak lies in a box of its own class (``own``), or in another class's box
+    of the image and none of its own (``confused``: the map drew a neighbouring finding).
+    Shares of the ``pairs``; NaN where there are none."""
+    several = truth.groupby("image_id")["class_id"].nunique()
+    sub = truth[truth["image_id"].isin(several.index[several >= 2])]
+    at = {(r.image_id, int(r.class_id)): (r.peak_x, r.peak_y) for r in peaks.itertuples()}
+    own = confused = pairs = 0
+    for image_id, boxes in sub.groupby("image_id"):
+        xyxy, classes = boxes[BOX_COLUMNS].to_numpy(np.float64), boxes["class_id"].to_numpy()
+        for c in np.unique(classes):
+            if (image_id, int(c)) not in at:
+                continue
+            inside = points_in_boxes(xyxy, *at[(image_id, int(c))])
+            pairs += 1
+            own += bool(inside[classes == c].any())
+            confused += bool(inside[classes != c].any() and not inside[classes == c].any())
+    return {"pairs": pairs, "own": own / pairs if pairs else np.nan, "confused": confused / pairs if pairs else np.nan}
+
+
 def random_maps(n: int, seed, grid: int = 16, side: int = 256) -> np.ndarray:
     """``n`` random heat maps (side x side in [0, 1]): uniform noise on a ``grid`` lattice, bilinearly
     upsampled. ``seed``: an int, or a ``torch.Generator`` drawn on across calls. (torch is imported

@@ -53,22 +53,22 @@ class Step:
                  maps: MapBatch) -> list[ImageResult]:
         """x: B x 1 x S x S images in [0, 1]; sizes: each image's original (height, width); maps:
         the map pass's output for them."""
-        probs, plans, cams = maps.probs, maps.plans, maps.cams
-        column = {c: k for k, c in enumerate(maps.classes)}
+        probs, plans = maps.probs, maps.plans
         predicted = [p.predicted for p in plans]
-        cam_boxes = maps_to_boxes(cams, maps.classes, predicted, probs, self.rules)
-        final = (self.refiner(x, cam_proposals(cams, maps.classes, predicted, self.rules), probs)
+        cam_boxes = maps_to_boxes(maps.map, None, predicted, probs, self.rules)
+        final = (self.refiner(x, cam_proposals(maps.map, None, predicted, self.rules), probs)
                  if self.refiner else cam_boxes)
         size = x.shape[-1]
         results = []
         for b, (image_id, (h, w), plan) in enumerate(zip(ids, sizes, plans)):
             sx, sy = size / w, size / h
-            peaks = [(c, *np.divide(cam_peak(cams[b, column[c]]), (sx, sy))) for c in plan.extra]
+            peaks = [(c, *np.divide(cam_peak(maps.map(b, c)), (sx, sy))) for c in plan.extra]
             truth_boxes, truth_classes = self.truth.get(image_id, NO_TRUTH)
-            curves = [(c, *pair_curves(cams[b, column[c]], scale_boxes(truth_boxes[truth_classes == c], sx, sy),
+            curves = [(c, *pair_curves(maps.map(b, c), scale_boxes(truth_boxes[truth_classes == c], sx, sy),
                                        f"{image_id}/{c}")) for c in plan.extra]
             results.append(ImageResult(image_id, probs[b], (sx, sy), cam_boxes[b], final[b], peaks, curves,
-                                       cams[b, [column[c] for c in plan.shown]], plan))
+                                       np.array([maps.map(b, c) for c in plan.shown]).reshape(-1, size, size),
+                                       plan))
         return results
 
 

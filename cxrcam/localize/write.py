@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrcam.boxes import BoxRules, Detections, scale_boxes
+from cxrcam.boxes import BoxRules, Detections, cut_map, scale_boxes
 from cxrcam.config import Config
 from cxrcam.data.sources import Source
 from cxrcam.data.tables import DETECTION_COLUMNS
@@ -80,7 +80,8 @@ class Painter:
             write_pictures, self.out, result.image_id, picture, self.schema,
             (scale_boxes(truth_boxes, sx, sy), truth_classes), tuple(a[drawn] for a in result.final), result.maps,
             [self.rules(c).threshold for c in result.plan.shown], result.cam[:2] if self.proposals else None,
-            self.size))
+            self.size, np.array([cut_map(m, self.rules(c).threshold_mode)
+                                 for m, c in zip(result.maps, result.plan.shown)]).reshape(result.maps.shape)))
         while len(self.pending) > 64:
             self.pending.popleft().result()
 

@@ -126,15 +126,17 @@ def _enlarge(image: np.ndarray, cams: np.ndarray | None, size: int) -> tuple[np.
 def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Schema,
                    truth: tuple[np.ndarray, np.ndarray], preds: tuple[np.ndarray, np.ndarray, np.ndarray],
                    cams: np.ndarray | None, threshold: float | Sequence[float],
-                   cam_boxes: tuple[np.ndarray, np.ndarray] | None = None, size: int = PICTURE_SIZE
-                   ) -> dict[str, Path]:
+                   cam_boxes: tuple[np.ndarray, np.ndarray] | None = None, size: int = PICTURE_SIZE,
+                   cuts: np.ndarray | None = None) -> dict[str, Path]:
     """Write the four pictures of one image, at least ``size`` pixels on the long side.
 
     image: H x W uint8; truth: (boxes N x 4, class ids); preds: (boxes, class ids, scores), all
     boxes in the image's pixels; cams: K x H x W maps of the shown classes (None or K = 0: no map),
-    cut at ``threshold`` (one value, or one per map) for the mask;
+    cut at ``threshold`` (one value, or one per map) for the mask (``cuts``: the maps the thresholds
+    cut where that is not the map itself, ``boxes.threshold_mode``);
     cam_boxes: (boxes, class ids) the CAM proposed, drawn faint under refined detections."""
     paths = picture_paths(out, image_id)
+    cuts = _enlarge(image, cuts, size)[1] if cuts is not None else None
     image, cams, factor = _enlarge(image, cams, size)
     grey = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     thick = max(1, round(max(image.shape) / 300))
@@ -159,7 +161,7 @@ def write_pictures(out: str | Path, image_id: str, image: np.ndarray, schema: Sc
             _Labels(pred).add("no finding predicted", np.array([4.0, 4.0, 4.0, 4.0]), (255, 255, 255))
     else:
         heat = np.max(cams, axis=0)
-        above = cams >= np.asarray(threshold, np.float32).reshape(-1, 1, 1)  # one threshold, or one per map
+        above = (cams if cuts is None else cuts) >= np.asarray(threshold, np.float32).reshape(-1, 1, 1)  # or per map
         mask = np.where(above.any(0), image, 0).astype(np.uint8)
         from pytorch_grad_cam.utils.image import show_cam_on_image  # here: the library imports sklearn, matplotlib
 
