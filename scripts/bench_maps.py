@@ -31,14 +31,33 @@ import numpy as np
 from cxrcam.cam import parse_map
 from cxrcam.cli import main as cli
 from cxrcam.demo import TINY, PipelineSettings, pipeline_stages, run_command, run_pipeline
+from cxrcam.evaluation.compare import beyond_noise
 from cxrcam.evaluation.evaluate import headline
 
-FIGURES = ("MaxBoxAccV2", "pointing game", "T(IoBB)=0.5", "T(IoU)=0.5", "findings mAP@0.4")
+FIGURES = ("MaxBoxAccV2", "pointing game", "pointing, own class (multi-finding images)", "pointing, another finding's box",
+           "T(IoBB)=0.5", "T(IoU)=0.5", "findings mAP@0.4")
 
 
 def variant_args(text: str) -> list[str]:
-    method, layer = parse_map(text)
-    return [f"cam.method={method}", f"cam.target_layer={layer}"]
+    """``METHOD[@LAYER[,LAYER]] [section.key=value ...]``: the map, and any other setting of the row."""
+    first, *overrides = text.split()
+    method, layer = parse_map(first)
+    return [f"cam.method={method}", f"cam.target_layer={layer}", *overrides]
+
+
+def variant_folder(text: str) -> str:
+    return "variant_" + "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text.replace("@", "_"))
+
+
+PAIRED = ("MaxBoxAccV2", "pointing game", "T(IoBB)=0.5", "findings mAP@0.4")
+
+
+def paired_marks(comparison: Path) -> dict[str, str]:
+    """Per figure of :data:`PAIRED`: "+" / "-" where the row beats / trails the configured one beyond
+    noise (evaluate's paired bootstrap, p < 0.05), else "=" ."""
+    figures = json.loads(comparison.read_text())["pairs"][0]["figures"]
+    return {k: ("=" if k not in figures or not beyond_noise(figures[k]) else
+                "+" if figures[k]["difference"] > 0 else "-") for k in PAIRED}
 
 
 def main() -> None:
@@ -52,7 +71,9 @@ def main() -> None:
     parser.add_argument("--config", default=TINY, help="a shipped config's name or a YAML file")
     parser.add_argument("--data-seed", type=int, default=7, help="the synthetic sets' seed (tests use others)")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variant", action="append", default=[], help="METHOD[@LAYER[,LAYER]] cut at the threshold")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="'METHOD[@LAYER[,LAYER]] [section.key=value ...]': a map (and settings) cut at 0.65, "
+                             "or at its own boxes.threshold")
     parser.add_argument("--normal-fraction", type=float, default=None)
     parser.add_argument("--profile", choices=["vinbig", "uniform"], default="vinbig",
                         help="the world the sets are drawn from (uniform: the one of issue 26's table)")
@@ -72,18 +93,26 @@ def main() -> None:
         aurocs.append(summary["mean_auroc"])
         folders = {"configured map, threshold 0.65": out / "localize", "calibrated (map and thresholds)": out / "calibrated"}
         for text in a.variant:
-            folder = out / f"variant_{text.replace('@', '_').replace(',', '+')}"
+            folder = out / variant_folder(text)
             if not (folder / "eval" / "metrics.json").is_file():
                 run_command(cli, *stages.localize(folder, "--threshold", 0.65, "--no-images", *variant_args(text)))
                 run_command(cli, *stages.evaluate(folder, folder / "eval"))
-            folders[f"{text}, threshold 0.65"] = folder
+            folders[text if "boxes.threshold=" in text else f"{text}, threshold 0.65"] = folder
+        configured = folders["configured map, threshold 0.65"]
         for name, folder in folders.items():
             metrics = json.loads((folder / "eval" / "metrics.json").read_text())
             chosen = json.loads((folder / "localize.json").read_text()).get("cam", {})
-            rows.setdefault(name, []).append({"figures": headline(metrics), "cam": chosen})
+            marks = {}
+            if folder != configured:  # paired against the configured map, same test images and resamples
+                if not (folder / "vs_configured" / "comparison.json").is_file():
+                    run_command(cli, *stages.evaluate([configured, folder], folder / "vs_configured"))
+                marks = paired_marks(folder / "vs_configured" / "comparison.json")
+            rows.setdefault(name, []).append({"figures": headline(metrics), "cam": chosen, "paired": marks})
     lines = [f"command: {' '.join(sys.argv)}", f"machine: {platform.machine()}, {platform.processor() or 'cpu'}",
              f"{len(a.train_seeds)} trainings, {(time.perf_counter() - start) / 60:.1f} min; classifier mean AUROC "
              f"{np.mean(aurocs):.3f} +- {np.std(aurocs, ddof=1) if len(aurocs) > 1 else 0:.3f}", "",
+             "Each cell: mean +- sd over the trainings (random-map control in brackets); then, per training, "
+             "+ / - where the row beats / trails the configured map beyond noise (paired bootstrap), = where not.", "",
              "| map | " + " | ".join(FIGURES) + " |", "|---" * (len(FIGURES) + 1) + "|"]
     for name, runs in rows.items():
         cells = []
@@ -91,10 +120,17 @@ def main() -> None:
             model, control = (np.array([np.nan if r["figures"][figure][k] is None else r["figures"][figure][k]
                                         for r in runs], float) for k in (0, 1))
             sd = np.std(model, ddof=1) if len(model) > 1 else 0.0
-            cells.append(f"{np.nanmean(model):.3f} +- {sd:.3f} ({np.nanmean(control):.3f})")
+            control_text = f" ({np.nanmean(control):.3f})" if np.isfinite(control).any() else ""
+            marks = "".join(r.get("paired", {}).get(figure, "") for r in runs)
+            cells.append(f"{np.nanmean(model):.3f} +- {sd:.3f}{control_text}{' ' + marks if marks else ''}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     chosen = [f"{r['cam'].get('method')}@{r['cam'].get('target_layer')}" for r in rows["calibrated (map and thresholds)"]]
     lines += ["", f"maps chosen by calibrate, per training: {', '.join(chosen)}"]
+    for seed in a.train_seeds:  # what calibrate chose besides the map: threshold mode, scales
+        cal = json.loads((a.out / f"train_seed{seed}" / "calibration.json").read_text())
+        scales = {n: e["scale"] for n, e in cal["classes"].items() if e.get("scale", 1) != 1}
+        lines.append(f"training {seed}: threshold mode {cal['cam'].get('threshold_mode')}, box scales "
+                     f"{scales or 'all 1'}")
     text = "\n".join(lines)
     (a.out / "maps.md").write_text(text + "\n")
     (a.out / "maps.json").write_text(json.dumps(rows, indent=2, default=str))
