@@ -2,8 +2,9 @@
 CAM pass and evaluate (for the random-map control), in this one module.
 
 It records the heat map calibrate chose (method and target layer), each class's box setting
-(threshold, and score and min_area where it chose them), the dataset whose classes those are,
-the images it was calibrated on, and the evidence. A reader gets the per-class box settings
+(threshold, threshold mode and box scale, and score and min_area where it chose them), the dataset
+whose classes those are, the images it was calibrated on, an ensemble's operating points, and the
+evidence. A reader gets the per-class box settings
 (:class:`~cxrcam.boxes.BoxRules`) and the map to cut them from (``cam``; the map pass,
 :class:`~cxrcam.cam.checkpoint.CheckpointMaps`, uses it): both belong together, since a threshold
 chosen for one map means nothing on another.
@@ -36,6 +37,8 @@ class CalibrationFile:
     image_ids: list[str] = field(default_factory=list)  # the images it was calibrated on
     cam: dict | None = None  # the heat map it chose: method, target_layer
     schema: str | None = None  # the dataset whose classes it set
+    checkpoints: list[str] = field(default_factory=list)  # the classifier(s) it calibrated
+    operating_points: list | None = None  # an ensemble's decision thresholds, chosen on its mean probabilities
 
     @classmethod
     def read(cls, path: str | Path) -> "CalibrationFile":
@@ -48,7 +51,9 @@ class CalibrationFile:
             raise CxrcamError(f"calibration file not found: {path}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CxrcamError(f"{path}: not a calibration.json written by `cxrcam calibrate` ({exc!r})") from None
-        return cls(path, settings, names, list(saved.get("image_ids", [])), saved.get("cam"), saved.get("schema"))
+        checkpoints = saved.get("checkpoint", [])
+        return cls(path, settings, names, list(saved.get("image_ids", [])), saved.get("cam"), saved.get("schema"),
+                   [checkpoints] if isinstance(checkpoints, str) else list(checkpoints), saved.get("operating_points"))
 
     def check_schema(self, schema: Schema) -> None:
         """Thresholds are set by class id: another dataset's (NIH's thresholds on a VinBigData

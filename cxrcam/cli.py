@@ -213,19 +213,21 @@ def _done(metrics: dict, key: str, label: str, out: Path) -> None:
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), required=True,
-              help="best.pt or last.pt of a run, or the run folder (its best.pt).")
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), required=True, multiple=True,
+              help="best.pt or last.pt of a run, or the run folder (its best.pt); repeat for an ensemble (the "
+                   "mean probability).")
 @click.option("--data", type=click.Path(exists=True, path_type=Path), required=True, help="A `cxrcam prepare` cache.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV to write.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
 @device_option
-def predict(checkpoint: Path, data: Path, out: Path, batch_size: int, workers: int, device: str | None) -> None:
+def predict(checkpoint: tuple[Path, ...], data: Path, out: Path, batch_size: int, workers: int,
+            device: str | None) -> None:
     """Write image-level finding probabilities of a trained classifier."""
     from cxrcam.files import write_csv
     from cxrcam.train.classifier import predict as run
 
-    table = run(checkpoint, data, batch_size=batch_size, workers=workers, device=device or "auto")
+    table = run(list(checkpoint), data, batch_size=batch_size, workers=workers, device=device or "auto")
     write_csv(out, table)
     click.echo(f"wrote probabilities of {len(table)} images -> {out}")
 
@@ -278,7 +280,7 @@ def localize_options(func):
     return config_options(device_option(func))
 
 
-def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, threshold: float | Path | None,
+def _localize(checkpoint: list[Path], detector: Path | None, data: Path, out: Path, threshold: float | Path | None,
               method: str | None, dataset: str | None, classes: str | None, no_images: bool, picture_size: int,
               draw_min_score: float | None, batch_size: int | None, device: str | None, config: Config,
               show_proposals: bool = False) -> None:
@@ -296,7 +298,7 @@ def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, th
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     if draw_min_score is None:  # a weak detector's boxes go down to 0.06: not worth a reader's look
         draw_min_score = REFINE_DRAW_MIN_SCORE if detector else 0.0
-    summary = run(checkpoint, data, out, config, dataset=dataset, classes=names, pictures=not no_images,
+    summary = run(checkpoint if len(checkpoint) > 1 else checkpoint[0], data, out, config, dataset=dataset, classes=names, pictures=not no_images,
                   detector=detector, picture_size=picture_size, show_proposals=show_proposals,
                   draw_min_score=draw_min_score)
     if summary is None:
@@ -314,11 +316,15 @@ def _localize(checkpoint: Path, detector: Path | None, data: Path, out: Path, th
         click.echo(f"  CAM boxes:  {out / 'cam_submission.csv'}")
 
 
+ENSEMBLE_HELP = ("Classifier best.pt/last.pt, or its run folder; repeat for an ensemble (probabilities and scaled "
+                 "maps averaged over the checkpoints: each costs its own pass).")
+
+
 @main.command()
-@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), required=True,
-              help="Classifier best.pt/last.pt, or its run folder.")
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), required=True, multiple=True,
+              help=ENSEMBLE_HELP)
 @localize_options
-def localize(checkpoint: Path, **kwargs) -> None:
+def localize(checkpoint: tuple[Path, ...], **kwargs) -> None:
     """Turn a classifier's heat maps into boxes, pictures, bb_results.csv and submission.csv.
 
     \b
@@ -327,13 +333,14 @@ def localize(checkpoint: Path, **kwargs) -> None:
     pixels, "14 p_normal 0 0 1 1" appended), probabilities.csv, failures.csv.
     cxrcam localize --checkpoint runs/r50/best.pt --data cache/ --out loc/ --threshold 0.65
     torchrun --nproc_per_node 4 -m cxrcam localize ...   (rank 0 merges one submission.csv)
+    cxrcam localize --checkpoint runs/s0 --checkpoint runs/s1 --checkpoint runs/s2 ...   (an ensemble)
     """
-    _localize(checkpoint, None, **kwargs)
+    _localize(list(checkpoint), None, **kwargs)
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), required=True,
-              help="Classifier best.pt/last.pt, or its run folder.")
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), required=True, multiple=True,
+              help=ENSEMBLE_HELP + " An ensemble's operating points are chosen here too.")
 @click.option("--data", type=click.Path(exists=True, path_type=Path), required=True,
               help="Boxed images: a `cxrcam prepare` cache (its validation fold by default) or a dataset folder.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("calibration.json"),
@@ -357,7 +364,7 @@ def localize(checkpoint: Path, **kwargs) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch [config: cam.batch_size, 16].")
 @device_option
 @config_options
-def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, min_boxes: int, maps: tuple[str, ...],
+def calibrate(checkpoint: tuple[Path, ...], data: Path, out: Path, fold: str, search: str, min_boxes: int, maps: tuple[str, ...],
               modes: tuple[str, ...], dataset: str | None, batch_size: int | None, device: str | None,
               config: Config) -> None:
     """Choose the heat map and each class's threshold on a small boxed set, for `localize --threshold FILE`.
@@ -383,7 +390,8 @@ def calibrate(checkpoint: Path, data: Path, out: Path, fold: str, search: str, m
     _set_device(config, device)
     candidates = None if not maps else [] if list(maps) == ["none"] else list(maps)
     mode_list = None if not modes else [] if "none" in modes else list(modes)
-    result = run(checkpoint, data, out, config, dataset=dataset, fold=fold, min_boxes=min_boxes, search=search,
+    result = run(list(checkpoint) if len(checkpoint) > 1 else checkpoint[0], data, out, config, dataset=dataset,
+                 fold=fold, min_boxes=min_boxes, search=search,
                  maps=candidates, modes=mode_list)
     click.echo(f"calibrated on {result.images} images in {result.seconds:.0f}s -> {out}")
     click.echo(f"{'heat map, threshold mode':<44}  held-out AP (at {config.boxes.threshold} / calibrated)  "
@@ -418,13 +426,13 @@ def _f3(value: float | None) -> str:
 
 
 @main.command()
-@click.option("--classifier", type=click.Path(exists=True, path_type=Path), required=True,
-              help="Classifier best.pt/last.pt, or its run folder.")
+@click.option("--classifier", type=click.Path(exists=True, path_type=Path), required=True, multiple=True,
+              help=ENSEMBLE_HELP)
 @click.option("--detector", type=click.Path(exists=True, path_type=Path), required=True,
               help="`train-detector` best.pt/last.pt, or its run folder.")
 @click.option("--show-proposals", is_flag=True, help="Draw the CAM proposals, faint, under the detections in pred_.")
 @localize_options
-def refine(classifier: Path, detector: Path, show_proposals: bool, **kwargs) -> None:
+def refine(classifier: tuple[Path, ...], detector: Path, show_proposals: bool, **kwargs) -> None:
     """Refine the CAM boxes with a Faster R-CNN: localize's outputs, with detections in submission.csv.
 
     \b
@@ -437,7 +445,7 @@ def refine(classifier: Path, detector: Path, show_proposals: bool, **kwargs) -> 
     is the plain detector.
     cxrcam refine --classifier runs/clf/best.pt --detector runs/det/best.pt --data cache/ --out refined/
     """
-    _localize(classifier, detector, show_proposals=show_proposals, **kwargs)
+    _localize(list(classifier), detector, show_proposals=show_proposals, **kwargs)
 
 
 @main.command()

@@ -20,6 +20,11 @@ issue-26 measurements showed the map itself (method and layer) matters as much. 
 4. MaxBoxAccV2 and its random-map control for every candidate;
 5. ``calibration.json`` (the map, each class's setting, and the evidence; ``localize --threshold
    calibration.json``, ``refine`` and pseudo-boxes read it) and plots next to it.
+
+Each candidate map is tried in each threshold mode (``--modes``; :func:`~cxrcam.boxes.cut_map`), a
+(map, mode) pair being one candidate; each class's box scale is chosen after its threshold, with
+the same held-out confirmation. Given several checkpoints (an ensemble), their mean probabilities
+choose the ensemble's operating points first (recorded; localize and refine use them).
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from cxrcam.cam import map_name, parse_map
 from cxrcam.cam.checkpoint import CheckpointMaps, needed_classes
 from cxrcam.config import Config
 from cxrcam.data.sources import open_source
-from cxrcam.data.tables import boxes_by_image
+from cxrcam.data.tables import boxes_by_image, target_columns
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import truth_by_image
 from cxrcam.evaluation.weak import CURVE_COLUMNS, maxboxacc_table, pair_curves, plot_box_accuracy
@@ -137,6 +142,25 @@ def _collect(maps: CheckpointMaps, images: pd.DataFrame, truth: pd.DataFrame, pr
                                                       f"{image_id}/{c}")
                     curves += [(image_id, c, "model", *model_ious), (image_id, c, "random map", *control)]
     return pairs, pd.DataFrame(curves, columns=["image_id", "class_id", "source", *CURVE_COLUMNS])
+
+
+def ensemble_operating_points(maps: CheckpointMaps, images: pd.DataFrame, progress: bool) -> np.ndarray:
+    """An ensemble's decision thresholds: each class's F1 operating point (as ``train-classifier``
+    chooses a checkpoint's) on the members' mean probabilities over ``images`` (with labels); NaN
+    where a class has too few positives."""
+    from cxrcam.evaluation.classification import operating_points
+
+    columns = target_columns(maps.schema)
+    if not set(columns) <= set(images.columns):
+        raise CxrcamError("calibrating an ensemble chooses its operating points on labelled images; these have no "
+                          "labels (calibrate on a `cxrcam prepare` cache or a dataset folder)")
+    probs = np.full((len(images), maps.schema.num_findings), np.nan)
+    nothing = needed_classes(np.zeros(maps.schema.num_findings), maps.thresholds, predict=False)
+    for batch in maps.stream(images, lambda row, p: nothing, "ensemble probabilities", progress, leave=False):
+        if batch.maps is not None:
+            probs[batch.rows] = batch.maps.probs
+    known = np.isfinite(probs).all(1)
+    return operating_points(images.loc[known, columns].to_numpy(np.float64), probs[known])
 
 
 def half_of(image_id: str) -> int:
@@ -271,10 +295,11 @@ def _mean(values) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
 
 
-def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config: Config = Config(),
+def calibrate(checkpoint: str | Path | list, data: str | Path, out: str | Path, config: Config = Config(),
               dataset: str | None = None, fold: str = "val", min_boxes: int = 5, search: str = "threshold",
               progress: bool = True, maps: list[str] | None = None, modes: list[str] | None = None) -> Calibration:
-    """Write ``out`` (calibration.json) and its plots; see the module docstring. ``search``:
+    """Write ``out`` (calibration.json) and its plots; see the module docstring. ``checkpoint``: one
+    classifier, or several (an ensemble: its operating points are chosen here too). ``search``:
     "threshold" sets each class's threshold; "all" also its box score and min_area. ``maps``:
     the candidate maps ("method@layer"; default: see :func:`candidate_maps`; [] tries only the
     configured one). ``modes``: the threshold modes tried on each (default: all; [] only the
@@ -287,6 +312,11 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
         raise CxrcamError(f"{checkpoint} predicts {schema.name} classes; {data} is a {source.schema.name} dataset")
     images = _images(source, fold, config, Path(data))
     truth = source.truth[source.truth["image_id"].isin(set(images["image_id"]))]
+    operating = None
+    if len(maps_of.paths) > 1:  # the ensemble's own operating points, then its maps cut for the classes they predict
+        operating = ensemble_operating_points(maps_of, images, progress)
+        if config.boxes.min_prob == "auto":
+            maps_of.thresholds = np.where(np.isnan(operating), maps_of.thresholds, operating)
     candidates = []
     for method, layer in candidate_maps(maps_of.model, config, maps):
         maps_of.use_map(method, layer)
@@ -328,7 +358,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, config:
     result = Calibration(len(images), classes, _mean(e["ap_default"] for e in own), _mean(e["ap"] for e in own),
                          best["maxboxacc"], best["control"], time.perf_counter() - start, out, evidence, chosen)
     write_calibration(out, {
-        "checkpoint": str(checkpoint), "data": str(data), "fold": fold, "images": len(images), "schema": schema.name,
+        "checkpoint": [str(p) for p in maps_of.paths] if len(maps_of.paths) > 1 else str(checkpoint),
+        "operating_points": None if operating is None else [float(v) for v in operating], "data": str(data), "fold": fold, "images": len(images), "schema": schema.name,
         "search": search, "iou_thr": config.eval.iou_thr, "min_boxes": min_boxes, "thresholds": list(SWEEP),
         "default": {"threshold": config.boxes.threshold, "score": config.boxes.score, "min_area": config.boxes.min_area,
                     "threshold_mode": config.boxes.threshold_mode, "scale": config.boxes.scale,

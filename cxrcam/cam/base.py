@@ -279,15 +279,19 @@ class BaseCAM:
         images = images.to(self.device)
         with torch.autocast(self.device.type, enabled=False):
             logits = self.forward(images.float())
-            targets = list(plan(logits))
-            counts = [len(t) for t in targets]
-            weights = logits.new_zeros((max(counts, default=0), len(images), logits.shape[1]))
-            for b, t in enumerate(targets):
-                weights[:len(t), b] = t.to(logits)
-            rounds = torch.tensor([r for n in counts for r in range(n)], dtype=torch.long, device=self.device)
-            rows = torch.tensor([b for b, n in enumerate(counts) for _ in range(n)], dtype=torch.long,
-                                device=self.device)
-            if not len(rows):  # no image needs a map (a batch of normal images)
-                return PairMaps(images.new_zeros((0, *images.shape[-2:]), dtype=torch.float32), [], logits)
-            maps = [m[rounds, rows][:, None] for m in self.raw_maps(images, weights)]
+            return self.pair_maps(images, logits, list(plan(logits)))
+
+    def pair_maps(self, images: torch.Tensor, logits: torch.Tensor, targets: list[torch.Tensor]) -> PairMaps:
+        """:meth:`pairs` after the forward pass that gave ``logits`` (an ensemble plans on all its
+        members' logits before any member cuts maps)."""
+        counts = [len(t) for t in targets]
+        if not sum(counts):  # no image needs a map (a batch of normal images)
+            return PairMaps(images.new_zeros((0, *images.shape[-2:]), dtype=torch.float32), [], logits)
+        weights = logits.new_zeros((max(counts), len(images), logits.shape[1]))
+        for b, t in enumerate(targets):
+            weights[:len(t), b] = t.to(logits)
+        rounds = torch.tensor([r for n in counts for r in range(n)], dtype=torch.long, device=self.device)
+        rows = torch.tensor([b for b, n in enumerate(counts) for _ in range(n)], dtype=torch.long, device=self.device)
+        with torch.autocast(self.device.type, enabled=False):
+            maps = [m[rounds, rows][:, None] for m in self.raw_maps(images.float(), weights)]
         return PairMaps(scale_cams(maps, tuple(images.shape[-2:]))[:, 0], rows.tolist(), logits)

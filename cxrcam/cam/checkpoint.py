@@ -29,9 +29,11 @@ from torch.utils.data import DataLoader
 
 from cxrcam.calibration import box_rules
 from cxrcam.cam.base import BaseCAM, map_name, parse_map, target_weights
+from cxrcam.cam.ensemble import EnsembleCAM
 from cxrcam.cam.factory import create_cam
 from cxrcam.config import Config
 from cxrcam.data.dataset import ImageFiles
+from cxrcam.errors import CxrcamError
 from cxrcam.models import decision_thresholds, load_classifier
 from cxrcam.runtime.progress import progress_bar
 from cxrcam.schemas import get_schema
@@ -89,19 +91,46 @@ class Streamed:
 
 
 class CheckpointMaps:
-    """A classifier checkpoint with its calibration: model, schema, input size, decision thresholds,
-    each class's box settings (``rules``), and the CAM engine of the map those settings are for (the
-    calibration's, else the config's; ``calibrated=False`` ignores a calibration, as calibrate does)."""
+    """A classifier checkpoint (or several: an ensemble, :mod:`cxrcam.cam.ensemble`) with its
+    calibration: model, schema, input size, decision thresholds, each class's box settings
+    (``rules``), and the CAM engine of the map those settings are for (the calibration's, else the
+    config's; ``calibrated=False`` ignores a calibration, as calibrate does).
 
-    def __init__(self, checkpoint: str | Path, config: Config, device: str | torch.device = "cpu",
-                 calibrated: bool = True):
+    An ensemble's decision thresholds are the operating points its calibration chose on the
+    members' mean validation probabilities, else (or where a class has none) the mean of the
+    members' own."""
+
+    def __init__(self, checkpoint: str | Path | Sequence[str | Path], config: Config,
+                 device: str | torch.device = "cpu", calibrated: bool = True):
         self.config = config
-        self.model, self.ckpt = load_classifier(checkpoint, device)
+        self.paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+        loaded = [load_classifier(path, device) for path in self.paths]
+        self.models = [model for model, _ in loaded]
+        self.model, self.ckpt = loaded[0]
         self.schema, self.size = get_schema(self.ckpt["schema"]), int(self.ckpt["input_size"])
-        self.thresholds = decision_thresholds(self.ckpt, config.boxes.min_prob)
+        for path, (_, ckpt) in zip(self.paths[1:], loaded[1:]):
+            ours, theirs = (self.ckpt["schema"], self.size), (ckpt["schema"], int(ckpt["input_size"]))
+            if ours != theirs:
+                raise CxrcamError(f"an ensemble's checkpoints must share classes and input size: {self.paths[0]} is "
+                                  f"{ours[0]} at {ours[1]} px, {path} is {theirs[0]} at {theirs[1]} px")
+        self.thresholds = np.mean([decision_thresholds(ckpt, config.boxes.min_prob) for _, ckpt in loaded], axis=0)
         boxes = config.boxes if calibrated else dataclasses.replace(config.boxes, calibration="")
         self.rules, self.calibration = box_rules(boxes, self.schema)
-        self.cam: BaseCAM = self.use_map(*self._chosen_map())
+        self._ensemble_points()
+        self.cam: BaseCAM | EnsembleCAM = self.use_map(*self._chosen_map())
+
+    def _ensemble_points(self) -> None:
+        """An ensemble's calibrated operating points, where its calibration chose them for as many
+        checkpoints (``boxes.min_prob=auto`` only)."""
+        points = self.calibration.operating_points if self.calibration is not None else None
+        if len(self.paths) < 2 or not points or self.config.boxes.min_prob != "auto":
+            return
+        if len(self.calibration.checkpoints) != len(self.paths):
+            warnings.warn(f"{self.calibration.path.name} chose operating points for {len(self.calibration.checkpoints)} "
+                          f"checkpoints, not these {len(self.paths)}: the mean of theirs is used", stacklevel=3)
+            return
+        saved = np.asarray([np.nan if v is None else v for v in points], np.float64)
+        self.thresholds = np.where(np.isnan(saved), self.thresholds, saved)
 
     def _chosen_map(self) -> tuple[str, str]:
         """(method, target_layer): the calibration's (its thresholds were chosen for that map), else the
@@ -116,9 +145,10 @@ class CheckpointMaps:
                           f"not used", stacklevel=3)
         return chosen
 
-    def use_map(self, method: str, layer: str | None) -> BaseCAM:
+    def use_map(self, method: str, layer: str | None) -> BaseCAM | EnsembleCAM:
         """Cut maps of ``method`` at ``layer`` from now on (calibrate's candidates)."""
-        self.cam = create_cam(self.model, method, layer or None)
+        engines = [create_cam(model, method, layer or None) for model in self.models]
+        self.cam = engines[0] if len(engines) == 1 else EnsembleCAM(engines)
         return self.cam
 
     def __call__(self, x: torch.Tensor, plan_of: Callable[[int, np.ndarray], Plan]) -> MapBatch:

@@ -62,11 +62,12 @@ def _check_calibration(maps: CheckpointMaps, source) -> None:
                       f"their localisation figures are optimistic; calibrate on a held-out fold", stacklevel=3)
 
 
-def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: Config = Config(),
+def localize(checkpoint: str | Path | list, data: str | Path, out: str | Path, config: Config = Config(),
              dataset: str | None = None, classes: list[str] | None = None, pictures: bool = True,
              progress: bool = True, detector: str | Path | None = None, picture_size: int = PICTURE_SIZE,
              show_proposals: bool = False, draw_min_score: float = 0.0) -> LocalizeSummary | None:
-    """Localise every image of ``data`` with the classifier ``checkpoint``; outputs in ``out``.
+    """Localise every image of ``data`` with the classifier ``checkpoint`` (or several: an ensemble,
+    :class:`~cxrcam.cam.checkpoint.CheckpointMaps`); outputs in ``out``.
 
     ``detector``: a ``train-detector`` checkpoint that refines the CAM boxes (``cxrcam refine``,
     see :mod:`cxrcam.detection.refine`); ``submission.csv`` then holds the refined detections and
@@ -79,7 +80,7 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     schema = maps.schema
     source = open_source(data, dataset, config)
     if source.schema is not None and source.schema.name != schema.name:
-        raise CxrcamError(f"{checkpoint} predicts {schema.name} classes; {data} is a {source.schema.name} dataset")
+        raise CxrcamError(f"{maps.paths[0]} predicts {schema.name} classes; {data} is a {source.schema.name} dataset")
     refiner = _refiner(detector, config, info.device, schema, checkpoint)
     truth = boxes_by_image(source.truth)
     _check_calibration(maps, source)
@@ -115,7 +116,8 @@ def localize(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     summary = None
     if parts is not None:
         summary = write_outputs(parts, source, schema, config, out, start, refined=refiner is not None)
-        write_json(out / "localize.json", {"checkpoint": str(checkpoint), "detector": detector and str(detector),
+        write_json(out / "localize.json", {"checkpoint": [str(p) for p in maps.paths] if len(maps.paths) > 1
+                                           else str(checkpoint), "detector": detector and str(detector),
                                            "schema": schema.name,
                                            "data": str(data), "classes": classes,
                                            "pictures": pictures, "picture_size": picture_size,
