@@ -55,6 +55,10 @@ class ModelConfig:
     # 32: the backbone as designed; 16 or 8 dilate the last stage(s) for 2x / 4x finer heat maps
     # (timm's output_stride; ResNet, EfficientNet, RegNet, ConvNeXt... support it, DenseNet and ViT do not)
     output_stride: Literal[8, 16, 32] = 32
+    # "avg": global average pooling + linear (the closed-form CAM's condition); "lse": a score map per class,
+    # log-sum-exp pooled with sharpness lse_r (ChestX-ray8): each logit from where its class's evidence is
+    pooling: Literal["avg", "lse"] = "avg"
+    lse_r: float = 5.0
 
 
 @dataclass

@@ -119,3 +119,44 @@ def test_checkpoints_say_what_they_are(tmp_path):
     with pytest.raises(CxrcamError, match=r"probs.csv: not a checkpoint .*reads as text \(a CSV") as csv:
         load_checkpoint(tmp_path / "probs.csv")
     assert "calls" not in str(csv.value)
+
+
+def test_lse_pooling_lies_between_the_mean_and_the_maximum():
+    from cxrcam.models.factory import LSEPool
+
+    scores = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    flat = scores.flatten(2)
+    assert torch.allclose(LSEPool(1e-2)(scores), flat.mean(-1), atol=2e-2)
+    assert torch.allclose(LSEPool(1e4)(scores), flat.amax(-1), atol=1e-2)
+    middle = LSEPool(5.0)(scores)
+    assert (middle > flat.mean(-1)).all() and (middle < flat.amax(-1)).all()
+
+
+def test_an_lse_classifier_trains_saves_and_maps_its_own_score_maps(vinbig_model, tmp_path):
+    """model.pooling=lse: trained, saved and rebuilt from its checkpoint with the same logits; its
+    default Grad-CAM is each class's own score map (the head's input to the pooling), as CAM draws it."""
+    from cxrcam.cam import create_cam
+    from cxrcam.config import load_config
+    from cxrcam.train.classifier import train_classifier
+
+    cache, _ = vinbig_model
+    config = load_config("tiny", ["model.pooling=lse", "model.lse_r=3", "train.epochs=1", "train.workers=0",
+                                  "model.output_stride=32", "train.batch_size=32"])
+    train_classifier(config, cache, tmp_path / "run", progress=False)
+    model, ckpt = load_classifier(tmp_path / "run" / "best.pt")
+    assert ckpt["pooling"] == "lse" and ckpt["lse_r"] == 3 and model.head.pool.r == 3
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    again = create_classifier("resnet10t", 14, pooling="lse", lse_r=3)
+    again.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x), model(x), atol=1e-5)
+        model.head.scores.bias += 1 - model.head.scores(model.backbone(model.normalize(x))).amin()  # all positive
+        scores = model.head.scores(model.backbone(model.normalize(x)))
+    cam = create_cam(model, "gradcam")
+    assert cam.target_name == "head.scores"
+    out = cam(x, [2, 7])
+    expected = torch.nn.functional.interpolate(scores[:, [2, 7]].clamp_min(0), size=(64, 64), mode="bilinear",
+                                               align_corners=False)
+    lo, hi = expected.flatten(2).amin(-1)[..., None, None], expected.flatten(2).amax(-1)[..., None, None]
+    scaled = (expected - lo) / (hi - lo + 1e-7)
+    assert torch.allclose(out.cams, scaled, atol=1e-4) and float(scaled.max()) > 0.99

@@ -87,7 +87,9 @@ class Probe:
 
 
 def _is_pool(module: nn.Module) -> bool:
-    return isinstance(module, _POOLS) or type(module).__name__ == "SelectAdaptivePool2d"
+    """A global pooling: torch's, timm's, or a module that says it is one (``is_global_pool``)."""
+    return (isinstance(module, _POOLS) or type(module).__name__ == "SelectAdaptivePool2d"
+            or getattr(module, "is_global_pool", False))
 
 
 def _input_channels(model: nn.Module) -> int:

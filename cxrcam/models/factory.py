@@ -4,10 +4,11 @@ The model takes what the data stage produces, a grey batch ``B x 1 x H x W`` in 
 owns everything from there: replication to the backbone's channels and the normalisation
 (ImageNet statistics by default, stored as buffers, so checkpoints carry them and
 ``localize`` cannot get them wrong). The head is global average pooling + linear, which the
-fast all-class CAM relies on.
+fast all-class CAM relies on; or (``model.pooling=lse``) a score map per class, LSE-pooled.
 """
 from __future__ import annotations
 
+import math
 import socket
 import warnings
 from pathlib import Path
@@ -41,12 +42,44 @@ def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], channels: int
     return (mean[0],) * channels, (std[0],) * channels
 
 
-class Classifier(nn.Module):
-    """Grey image in [0, 1] -> logits for each finding."""
+class LSEPool(nn.Module):
+    """Log-sum-exp pooling of class score maps (ChestX-ray8, Wang et al. 2017): per class,
+    ``(1 / r) log mean_ij exp(r s_ij)``, between the mean (r -> 0) and the maximum (r -> inf), so a
+    class's logit comes from where its own evidence is strongest rather than from the whole image.
+    ``is_global_pool``: the CAM probe takes its input (the score maps) as the default map layer."""
 
-    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    is_global_pool = True
+
+    def __init__(self, r: float = 5.0):
+        super().__init__()
+        self.r = float(r)
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        flat = scores.flatten(2)
+        return (torch.logsumexp(self.r * flat, dim=-1) - math.log(flat.shape[-1])) / self.r
+
+
+class ScoreMapHead(nn.Module):
+    """Features -> one score map per class (a 1 x 1 convolution: the class activation maps) -> pooled."""
+
+    def __init__(self, features: int, num_classes: int, pool: nn.Module):
+        super().__init__()
+        self.scores = nn.Conv2d(features, num_classes, 1)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.scores(x))
+
+
+class Classifier(nn.Module):
+    """Grey image in [0, 1] -> logits for each finding. ``head``: None for the backbone's own
+    pooling + linear head, else a :class:`ScoreMapHead` on the backbone's feature maps."""
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
+        self.head = head
         in_chans = len(mean)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, in_chans, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, in_chans, 1, 1))
@@ -60,7 +93,8 @@ class Classifier(nn.Module):
         return (grey_to_channels(x, self.in_chans) - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(x))
+        out = self.backbone(self.normalize(x))
+        return out if self.head is None else self.head(out)
 
 
 def _hub_reachable() -> bool:
@@ -86,11 +120,11 @@ def stride_kwargs(name: str, output_stride: int) -> dict[str, Any]:
 
 
 def _create_backbone(name: str, num_classes: int, in_chans: int, pretrained: bool | str,
-                     drop_rate: float, output_stride: int = 32) -> nn.Module:
+                     drop_rate: float, output_stride: int = 32, global_pool: str = "avg") -> nn.Module:
     if not (timm.is_model(name) or name.startswith(("hf-hub:", "local-dir:"))):
         raise CxrcamError(f"unknown timm model {name!r} (see timm.list_models())")
     kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
-                                  global_pool="avg", **stride_kwargs(name, output_stride))
+                                  global_pool=global_pool, **stride_kwargs(name, output_stride))
     try:
         if pretrained is False or pretrained in ("", "false", "none"):
             return timm.create_model(name, pretrained=False, **kwargs)
@@ -121,8 +155,12 @@ def _create_backbone(name: str, num_classes: int, in_chans: int, pretrained: boo
         hub.HF_HUB_OFFLINE = offline
 
 
+POOLINGS = ("avg", "lse")
+
+
 def create_classifier(name: str, num_classes: int, pretrained: bool | str = False, in_chans: int = 3,
-                      drop_rate: float = 0.0, output_stride: int = 32) -> Classifier:
+                      drop_rate: float = 0.0, output_stride: int = 32, pooling: str = "avg",
+                      lse_r: float = 5.0) -> Classifier:
     """A timm backbone ``name`` with a ``num_classes`` pooling + linear head.
 
     ``pretrained``: False (random init), True (ImageNet weights from the hub or its cache),
@@ -130,10 +168,20 @@ def create_classifier(name: str, num_classes: int, pretrained: bool | str = Fals
     ImageNet first-layer weights); 1 lets timm fold the first layer to one channel.
     ``output_stride`` 16 or 8 dilates the last stage(s) instead of striding: the same weights,
     heat maps 2x or 4x finer, at the cost of more computation in those stages.
+    ``pooling`` "lse": the backbone's feature maps -> a score map per class -> :class:`LSEPool`
+    (``lse_r``) instead of average pooling + linear.
     """
-    backbone = _create_backbone(name, num_classes, in_chans, pretrained, drop_rate, output_stride)
+    if pooling not in POOLINGS:
+        raise CxrcamError(f"model.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if pooling == "avg":
+        backbone = _create_backbone(name, num_classes, in_chans, pretrained, drop_rate, output_stride)
+        head = None
+    else:
+        backbone = _create_backbone(name, 0, in_chans, pretrained, drop_rate, output_stride, global_pool="")
+        head = ScoreMapHead(backbone.num_features, num_classes, LSEPool(lse_r))
     cfg = backbone.pretrained_cfg or {}
-    return Classifier(backbone, *channel_stats(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), in_chans))
+    return Classifier(backbone, *channel_stats(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), in_chans),
+                      head)
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
@@ -141,7 +189,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     ckpt = load_checkpoint(path, device, kind="classifier")
     with checkpoint_contents(path):
         model = create_classifier(ckpt["model_name"], len(ckpt["classes"]), pretrained=False,
-                                  in_chans=ckpt["in_chans"], output_stride=ckpt.get("output_stride", 32))
+                                  in_chans=ckpt["in_chans"], output_stride=ckpt.get("output_stride", 32),
+                                  pooling=ckpt.get("pooling", "avg"), lse_r=ckpt.get("lse_r", 5.0))
         model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
