@@ -56,6 +56,7 @@ class PipelineSettings:
     normal_fraction: float | None = None  # share of normal images in both synthetic sets (None: the profile's)
     profile: str = "vinbig"  # what synth draws from: VinBigData's released table, or "uniform" (the old world)
     backgrounds: Path | None = None  # normal radiographs the findings are inserted into (synth --backgrounds)
+    dataset: str = "vinbig"  # the synthetic sets' layout (synth --format, prepare --dataset): vinbig or nih
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Stages:
     size: int
     config: str | Path = TINY
     common: list[str] = field(default_factory=list)
+    dataset: str = "vinbig"  # the layout synth writes and prepare reads
 
     def data(self, name: str) -> Path:
         return self.out / "data" / name
@@ -92,12 +94,13 @@ class Stages:
         return ["--config", self.config, *self.common]
 
     def synth(self, name: str, n: int, seed: int, *extra: Any, split: str = "train") -> list:
-        return ["synth", "--out", self.data(name), "--n-images", n, "--seed", seed, "--size", int(self.size * 1.5),
-                "--split", split, *extra, "--overwrite"]
+        split_args = ["--split", split] if self.dataset == "vinbig" else []  # nih writes its released layout only
+        return ["synth", "--format", self.dataset, "--out", self.data(name), "--n-images", n, "--seed", seed,
+                "--size", int(self.size * 1.5), *split_args, *extra, "--overwrite"]
 
     def prepare(self, name: str, *extra: Any, data: str | None = None) -> list:
         """Cache ``name`` of the synthetic set ``data`` (default: the set of the same name)."""
-        return ["prepare", "--dataset", "vinbig", "--root", self.data(data or name), "--out", self.cache(name),
+        return ["prepare", "--dataset", self.dataset, "--root", self.data(data or name), "--out", self.cache(name),
                 "--size", self.size, "--overwrite", *self.settings, *extra]
 
     def train_classifier(self, *extra: Any, data: str = "train", out: Path | None = None) -> list:
@@ -146,7 +149,7 @@ def pipeline_stages(s: PipelineSettings) -> Stages:
     folds = [] if s.n_images >= SMALL or any(o.startswith("split.n_folds=") for o in s.overrides) else ["split.n_folds=2"]
     common = [f"model.name={s.model}", f"train.epochs={s.epochs}", f"detector.backbone={s.model}",
               f"detector.epochs={s.detector_epochs}", *folds, *s.overrides]
-    return Stages(Path(s.out), s.size, s.config, common)
+    return Stages(Path(s.out), s.size, s.config, common, s.dataset)
 
 
 def run_pipeline(cli: click.Command, s: PipelineSettings) -> dict[str, Any]:

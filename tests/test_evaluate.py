@@ -452,3 +452,30 @@ def test_a_truth_table_beside_its_images_is_clipped_as_prepare_clips(synth_vinbi
     with pytest.warns(UserWarning, match="past the image"):
         m = evaluate(tmp_path / "sub.csv", tmp_path / "data" / "train.csv", control=False)
     assert m["map"] == pytest.approx(1.0) and m["truth_rows_invalid"] >= 1
+
+
+def test_the_literature_table_and_the_class_confusion_pointing_game():
+    """literature_table: per class, the share of truth boxes whose best same-class prediction beats
+    T(IoU) / T(IoBB), and their mean over classes; the class-confusion pointing game counts, on
+    images with two or more truth classes, peaks in their own class's box and peaks that fell in
+    another finding's box instead."""
+    from cxrcam.evaluation.weak import confusion_pointing, literature_table
+
+    box = lambda *v: dict(zip(BOX_COLUMNS, v))  # noqa: E731
+    truth = pd.DataFrame([{"image_id": "a", "class_id": 0, **box(0, 0, 10, 10)},
+                          {"image_id": "a", "class_id": 3, **box(50, 50, 70, 70)},
+                          {"image_id": "b", "class_id": 0, **box(0, 0, 10, 10)},
+                          {"image_id": "c", "class_id": 3, **box(0, 0, 20, 20)}])
+    dets = pd.DataFrame([{"image_id": "a", "class_id": 0, "score": 0.9, **box(0, 0, 10, 5)},  # IoU .5, IoBB 1
+                         {"image_id": "b", "class_id": 0, "score": 0.9, **box(0, 0, 40, 40)},  # IoU 1/16, IoBB 1/16
+                         {"image_id": "c", "class_id": 3, "score": 0.9, **box(0, 0, 20, 20)}])  # exact
+    table = literature_table(truth, dets, VINBIG).set_index("class")
+    aortic, cardio = table.loc["Aortic enlargement"], table.loc["Cardiomegaly"]
+    assert (aortic["T(IoU)=0.1"], aortic["T(IoU)=0.4"], aortic["T(IoU)=0.5"]) == (0.5, 0.5, 0.0)  # > T, as ChestX-ray8
+    assert (aortic["T(IoBB)=0.1"], aortic["T(IoBB)=0.9"]) == (0.5, 0.5)
+    assert (cardio["T(IoU)=0.7"], cardio["T(IoBB)=0.9"], cardio["n_boxes"]) == (0.5, 0.5, 2)  # a's missed, c's exact
+    assert table.loc["mean", "T(IoU)=0.4"] == pytest.approx(0.5) and table.loc["mean", "n_boxes"] == 4
+    peaks = pd.DataFrame({"image_id": ["a", "a", "b", "c"], "class_id": [0, 3, 0, 3],
+                          "peak_x": [5, 5, 5, 5], "peak_y": [5, 5, 5, 5]})  # class 3's map peaks in class 0's box
+    assert confusion_pointing(truth, peaks) == {"pairs": 2, "own": 0.5, "confused": 0.5}  # image a only
+    assert np.isnan(confusion_pointing(truth[truth["image_id"] != "a"], peaks)["own"])

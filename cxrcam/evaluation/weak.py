@@ -91,6 +91,29 @@ def confusion_pointing(truth: pd.DataFrame, peaks: pd.DataFrame) -> dict[str, fl
     return {"pairs": pairs, "own": own / pairs if pairs else np.nan, "confused": confused / pairs if pairs else np.nan}
 
 
+LITERATURE_IOU = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # the T(IoU) columns of the NIH localisation tables
+LITERATURE_IOBB = (0.1, 0.25, 0.5, 0.75, 0.9)  # ChestX-ray8's T(IoBB) columns
+
+
+def literature_table(truth: pd.DataFrame, detections: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """The NIH papers' localisation table: per class (and the mean over classes, "mean"), the share
+    of truth boxes hit at each T(IoU) of :data:`LITERATURE_IOU` and T(IoBB) of :data:`LITERATURE_IOBB`
+    (hit: some predicted box of the image and class above T, as :func:`accuracy_table`)."""
+    scored = box_overlaps(truth, detections)
+    rows = []
+    for c, group in scored.groupby("class_id"):
+        row = {"class": schema.class_name(int(c)), "n_boxes": len(group)}
+        row.update({f"T(IoU)={t}": float((group["best_iou"] > t).mean()) for t in LITERATURE_IOU})
+        row.update({f"T(IoBB)={t}": float((group["best_iobb"] > t).mean()) for t in LITERATURE_IOBB})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        mean = table.drop(columns=["class", "n_boxes"]).mean().to_dict()
+        table = pd.concat([table, pd.DataFrame([{"class": "mean", "n_boxes": int(table["n_boxes"].sum()), **mean}])],
+                          ignore_index=True)
+    return table
+
+
 def random_maps(n: int, seed, grid: int = 16, side: int = 256) -> np.ndarray:
     """``n`` random heat maps (side x side in [0, 1]): uniform noise on a ``grid`` lattice, bilinearly
     upsampled. ``seed``: an int, or a ``torch.Generator`` drawn on across calls. (torch is imported
@@ -111,17 +134,19 @@ def _chunked_maps(n: int, generator, grid: int, side: int, chunk: int = 256):
         yield from random_maps(min(chunk, n - start), generator, grid, side)
 
 
-def random_control(truth: pd.DataFrame, sizes: dict[str, tuple[float, float]], schema: Schema,
-                   config: BoxConfig | BoxRules = BoxConfig(), grid: int = 16, side: int = 256, repeats: int = 5,
-                   seed: int = 0) -> pd.DataFrame:
-    """:func:`accuracy_table` of boxes (and peaks) from random heat maps, averaged over ``repeats``."""
+def random_truth_detections(truth: pd.DataFrame, sizes: dict[str, tuple[float, float]],
+                            config: BoxConfig | BoxRules = BoxConfig(), grid: int = 16, side: int = 256,
+                            repeats: int = 5, seed: int = 0) -> list[tuple[pd.DataFrame, pd.Series, pd.DataFrame]]:
+    """Per repeat: the boxes cut from a random heat map for each truth (image, class) (the class
+    given, as the ChestX-ray8 protocol maps it), the pointing game of that map's peak per truth box,
+    and the truth boxes scored (those of images with a known size)."""
     import torch
 
     rules = config if isinstance(config, BoxRules) else BoxRules(config)
     gen = torch.Generator().manual_seed(seed)
     keys = truth[["image_id", "class_id"]].drop_duplicates().itertuples(index=False)
     keys = [k for k in keys if k.image_id in sizes]
-    tables = []
+    out = []
     for _ in range(repeats):
         dets, peaks = [], {}
         for key, cam in zip(keys, _chunked_maps(len(keys), gen, grid, side)):
@@ -134,8 +159,21 @@ def random_control(truth: pd.DataFrame, sizes: dict[str, tuple[float, float]], s
         sub = truth[[(i, c) in peaks for i, c in zip(truth["image_id"], truth["class_id"])]]
         px, py = np.array([peaks[(i, c)] for i, c in zip(sub["image_id"], sub["class_id"])]).reshape(-1, 2).T
         inside = points_in_boxes(sub[BOX_COLUMNS].to_numpy(), px, py)
-        tables.append(accuracy_table(sub, pd.DataFrame(dets, columns=DETECTION_COLUMNS), schema,
-                                     pd.Series(inside, dtype=float)))
+        out.append((pd.DataFrame(dets, columns=DETECTION_COLUMNS), pd.Series(inside, dtype=float), sub))
+    return out
+
+
+def random_control(truth: pd.DataFrame, sizes: dict[str, tuple[float, float]], schema: Schema,
+                   config: BoxConfig | BoxRules = BoxConfig(), grid: int = 16, side: int = 256, repeats: int = 5,
+                   seed: int = 0) -> pd.DataFrame:
+    """:func:`accuracy_table` of boxes (and peaks) from random heat maps, averaged over ``repeats``."""
+    tables = [accuracy_table(sub, dets, schema, inside)
+              for dets, inside, sub in random_truth_detections(truth, sizes, config, grid, side, repeats, seed)]
+    return mean_table(tables)
+
+
+def mean_table(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Tables of the same rows and columns averaged, the text columns and box counts kept."""
     out = tables[0].copy()
     numeric = out.columns.drop(["class", "n_boxes"])
     out[numeric] = np.mean([t[numeric].to_numpy() for t in tables], axis=0)
