@@ -106,8 +106,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(["vinbig", "nih"]), default="vinbig", show_default=True,
-              help="Layout to write: VinBigData (DICOM + train.csv) or NIH (PNG + Data_Entry/BBox_List).")
+@click.option("--format", "fmt", type=click.Choice(["vinbig", "nih", "rsna"]), default="vinbig", show_default=True,
+              help="Layout to write: VinBigData (DICOM + train.csv), NIH (PNG + Data_Entry/BBox_List) or RSNA "
+                   "Pneumonia (stage_2_train_labels.csv + stage_2_train_images/<patientId>.dcm).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Dataset folder to create.")
 @click.option("--n-images", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -115,15 +116,16 @@ def main() -> None:
               help="Typical image side in pixels (VinBigData images vary around it).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="vinbig: train.csv + train/, or a labelled held-out set as test.csv + test/.")
-@click.option("--profile", type=click.Choice(["vinbig", "nih", "uniform"]),
+@click.option("--profile", type=click.Choice(["vinbig", "nih", "rsna", "uniform"]),
               help="Statistics the set is drawn from: the format's own released table (default: finding sets, "
-                   "readers, box sizes and positions as in VinBigData's train.csv or NIH's tables), or uniform "
-                   "(the earlier flat generator, to reproduce old figures).")
+                   "readers, box sizes and positions as in VinBigData's train.csv, NIH's tables or RSNA's labels), "
+                   "or uniform (the earlier flat generator, to reproduce old figures; not for rsna).")
 @click.option("--backgrounds", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A folder of normal radiographs (DICOM/PNG/JPEG) to insert the findings into, augmented; a third "
                    "of them (by name) serve --split test only, the rest the training split.")
 @click.option("--normal-fraction", type=click.FloatRange(0, 1),
-              help="Share of images without findings [the profile's: 0.707 VinBigData, 0.538 NIH; uniform 2/3].")
+              help="Share of images without findings [the profile's: 0.707 VinBigData, 0.538 NIH, 0.775 RSNA; "
+                   "uniform 2/3].")
 @click.option("--overwrite", is_flag=True,
               help="Replace a dataset already in --out (refused otherwise): its table and images are removed first.")
 def synth(fmt: str, out: Path, n_images: int, seed: int, size: int, split: str, profile: str | None,
@@ -135,6 +137,7 @@ def synth(fmt: str, out: Path, n_images: int, seed: int, size: int, split: str, 
     cxrcam synth --out data/test --n-images 200 --split test --seed 1000    # one consensus reading per finding
     cxrcam synth --out data/real --n-images 600 --backgrounds normals/      # findings in real anatomy
     cxrcam synth --out data/old --n-images 600 --profile uniform            # the generator of before
+    cxrcam synth --format rsna --out data/rsna --n-images 600 --size 256    # RSNA Pneumonia's layout
     """
     from cxrcam.data.synth import synthesize
 

@@ -1,5 +1,6 @@
 """Rebuild the statistics ``cxrcam synth --profile`` draws from (``cxrcam/data/profiles/*.json``) from
-the released tables: VinBigData's ``train.csv`` and NIH's ``Data_Entry_2017`` + ``BBox_List_2017``.
+the released tables: VinBigData's ``train.csv``, NIH's ``Data_Entry_2017`` + ``BBox_List_2017`` and RSNA's
+``stage_2_train_labels.csv``.
 No table row ships; see ``cxrcam.data.profiles`` for what is kept and the frame VinBigData boxes
 are measured in.
 
@@ -13,16 +14,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxrcam.data.profiles import PROFILES, derive_nih, derive_vinbig, write_profile
+from cxrcam.data.profiles import PROFILES, derive_nih, derive_rsna, derive_vinbig, write_profile
 
 
 def build(tables: Path, out: Path) -> list[Path]:
-    """Both profiles from the tables in ``tables``, written to ``out``; the files written."""
+    """The profiles from the tables in ``tables``, written to ``out``; the files written."""
     out.mkdir(parents=True, exist_ok=True)
     vinbig = derive_vinbig(pd.read_csv(tables / "vinbigdata-train.csv.gz"))
     nih = derive_nih(pd.read_csv(tables / "Data_Entry_2017_v2020.csv.gz"), pd.read_csv(tables / "BBox_List_2017.csv.gz"))
+    rsna = derive_rsna(pd.read_csv(tables / "stage_2_train_labels.csv.zip"))
     written = []
-    for profile in (vinbig, nih):
+    for profile in (vinbig, nih, rsna):
         path = out / f"{profile['dataset']}.json"
         write_profile(profile, path)
         written.append(path)

@@ -33,6 +33,9 @@ def test_the_shipped_profiles_are_what_the_released_tables_give(tmp_path):
     vinbig = (PROFILES / "vinbig.json").read_text()
     real = pd.read_csv(tables / "vinbigdata-train.csv.gz", usecols=["image_id"])["image_id"]
     assert not any(image_id in vinbig for image_id in real.iloc[:200])
+    rsna = (PROFILES / "rsna.json").read_text()
+    patients = pd.read_csv(tables / "stage_2_train_labels.csv.zip", usecols=["patientId"])["patientId"]
+    assert not any(patient in rsna for patient in patients.iloc[:200])
     figures = load_profile("vinbig")["figures"]  # the release's own figures, as REFERENCE.md has them
     assert figures["readers"] == pytest.approx([0.43, 0.23, 0.34], abs=0.01)
     assert figures["findings_per_abnormal"] == pytest.approx(3.5, abs=0.05)

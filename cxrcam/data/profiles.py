@@ -129,6 +129,30 @@ def derive_nih(entries: pd.DataFrame, boxes: pd.DataFrame, seed: int = 0) -> dic
             "sets": _sets(ids), "classes": classes, "figures": nih_figures(entries, boxes)}
 
 
+RSNA_SIDE = 1024  # RSNA's images (NIH's, re-released as DICOM)
+RSNA_MAX_BOXES = 4  # the release's most boxes on one image
+
+
+def derive_rsna(labels: pd.DataFrame, seed: int = 0) -> dict:
+    """The RSNA Pneumonia profile from ``stage_2_train_labels.csv`` (boxes in the 1024 px frame): the
+    share of patients without a box, how many boxes a positive image has (1 ... 4), and a sample of
+    the boxes' geometry. Two boxes usually sit in the two lungs: ``sides`` keeps the share of
+    two-box images whose boxes' centres lie on opposite halves."""
+    rng = np.random.default_rng(seed)
+    target = labels.groupby("patientId")["Target"].max()
+    pos = labels[labels["Target"] == 1]
+    counts = pos.groupby("patientId").size().clip(upper=RSNA_MAX_BOXES)
+    frame = pd.DataFrame({"x_min": pos["x"], "y_min": pos["y"], "x_max": pos["x"] + pos["width"],
+                          "y_max": pos["y"] + pos["height"], "frame_w": RSNA_SIDE, "frame_h": RSNA_SIDE})
+    two = pos[pos["patientId"].isin(counts.index[counts == 2])]
+    centre = (two["x"] + two["width"] / 2) > RSNA_SIDE / 2
+    opposite = centre.groupby(two["patientId"]).nunique() == 2
+    return {"dataset": "rsna", "images": int(len(target)), "normal_share": round(float(1 - target.mean()), 4),
+            "boxes_per_positive": [round(float((counts == k).mean()), 4) for k in range(1, RSNA_MAX_BOXES + 1)],
+            "sides": round(float(opposite.mean()), 4),
+            "classes": {"Lung Opacity": {"geometry": _geometry(frame, rng)}}, "figures": rsna_figures(labels)}
+
+
 def load_profile(name: str) -> dict:
     """The shipped profile of ``name`` (vinbig, nih)."""
     path = PROFILES / f"{name}.json"
@@ -173,6 +197,17 @@ def nih_figures(entries: pd.DataFrame, boxes: pd.DataFrame, side: int = NIH_SIDE
             "median_area": {n: round(float(area[names == n].median()), 4) for n in sorted(set(names))}}
 
 
+def rsna_figures(labels: pd.DataFrame, side: int = RSNA_SIDE) -> dict:
+    """An RSNA label table (real or synthetic) in figures: the share of images with a box, boxes per
+    positive image, and the median box area / image area (``side``: the images' side in pixels)."""
+    target = labels.groupby("patientId")["Target"].max()
+    pos = labels[labels["Target"] == 1]
+    area = pos["width"].astype(float) * pos["height"].astype(float) / side ** 2
+    return {"positive_share": round(float(target.mean()), 4),
+            "boxes_per_positive": round(len(pos) / max(int(target.sum()), 1), 3),
+            "median_area": round(float(area.median()), 4) if len(pos) else 0.0}
+
+
 @dataclass
 class Compared:
     """One figure of a synthetic set beside the release's, with its tolerance."""
@@ -215,5 +250,14 @@ def compare_nih(synthetic: dict, real: dict) -> list[Compared]:
     return rows
 
 
-__all__ = ["derive_vinbig", "derive_nih", "load_profile", "write_profile", "vinbig_figures", "nih_figures",
+def compare_rsna(synthetic: dict, real: dict) -> list[Compared]:
+    """An RSNA set against the release: the positive share within 0.03, boxes per positive image and
+    the median relative box area within 1.25x."""
+    return [Compared("positive share", synthetic["positive_share"], real["positive_share"], "within 0.03",
+                     abs(synthetic["positive_share"] - real["positive_share"]) <= 0.03),
+            _ratio_row("boxes per positive image", synthetic["boxes_per_positive"], real["boxes_per_positive"], 1.25),
+            _ratio_row("median box area", synthetic["median_area"], real["median_area"], 1.25)]
+
+
+__all__ = ["derive_rsna", "rsna_figures", "compare_rsna", "derive_vinbig", "derive_nih", "load_profile", "write_profile", "vinbig_figures", "nih_figures",
            "compare_vinbig", "compare_nih", "Compared", "PROFILES", "FRAMES"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import shutil
+import uuid
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -453,7 +454,7 @@ def _finding_set(profile: dict, rng: np.random.Generator) -> list[int]:
 
 def prepared(profile: dict) -> dict:
     """A loaded profile with its sampling arrays ready (sets as probabilities)."""
-    if "_sets" not in profile:
+    if "_sets" not in profile and "sets" in profile:  # RSNA's profile has one class: no finding sets
         counts = np.array([c for _, c in profile["sets"]], np.float64)
         profile["_sets"] = ([ids for ids, _ in profile["sets"]], counts / counts.sum())
     return profile
@@ -502,6 +503,25 @@ def draw_nih(profile: dict, rng: np.random.Generator, size: int, normal_fraction
         geometry = profile["classes"].get(NIH.findings[cid], {}).get("geometry")
         out.append((cid, _pixels(geometry[int(rng.integers(len(geometry)))], size, size) if geometry else None))
     return out
+
+
+def draw_rsna(profile: dict, rng: np.random.Generator, size: int, normal_fraction: float) -> list[Box]:
+    """Draw one RSNA image's opacity boxes from the profile: none, or 1-4 boxes from the release's
+    geometry, a second box mostly in the other lung (as the release's ``sides`` share says)."""
+    if rng.random() < normal_fraction:
+        return []
+    per_image = np.array(profile["boxes_per_positive"]) / np.sum(profile["boxes_per_positive"])
+    geometry = profile["classes"]["Lung Opacity"]["geometry"]
+    rows = [list(geometry[int(rng.integers(len(geometry)))]) for _ in range(1 + int(rng.choice(len(per_image),
+                                                                                                 p=per_image)))]
+    if len(rows) >= 2 and rng.random() < profile["sides"] and (rows[0][0] > 0.5) == (rows[1][0] > 0.5):
+        rows[1][0] = 1 - rows[1][0]  # mirrored into the other lung
+    return [_pixels(row, size, size) for row in rows]
+
+
+def _rsna_id(seed: int, index: int) -> str:
+    """A patientId shaped as RSNA's (a UUID), fixed by the seed and the index."""
+    return str(uuid.UUID(bytes=np.random.default_rng([seed, index, 7]).bytes(16), version=4))
 
 
 # --- real anatomy: findings inserted into the user's normal radiographs
@@ -617,17 +637,21 @@ def written(fmt: str, split: str = "train") -> tuple[str, ...]:
     """The files and folders a dataset of ``fmt`` (and VinBigData ``split``) consists of in its folder."""
     if fmt == "vinbig":
         return f"{split}.csv", split
+    if fmt == "rsna":
+        return "stage_2_train_labels.csv", "stage_2_train_images"
     return "Data_Entry_2017.csv", "BBox_List_2017.csv", "test_list.txt", "train_val_list.txt", "images"
 
 
-PROFILES = ("vinbig", "nih", "uniform")  # the tables a set is drawn from; uniform: the generator of before
+PROFILES = ("vinbig", "nih", "rsna", "uniform")  # the tables a set is drawn from; uniform: the generator of before
+FORMATS = ("vinbig", "nih", "rsna")
+LABEL_TABLE = {"nih": "Data_Entry_2017.csv", "rsna": "stage_2_train_labels.csv"}  # vinbig: <split>.csv
 
 
 def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: int = 512,
                progress: bool = True, split: str = "train", overwrite: bool = False,
                normal_fraction: float | None = None, profile: str | None = None,
                backgrounds: str | Path | None = None) -> Path:
-    """Write a dataset of ``n_images`` images in the real layout of ``fmt`` (vinbig, nih).
+    """Write a dataset of ``n_images`` images in the real layout of ``fmt`` (vinbig, nih, rsna).
 
     ``profile`` (default: ``fmt``'s own) draws the finding sets, readers and boxes from the
     release's statistics (:mod:`cxrcam.data.profiles`); ``uniform`` is the earlier generator (a flat
@@ -637,14 +661,14 @@ def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: in
     VinBigData ``split="test"``: a labelled held-out set, ``test.csv`` + ``test/`` (with a profile, one
     consensus reading per finding). A folder that already holds a dataset is refused unless
     ``overwrite``; its files are then removed first."""
-    if fmt not in LOOKS:
-        raise CxrcamError(f"unknown synthetic format {fmt!r}; choose vinbig or nih")
+    if fmt not in FORMATS:
+        raise CxrcamError(f"unknown synthetic format {fmt!r}; choose {', '.join(FORMATS)}")
     profile = profile or fmt
     if profile not in PROFILES:
         raise CxrcamError(f"unknown synthetic profile {profile!r}; choose {', '.join(PROFILES)}")
-    if profile not in (fmt, "uniform"):
-        raise CxrcamError(f"--profile {profile} draws {profile}'s classes; --format {fmt} takes --profile {fmt} "
-                          f"or uniform")
+    if profile not in (fmt, "uniform") or (fmt == "rsna" and profile != "rsna"):
+        raise CxrcamError(f"--profile {profile} draws {profile}'s classes; --format {fmt} takes --profile {fmt}"
+                          + ("" if fmt == "rsna" else " or uniform"))
     if n_images < 1:
         raise CxrcamError("--n-images must be at least 1")
     stats = None if profile == "uniform" else prepared(load_profile(profile))
@@ -654,8 +678,8 @@ def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: in
         raise CxrcamError(f"--normal-fraction must be in [0, 1], got {normal_fraction}")
     out = Path(out)
     if split not in ("train", "test") or (split == "test" and fmt != "vinbig"):
-        raise CxrcamError(f"split {split!r}: vinbig writes train or test, nih writes its released layout")
-    table = out / (f"{split}.csv" if fmt == "vinbig" else "Data_Entry_2017.csv")
+        raise CxrcamError(f"split {split!r}: vinbig writes train or test, {fmt} writes its released layout")
+    table = out / (f"{split}.csv" if fmt == "vinbig" else LABEL_TABLE[fmt])
     if table.exists() and not overwrite:
         raise CxrcamError(f"{table} exists: {out} already holds a dataset; choose another --out or pass --overwrite")
     real = Backgrounds(backgrounds, split) if backgrounds else None
@@ -667,9 +691,37 @@ def synthesize(fmt: str, out: str | Path, n_images: int, seed: int = 0, size: in
             path.unlink(missing_ok=True)
     if fmt == "vinbig":
         _write_vinbig(out, n_images, seed, size, progress, split, normal_fraction, stats, real)
+    elif fmt == "rsna":
+        _write_rsna(out, n_images, seed, size, progress, normal_fraction, stats, real)
     else:
         _write_nih(out, n_images, seed, size, progress, normal_fraction, stats, real)
     return out
+
+
+def _write_rsna(out: Path, n: int, seed: int, size: int, progress: bool, normal_fraction: float, profile: dict,
+                backgrounds: Backgrounds | None = None) -> None:
+    """RSNA's released layout: ``stage_2_train_labels.csv`` (a row per box, Target 1; one empty row,
+    Target 0, for an image without) and ``stage_2_train_images/<patientId>.dcm``, 8-bit MONOCHROME2
+    square DICOM as released."""
+    (out / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in progress_bar(range(n), desc="synth rsna", disable=not progress, unit="img"):
+        rng = np.random.default_rng([seed, i])
+        base = backgrounds.draw(size, size, rng) if backgrounds else None
+        d, _ = base or render_normal(size, size, rng)
+        boxes = draw_rsna(profile, rng, size, normal_fraction)
+        for box in boxes:
+            _added(FITTED["Lung Opacity"], d, box, rng) if base else FITTED["Lung Opacity"](d, box, rng)
+        patient = _rsna_id(seed, i)
+        pixels = np.round(_finish(d, rng) * 255).astype(np.uint8)
+        ds = dicom_dataset(pixels, 8)
+        ds.PatientID = patient
+        ds.save_as(out / "stage_2_train_images" / f"{patient}.dcm", enforce_file_format=True)
+        rows += [(patient, x0, y0, x1 - x0, y1 - y0, 1) for x0, y0, x1, y1 in boxes] or [(patient, "", "", "", "", 0)]
+    with open(out / "stage_2_train_labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["patientId", "x", "y", "width", "height", "Target"])
+        writer.writerows(rows)
 
 
 def _write_vinbig(out: Path, n: int, seed: int, size: int, progress: bool, split: str,

@@ -9,7 +9,7 @@ resample is what the plain evaluator would give on that resample, without re-run
   VOC AP is the weighted sum of each true positive's recall step times the precision envelope;
 * AUROC is the weighted Mann-Whitney statistic (ties count half);
 * the ChestX-ray8 accuracies, the pointing game and MaxBoxAccV2 are weighted shares over truth
-  boxes / (image, class) pairs.
+  boxes / (image, class) pairs; the RSNA score is the weighted mean of the scored images' scores.
 
 The intervals are percentile intervals (95% by default): BCa would need a jackknife, one full
 evaluation per image, which costs more than the resamples on a 3,000-image test set; with 1,000
@@ -147,6 +147,7 @@ class Inputs:
     probs: np.ndarray | None = None  # images x findings
     boxes: pd.DataFrame | None = None  # per truth box: image index, best_iou, best_iobb, pointing
     curves: tuple[np.ndarray, np.ndarray] | None = None  # (image index per pair, pairs x thresholds)
+    rsna: np.ndarray | None = None  # per image, its RSNA score (NaN: skipped), when scored in RSNA's format
 
 
 def figures(x: Inputs, w: np.ndarray) -> dict[str, np.ndarray]:
@@ -173,6 +174,8 @@ def figures(x: Inputs, w: np.ndarray) -> dict[str, np.ndarray]:
             out["pointing game"] = weighted_share(x.boxes["pointing"].to_numpy(float), image, w)
     if x.curves is not None and len(x.curves[0]):
         out["MaxBoxAccV2"] = weighted_maxboxacc(x.curves[1], x.curves[0], w)
+    if x.rsna is not None:
+        out["RSNA score"] = weighted_share(x.rsna, np.arange(len(x.rsna)), w)
     return out
 
 

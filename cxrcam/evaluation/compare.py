@@ -15,7 +15,8 @@ from cxrcam.evaluation.bootstrap import bootstrap
 from cxrcam.evaluation.evaluate import _clean, bootstrap_inputs, score
 from cxrcam.files import atomic_write_text, save_figure, write_json
 
-HEADLINE = ("mAP@0.4", "findings mAP@0.4", "mean AUROC", "MaxBoxAccV2", "pointing game", "T(IoU)=0.5", "T(IoBB)=0.5")
+HEADLINE = ("mAP@0.4", "findings mAP@0.4", "RSNA score", "mean AUROC", "MaxBoxAccV2", "pointing game", "T(IoU)=0.5",
+            "T(IoBB)=0.5")
 
 
 def _names(scored, preds: list[Path]) -> list[str]:

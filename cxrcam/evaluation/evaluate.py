@@ -32,7 +32,7 @@ from cxrcam.data.tables import BOX_COLUMNS, read_table, report_invalid, target_c
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.coco import coco_ap
 from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
-from cxrcam.evaluation.rsna import rsna_score
+from cxrcam.evaluation.rsna import image_scores, rsna_score
 from cxrcam.evaluation.weak import (CURVE_COLUMNS, accuracy_table, confusion_pointing, random_control,
                                     random_detections)
 from cxrcam.files import atomic_write_text, save_figure, write_csv, write_json
@@ -254,6 +254,8 @@ def bootstrap_inputs(scored: Scored):
                                 "best_iobb": boxes["best_iobb"]})
         if scored.points is not None:
             x.boxes["pointing"] = scored.points.to_numpy(float)
+    if scored.metrics["format"] == "rsna":
+        x.rsna = image_scores(truth.boxes, scored.detections, list(truth.image_ids))
     if scored.curves is not None:
         table = pd.read_csv(scored.curves, dtype={"image_id": str})
         table = table[(table["source"] == "model") & table["image_id"].isin(index)]

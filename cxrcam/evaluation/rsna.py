@@ -36,16 +36,24 @@ def image_score(truth: np.ndarray, pred: np.ndarray, scores: np.ndarray) -> floa
     return float(np.mean(values))
 
 
-def rsna_score(truth: pd.DataFrame, detections: pd.DataFrame, image_ids: list[str]) -> tuple[float, int]:
-    """(metric, number of images scored) over ``image_ids``."""
+def image_scores(truth: pd.DataFrame, detections: pd.DataFrame, image_ids: list[str]) -> np.ndarray:
+    """Each image's score in the order of ``image_ids`` (NaN: skipped, no truth and no prediction):
+    what the bootstrap re-weights."""
     gt = {k: g[BOX_COLUMNS].to_numpy(np.float64) for k, g in truth.groupby("image_id")}
     dt = {k: g for k, g in detections.groupby("image_id")}
-    scores = []
-    for image_id in image_ids:
+    out = np.full(len(image_ids), np.nan)
+    for k, image_id in enumerate(image_ids):
         d = dt.get(image_id)
         s = image_score(gt.get(image_id, np.zeros((0, 4))),
                         np.zeros((0, 4)) if d is None else d[BOX_COLUMNS].to_numpy(np.float64),
                         np.zeros(0) if d is None else d["score"].to_numpy(np.float64))
         if s is not None:
-            scores.append(s)
-    return (float(np.mean(scores)) if scores else float("nan")), len(scores)
+            out[k] = s
+    return out
+
+
+def rsna_score(truth: pd.DataFrame, detections: pd.DataFrame, image_ids: list[str]) -> tuple[float, int]:
+    """(metric, number of images scored) over ``image_ids``."""
+    scores = image_scores(truth, detections, image_ids)
+    scored = scores[np.isfinite(scores)]
+    return (float(scored.mean()) if len(scored) else float("nan")), len(scored)

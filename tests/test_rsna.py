@@ -1,0 +1,94 @@
+"""RSNA Pneumonia end to end offline: ``synth --format rsna`` in the released layout, drawn from RSNA's
+released table, through prepare, train-classifier, localize and evaluate's RSNA score with its
+bootstrap interval and paired comparison."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from conftest import cxrcam, shared
+from cxrcam.data.profiles import compare_rsna, load_profile, rsna_figures
+from cxrcam.data.readers import read_rsna
+from cxrcam.data.synth import synthesize
+from cxrcam.evaluation.bootstrap import weights
+from cxrcam.evaluation.rsna import image_scores, rsna_score
+
+
+def test_synthetic_rsna_is_the_released_layout_and_the_releases_figures(tmp_path):
+    """stage_2_train_labels.csv (one row per box, an empty Target-0 row per negative image) and 8-bit
+    <patientId>.dcm, read by the RSNA reader; at 800 images the positive share, boxes per positive
+    image and median box area are the release's (as its table gives them)."""
+    out = synthesize("rsna", tmp_path / "rsna", 800, seed=3, size=96, progress=False)
+    labels = pd.read_csv(out / "stage_2_train_labels.csv")
+    assert list(labels.columns) == ["patientId", "x", "y", "width", "height", "Target"]
+    assert labels.loc[labels["Target"] == 0, ["x", "width"]].isna().all().all()
+    assert labels.groupby("patientId").size().max() <= 4
+    ds = pydicom.dcmread(next((out / "stage_2_train_images").glob("*.dcm")))
+    assert ds.BitsStored == 8 and ds.PhotometricInterpretation == "MONOCHROME2" and ds.Rows == ds.Columns == 96
+    tables = read_rsna(out)
+    assert len(tables.images) == labels["patientId"].nunique() == 800 and tables.images["path"].notna().all()
+    assert len(tables.boxes) == int(labels["Target"].sum())
+    real = rsna_figures(pd.read_csv(shared("tables", "stage_2_train_labels.csv.zip")))
+    assert real == load_profile("rsna")["figures"]
+    for row in compare_rsna(rsna_figures(labels, side=96), real):
+        assert row.ok, row
+    with pytest.raises(Exception, match="takes --profile rsna"):
+        synthesize("rsna", tmp_path / "u", 5, profile="uniform", progress=False)
+
+
+def test_the_rsna_score_resamples_as_the_plain_metric(tmp_path):
+    """Under integer image weights, the bootstrap's RSNA score is the plain metric on the images
+    repeated that many times."""
+    truth = pd.DataFrame({"image_id": ["a", "b"], "class_id": 0, "x_min": [0, 10], "y_min": [0, 10],
+                          "x_max": [10, 30], "y_max": [10, 30]})
+    dets = pd.DataFrame({"image_id": ["a", "b", "c"], "class_id": 0, "score": [0.9, 0.8, 0.5],
+                         "x_min": [0, 12, 0], "y_min": [0, 10, 0], "x_max": [10, 30, 5], "y_max": [10, 30, 5]})
+    ids = ["a", "b", "c", "d"]  # c: a false positive on a negative image (0); d: nothing at all (skipped)
+    scores = image_scores(truth, dets, ids)
+    assert np.isnan(scores[3]) and scores[2] == 0 and scores[0] == 1
+    from cxrcam.evaluation.bootstrap import weighted_share
+
+    w = weights(len(ids), 5, seed=1)
+    for row, value in zip(w, weighted_share(scores, np.arange(4), w)):
+        repeated = [i for i, k in zip(ids, row) for _ in range(int(k))]
+        truth_r = pd.concat([truth[truth["image_id"] == i].assign(image_id=f"{i}{n}")
+                             for n, i in enumerate(repeated)] or [truth.iloc[:0]])
+        dets_r = pd.concat([dets[dets["image_id"] == i].assign(image_id=f"{i}{n}") for n, i in enumerate(repeated)])
+        expected, _ = rsna_score(truth_r, dets_r, [f"{i}{n}" for n, i in enumerate(repeated)])
+        assert value == pytest.approx(expected, nan_ok=True)
+
+
+def test_the_pipeline_on_rsna_layout_data(tmp_path):
+    """synth rsna -> prepare -> train-classifier -> localize (RSNA's submission format) -> evaluate
+    --format rsna --ci; two localize folders compared pair by pair on the RSNA score."""
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    fast = ["--config", "tiny", "train.workers=0", "cam.workers=0", "model.output_stride=32"]
+    for args in (["synth", "--format", "rsna", "--out", str(data), "--n-images", "80", "--size", "96", "--seed", "2"],
+                 ["prepare", "--dataset", "rsna", "--root", str(data), "--out", str(cache), "--size", "64", *fast],
+                 ["train-classifier", "--data", str(cache), "--out", str(tmp_path / "run"), "train.epochs=1", *fast]):
+        result = cxrcam(*args)
+        assert result.returncode == 0, result.stderr
+    folders = []
+    for t in (0.5, 0.8):
+        folder = tmp_path / f"loc{t}"
+        result = cxrcam("localize", "--checkpoint", str(tmp_path / "run"), "--data", str(cache), "--out", str(folder),
+                        "--threshold", str(t), "--no-images", "boxes.min_prob=0.2", *fast)
+        assert result.returncode == 0, result.stderr
+        assert (folder / "submission.csv").read_text().startswith("patientId,PredictionString")
+        folders.append(folder)
+    result = cxrcam("evaluate", "--pred", str(folders[0]), "--gt", str(cache), "--out", str(tmp_path / "eval"),
+                    "--format", "rsna", "--ci", "--bootstrap", "200")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    lo, hi = metrics["ci"]["RSNA score"]
+    assert lo <= metrics["rsna_score"] <= hi and metrics["rsna_images_scored"] > 0
+    result = cxrcam("evaluate", "--pred", str(folders[0]), "--pred", str(folders[1]), "--gt", str(cache),
+                    "--out", str(tmp_path / "cmp"), "--format", "rsna", "--bootstrap", "200")
+    assert result.returncode == 0, result.stderr
+    pair = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["pairs"][0]["figures"]["RSNA score"]
+    assert 0 <= pair["p"] <= 1 and pair["ci"][0] <= pair["difference"] <= pair["ci"][1]
+    assert "RSNA score" in (tmp_path / "cmp" / "comparison.md").read_text()
