@@ -150,7 +150,12 @@ class BoxConfig:
 
 @dataclass
 class DetectorConfig:
-    """torchvision Faster R-CNN (train-detector), SGD with step decay as in the VinBigData baselines."""
+    """torchvision Faster R-CNN or RetinaNet (train-detector), SGD with step decay as in the VinBigData baselines."""
+
+    # fasterrcnn: two-stage (refine's CAM proposals join its RPN's); retinanet: single-shot, anchors sized from the
+    # cache's boxes (RSNA Pneumonia's 2nd place), no proposals to add CAM boxes to
+    arch: Literal["fasterrcnn", "retinanet"] = "fasterrcnn"
+    global_head: bool = False  # retinanet: a global classification output whose probability multiplies box scores
 
     backbone: str = "resnet50"  # resnet50: torchvision ResNet-50 FPN; any other timm name: timm features + FPN
     init: str = ""  # a classifier checkpoint whose backbone weights start the detector

@@ -9,10 +9,14 @@ class (``refine.gate=product``): the classifier, trained on every image's labels
 *whether* a finding is there, the detector *where*. Overlapping boxes of one class are merged
 by NMS (inside the RoI heads) or Weighted Boxes Fusion, and the ``top_k`` best per class stay.
 
-With ``proposals=rpn`` and ``gate=none`` this is exactly the plain detector.
+With ``proposals=rpn`` and ``gate=none`` this is exactly the plain detector. A RetinaNet
+(``detector.arch=retinanet``) has no proposal stage: refine gates its own detections
+(``proposals=rpn``; the default ``both`` says so in a warning, ``cam`` is refused).
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,8 @@ import torch
 
 from cxrcam.boxes import Detections, select_boxes
 from cxrcam.config import RefineConfig
-from cxrcam.detection.model import load_detector, to_detector_input
+from cxrcam.detection.model import CamRetinaNet, load_detector, to_detector_input
+from cxrcam.errors import CxrcamError
 
 
 class Refiner:
@@ -29,7 +34,15 @@ class Refiner:
     def __init__(self, checkpoint: str | Path, config: RefineConfig, device: torch.device):
         self.model, self.ckpt = load_detector(checkpoint, device)
         self.config = config
-        heads = self.model.roi_heads
+        if isinstance(self.model, CamRetinaNet):  # single-shot: its own boxes, gated; no CAM box can be a proposal
+            if config.proposals == "cam":
+                raise CxrcamError(f"refine.proposals=cam: {checkpoint} is a RetinaNet, which has no proposal stage to "
+                                  f"score CAM boxes; use refine.proposals=rpn (its own detections, gated)")
+            if config.proposals == "both":
+                warnings.warn(f"{Path(checkpoint).name} is a RetinaNet: CAM boxes cannot be its proposals, so refine "
+                              f"gates its own detections (refine.proposals=rpn)", stacklevel=2)
+            self.config = config = dataclasses.replace(config, proposals="rpn")
+        heads = self.model if isinstance(self.model, CamRetinaNet) else self.model.roi_heads
         if config.fusion == "wbf":  # WBF needs the overlapping boxes NMS would remove
             heads.nms_thresh, heads.detections_per_img = 1.0, max(heads.detections_per_img, 300)
         else:

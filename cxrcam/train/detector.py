@@ -31,7 +31,7 @@ from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
 from cxrcam.data.dataset import image_tensor, train_transforms
 from cxrcam.data.images import read_image
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, target_columns
-from cxrcam.detection.model import check_init, create_detector, to_detector_input
+from cxrcam.detection.model import anchor_sizes, check_init, create_detector, to_detector_input
 from cxrcam.detection.pseudo import PROPOSAL_COLUMNS, cam_training_boxes
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import voc_map
@@ -206,13 +206,16 @@ def _cam_boxes(cache: Cache, config: Config, info: dist.DistInfo, pseudo_rows: n
 
 def train_detector(config: Config, data: str | Path, out: str | Path, resume: bool = False,
                    progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Train the Faster R-CNN (``detector.*``) on the cache's boxes (and CAM pseudo-boxes where
-    asked); checkpoints and logs go to ``out`` (as :func:`~cxrcam.train.classifier.train_classifier`)."""
+    """Train the Faster R-CNN or RetinaNet (``detector.*``) on the cache's boxes (and CAM pseudo-boxes
+    where asked); checkpoints and logs go to ``out`` (as :func:`~cxrcam.train.classifier.train_classifier`)."""
     dcfg = config.detector
     info, cache, train_rows, val_rows = start_run(config, data, out, resume, overwrite, dcfg.seed)
     cuda = info.device.type == "cuda"
     if dcfg.init:  # a wrong detector.init stops the run before the CAM pass, not after it
         check_init(dcfg.init, dcfg.backbone)
+    if dcfg.arch == "retinanet" and dcfg.cam_proposals_from:
+        raise CxrcamError("detector.cam_proposals_from needs detector.arch=fasterrcnn: a RetinaNet has no RoI heads "
+                          "for CAM proposals to train (pseudo-boxes, detector.pseudo_from, work with both)")
 
     # --- data: truth boxes, CAM pseudo-boxes where there are none, CAM proposals
     sup = _supervision(cache, config, info, train_rows, val_rows, Path(out), resume, progress)
@@ -236,9 +239,13 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
 
     # --- model, loss, optimiser, schedule
     classes = list(cache.schema.findings)
+    anchors = None
+    if dcfg.arch == "retinanet":  # sized from the boxes it trains on (cache frame), recorded in the checkpoint
+        anchors = anchor_sizes(np.concatenate([t["boxes"].numpy() for t in train_set.targets] or [np.zeros((0, 4))]))
     model = create_detector(dcfg.backbone, len(classes), cache.size, dcfg.init or None, dcfg.trainable_layers,
                             dcfg.score_thresh, dcfg.detections_per_img, dcfg.rois_per_image,
-                            channels=dcfg.channels, head_size=dcfg.head_size).to(info.device)
+                            channels=dcfg.channels, head_size=dcfg.head_size, arch=dcfg.arch, anchors=anchors,
+                            global_head=dcfg.global_head).to(info.device)
     raw_model = model
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[info.local_rank] if cuda else None)
@@ -260,11 +267,12 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    meta = {"backbone": dcfg.backbone, "output_stride": raw_model.output_stride, "classes": classes,
+    meta = {"backbone": dcfg.backbone, "output_stride": raw_model.output_stride, "classes": classes, "anchors": anchors,
             "schema": cache.schema.name,
             "input_size": cache.size, "truth": sup.source, "config": config_to_dict(config),
             "train_images": train_set.images["image_id"].tolist()}
-    run = Run("detector", dcfg.backbone, model, raw_model, optimizer, scheduler, epoch_loader, batch_loss,
+    arch = dcfg.backbone if dcfg.arch == "fasterrcnn" else f"{dcfg.arch} {dcfg.backbone}"  # --resume refuses another
+    run = Run("detector", arch, model, raw_model, optimizer, scheduler, epoch_loader, batch_loss,
               _validation(raw_model, val_loader, val_set, sup.boxes, config.eval.iou_thr, info), "val_map", dcfg.epochs,
               dcfg.amp, 0.0, "detector.lr", meta,
               {"loss": "train_loss", f"val mAP@{config.eval.iou_thr}": "val_map"})
