@@ -198,7 +198,10 @@ class RefineConfig:
     proposals: Literal["both", "cam", "rpn"] = "both"
     gate: Literal["product", "none"] = "product"  # product: detector score x classifier probability
     fusion: Literal["nms", "wbf"] = "nms"  # how overlapping boxes of one class merge
-    iou: float = 0.5  # NMS / WBF IoU
+    # NMS / WBF IoU, and each box resized about its centre by scale; "auto": what train-detector chose on its
+    # validation fold (the RSNA recipe: an NMS sweep and shrunk boxes, against the dataset's metric), else 0.5 and 1
+    iou: Union[float, Literal["auto"]] = "auto"
+    scale: Union[float, Literal["auto"]] = "auto"
     top_k: int = 5  # boxes kept per class and image (0 = all)
 
 
@@ -250,7 +253,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "detector.head_size": (1, None), "detector.score_thresh": UNIT, "detector.detections_per_img": (1, None),
     "refine.iou": UNIT, "refine.top_k": (0, None), "eval.iou_thr": UNIT,
 }
-POSITIVE = {"train.lr", "detector.lr", "detector.pseudo_weight"}
+POSITIVE = {"train.lr", "detector.lr", "detector.pseudo_weight", "boxes.scale", "refine.scale", "model.lse_r"}
 
 
 def check_ranges(config: Config) -> None:

@@ -12,7 +12,10 @@ from torchvision.models.detection import RetinaNet
 
 from conftest import DETECTOR, cxrcam
 from cxrcam.detection import load_detector
+from cxrcam.config import RefineConfig
 from cxrcam.detection.model import CamRetinaNet, anchor_sizes, create_detector
+from cxrcam.detection.refine import Refiner
+from cxrcam.train.detector import NMS_GRID, SCALE_GRID
 from cxrcam.errors import CxrcamError
 
 
@@ -74,8 +77,9 @@ def test_the_global_output_multiplies_the_box_scores():
 
 def test_retinanet_trains_refines_and_says_what_refine_does(vinbig_model, tmp_path):
     """train-detector with detector.arch=retinanet (global head on): anchors from the cache's boxes
-    in the checkpoint, a validation mAP; refine gates its detections and says CAM boxes cannot be
-    its proposals; refine.proposals=cam and CAM training proposals are refused in one line."""
+    and the NMS / box scale chosen on the validation fold in the checkpoint (refine's "auto"), a
+    validation mAP; refine gates its detections and says CAM boxes cannot be its proposals;
+    refine.proposals=cam and CAM training proposals are refused in one line."""
     cache, ckpt = vinbig_model
     out = tmp_path / "ret"
     arch = ["detector.arch=retinanet", "detector.global_head=true"]
@@ -87,6 +91,12 @@ def test_retinanet_trains_refines_and_says_what_refine_does(vinbig_model, tmp_pa
     assert isinstance(model, CamRetinaNet) and model.global_head is not None
     boxes = pd.read_csv(cache / "boxes.csv")
     assert len(saved["anchors"]) == 5 and saved["anchors"][0] < saved["anchors"][-1] <= 64
+    chosen = saved["postprocess"]  # chosen on the validation fold, read by refine's "auto"
+    assert chosen["nms"] in NMS_GRID and chosen["scale"] in SCALE_GRID and chosen["metric"] == "mAP@0.4"
+    with pytest.warns(UserWarning, match="RetinaNet"):
+        refiner = Refiner(out / "best.pt", RefineConfig(), torch.device("cpu"))
+    assert (refiner.iou, refiner.scale) == (chosen["nms"], chosen["scale"])
+    assert Refiner(out / "best.pt", RefineConfig(iou=0.3, scale=1.0, proposals="rpn"), torch.device("cpu")).iou == 0.3
     refine = tmp_path / "refine"
     result = cxrcam("refine", "--classifier", str(ckpt), "--detector", str(out), "--data", str(cache),
                     "--out", str(refine), "--no-images", "cam.workers=0")
@@ -100,3 +110,44 @@ def test_retinanet_trains_refines_and_says_what_refine_does(vinbig_model, tmp_pa
                     f"detector.cam_proposals_from={ckpt}")
     assert result.returncode == 1 and "needs detector.arch=fasterrcnn" in result.stderr
     assert len(boxes) > 0
+
+
+def test_the_rsna_pipelines_encoder_at_a_tiny_size():
+    """RSNA 2nd place's encoder, seresnext50_32x4d, under the RetinaNet: one training step and a
+    detection pass at 64 px."""
+    torch.manual_seed(0)
+    model = create_detector("seresnext50_32x4d", 1, 64, arch="retinanet", channels=32, global_head=True)
+    model.train()
+    losses = model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 50.0]]),
+                                               "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        found = model.eval()([torch.rand(3, 64, 64)])[0]
+    assert found["boxes"].shape[1] == 4 and (found["labels"] <= 1).all()
+
+
+def test_the_validation_sweep_finds_the_nms_and_box_scale_the_truth_needs():
+    """Detections 1/0.8 the size of their truth boxes (IoU 0.64), each with a near-duplicate at IoU
+    0.45: the sweep shrinks the boxes, and drops the duplicates (NMS 0.4) where they cost, on the RSNA score
+    (IoU up to 0.75: scale 0.9, IoU 0.79, is the least change that hits every threshold) and on mAP@0.7
+    (scale 0.95, IoU 0.71); an empty truth keeps torchvision's defaults."""
+    from cxrcam.train.detector import sweep_postprocess
+
+    rows, truth = [], []
+    for k in range(6):
+        x, y = 10 + 5 * k, 20
+        truth.append((f"i{k}", 0, x, y, x + 35, y + 35))
+        big = (x + 17.5 - 21.875, y + 17.5 - 21.875, x + 17.5 + 21.875, y + 17.5 + 21.875)  # 35 / 0.8, same centre
+        rows += [(f"i{k}", 0, 0.9, *big), (f"i{k}", 0, 0.6, big[0] + 16.5, big[1], big[2] + 16.5, big[3])]
+    raw = pd.DataFrame(rows, columns=["image_id", "class_id", "score", "x_min", "y_min", "x_max", "y_max"])
+    truth = pd.DataFrame(truth, columns=["image_id", "class_id", "x_min", "y_min", "x_max", "y_max"])
+    ids = [f"i{k}" for k in range(6)]
+    sizes = pd.DataFrame({"width": 200.0, "height": 200.0}, index=pd.Index(ids, name="image_id"))
+    for rsna in (True, False):
+        chosen = sweep_postprocess(raw, truth, ids, sizes, rsna, 0.7)
+        # the duplicates, ranked below every hit, cost mAP nothing: NMS stays 0.5 there
+        assert chosen["scale"] == (0.9 if rsna else 0.95) and chosen["nms"] == (0.4 if rsna else 0.5), chosen
+        assert chosen["value"] > chosen["default_value"]
+    empty = sweep_postprocess(raw, truth.iloc[:0], ids, sizes, False, 0.4)
+    assert (empty["nms"], empty["scale"]) == (0.5, 1.0)

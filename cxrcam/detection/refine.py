@@ -7,7 +7,9 @@ detector trained with ``detector.cam_proposals_from`` has learned to correct exa
 boxes. Each detection's score is then multiplied by the classifier's probability of its
 class (``refine.gate=product``): the classifier, trained on every image's labels, decides
 *whether* a finding is there, the detector *where*. Overlapping boxes of one class are merged
-by NMS (inside the RoI heads) or Weighted Boxes Fusion, and the ``top_k`` best per class stay.
+by NMS (inside the RoI heads) or Weighted Boxes Fusion, the ``top_k`` best per class stay, and
+each box is resized by ``refine.scale``; ``refine.iou`` and ``refine.scale`` "auto" take what
+``train-detector`` chose on its validation fold (the checkpoint's ``postprocess``).
 
 With ``proposals=rpn`` and ``gate=none`` this is exactly the plain detector. A RetinaNet
 (``detector.arch=retinanet``) has no proposal stage: refine gates its own detections
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrcam.boxes import Detections, select_boxes
+from cxrcam.boxes import Detections, resize_boxes, select_boxes
 from cxrcam.config import RefineConfig
 from cxrcam.detection.model import CamRetinaNet, load_detector, to_detector_input
 from cxrcam.errors import CxrcamError
@@ -42,11 +44,14 @@ class Refiner:
                 warnings.warn(f"{Path(checkpoint).name} is a RetinaNet: CAM boxes cannot be its proposals, so refine "
                               f"gates its own detections (refine.proposals=rpn)", stacklevel=2)
             self.config = config = dataclasses.replace(config, proposals="rpn")
+        chosen = self.ckpt.get("postprocess") or {}  # train-detector's choice on its validation fold
+        self.iou = float(chosen.get("nms", 0.5) if config.iou == "auto" else config.iou)
+        self.scale = float(chosen.get("scale", 1.0) if config.scale == "auto" else config.scale)
         heads = self.model if isinstance(self.model, CamRetinaNet) else self.model.roi_heads
         if config.fusion == "wbf":  # WBF needs the overlapping boxes NMS would remove
             heads.nms_thresh, heads.detections_per_img = 1.0, max(heads.detections_per_img, 300)
         else:
-            heads.nms_thresh = config.iou
+            heads.nms_thresh = self.iou
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, cam_boxes: list[np.ndarray], probs: np.ndarray) -> list[Detections]:
@@ -62,13 +67,14 @@ class Refiner:
             scores = d["scores"].float().cpu().numpy().astype(np.float64)
             if cfg.gate == "product":
                 scores = scores * p[classes]
-            results.append(merge(boxes, classes, scores, cfg, x.shape[-1]))
+            b, c, s = merge(boxes, classes, scores, cfg, x.shape[-1], self.iou)
+            results.append((resize_boxes(b, self.scale, x.shape[-1], x.shape[-2]), c, s))
         return results
 
 
 def merge(boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray, config: RefineConfig,
-          size: int) -> Detections:
-    """Per class: WBF (``fusion=wbf``; NMS already ran in the RoI heads otherwise), then top-k."""
+          size: int, iou: float = 0.5) -> Detections:
+    """Per class: WBF at ``iou`` (``fusion=wbf``; NMS already ran in the detector otherwise), then top-k."""
     out_b, out_c, out_s = [], [], []
     for c in np.unique(classes):
         b, s = boxes[classes == c], scores[classes == c]
@@ -76,7 +82,7 @@ def merge(boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray, config: Re
             from ensemble_boxes import weighted_boxes_fusion  # here: it imports numba
 
             b, s, _ = weighted_boxes_fusion([np.clip(b / size, 0, 1)], [s], [np.zeros(len(b))],
-                                            iou_thr=config.iou, skip_box_thr=0.0)
+                                            iou_thr=iou, skip_box_thr=0.0)
             b = b * size
         b, s = select_boxes(b, s, config.top_k)
         out_b.append(b)

@@ -25,17 +25,19 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from cxrcam.boxes import scale_boxes
+from cxrcam.boxes import resize_boxes, scale_boxes
 from cxrcam.config import AugmentConfig, Config, config_to_dict
 from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
 from cxrcam.data.dataset import image_tensor, train_transforms
 from cxrcam.data.images import read_image
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, target_columns
-from cxrcam.detection.model import anchor_sizes, check_init, create_detector, to_detector_input
+from cxrcam.detection.model import (CamRetinaNet, anchor_sizes, check_init, create_detector, load_detector,
+                                    to_detector_input)
 from cxrcam.detection.pseudo import PROPOSAL_COLUMNS, cam_training_boxes
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import voc_map
-from cxrcam.files import write_csv
+from cxrcam.evaluation.rsna import rsna_score
+from cxrcam.files import load_checkpoint, save_checkpoint, write_csv
 from cxrcam.runtime import dist
 from cxrcam.train.engine import Run, fit, start_run
 
@@ -120,6 +122,67 @@ def _validation(model, loader, val_set: DetectionDataset, truth: pd.DataFrame, i
         return {"val_map": voc_map(val_truth, detect(model, loader, val_set.images, info.device), iou_thr)[0]}
 
     return validate
+
+
+NMS_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)  # the NMS IoU thresholds the validation sweep tries
+SCALE_GRID = (0.75, 0.8, 0.875, 0.9, 0.95, 1.0, 1.1)  # and the box scales (RSNA's winners: 0.875-0.9)
+
+
+@torch.no_grad()
+def choose_postprocess(model, loader, val_set: DetectionDataset, truth: pd.DataFrame, schema, iou_thr: float,
+                       device: torch.device) -> dict[str, Any]:
+    """The NMS threshold and box scale that score best on the validation fold
+    (:func:`sweep_postprocess`), from the detections computed once without NMS. What ``refine``
+    reads (``refine.iou`` and ``refine.scale`` "auto")."""
+    holder = model if isinstance(model, CamRetinaNet) else model.roi_heads
+    saved = holder.nms_thresh, holder.detections_per_img
+    holder.nms_thresh, holder.detections_per_img = 1.0, max(saved[1], 300)
+    try:
+        raw = detect(model, loader, val_set.images, device)
+    finally:
+        holder.nms_thresh, holder.detections_per_img = saved
+    val_truth = truth[truth["image_id"].isin(set(val_set.images["image_id"]))][["image_id", "class_id", *BOX_COLUMNS]]
+    sizes = val_set.images.set_index("image_id")[["width", "height"]].astype(float)
+    return sweep_postprocess(raw, val_truth, list(val_set.images["image_id"]), sizes, schema.name == "rsna", iou_thr,
+                             saved[1])
+
+
+def sweep_postprocess(raw: pd.DataFrame, truth: pd.DataFrame, image_ids: list[str], sizes: pd.DataFrame, rsna: bool,
+                      iou_thr: float, max_detections: int = 100) -> dict[str, Any]:
+    """Each (NMS IoU, box scale) of :data:`NMS_GRID` x :data:`SCALE_GRID` applied to ``raw``
+    detections (before NMS; original pixels; ``sizes``: width, height by image id) and scored with
+    the dataset's own metric: RSNA's score (``rsna``), else VOC mAP@``iou_thr``. The best wins; ties
+    keep the setting nearest NMS 0.5 and scale 1 (the least change)."""
+    from torchvision.ops import batched_nms
+
+    def score(nms: float, scale: float) -> float:
+        kept = []
+        for _, g in raw.groupby("image_id"):
+            keep = batched_nms(torch.tensor(g[BOX_COLUMNS].to_numpy(np.float64)),
+                               torch.tensor(g["score"].to_numpy(np.float64)),
+                               torch.tensor(g["class_id"].to_numpy()), nms)[:max_detections].numpy()
+            kept.append(g.iloc[keep])
+        found = pd.concat(kept) if kept else raw.iloc[:0]
+        w, h = sizes.loc[found["image_id"], "width"].to_numpy(), sizes.loc[found["image_id"], "height"].to_numpy()
+        found = found.assign(**dict(zip(BOX_COLUMNS, resize_boxes(found[BOX_COLUMNS].to_numpy(), scale, w, h).T)))
+        return rsna_score(truth, found, image_ids)[0] if rsna else voc_map(truth, found, iou_thr)[0]
+
+    table = [(nms, scale, score(nms, scale)) for nms in NMS_GRID for scale in SCALE_GRID]
+    values = np.array([v for _, _, v in table], np.float64)
+    if not np.isfinite(values).any():
+        return {"nms": 0.5, "scale": 1.0, "metric": "none", "why": "no validation truth to choose by"}
+    best = np.nanmax(values)
+    _, nms, scale, value = min((abs(n - 0.5) + abs(np.log(sc)), n, sc, v) for n, sc, v in table if v >= best - 1e-9)
+    return {"nms": nms, "scale": scale, "metric": "RSNA score" if rsna else f"mAP@{iou_thr}", "value": float(value),
+            "default_value": float(dict(((n, sc), v) for n, sc, v in table)[(0.5, 1.0)]),
+            "grid": [[n, sc, float(v)] for n, sc, v in table]}
+
+
+def _record_postprocess(out: Path, chosen: dict[str, Any]) -> None:
+    """The validation fold's post-processing, written into best.pt and last.pt (where refine reads it)."""
+    for name in ("best.pt", "last.pt"):
+        ckpt = load_checkpoint(out / name, "cpu", kind="detector")
+        save_checkpoint(out / name, {**ckpt, "postprocess": chosen})
 
 
 @dataclass
@@ -276,7 +339,19 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
               _validation(raw_model, val_loader, val_set, sup.boxes, config.eval.iou_thr, info), "val_map", dcfg.epochs,
               dcfg.amp, 0.0, "detector.lr", meta,
               {"loss": "train_loss", f"val mAP@{config.eval.iou_thr}": "val_map"})
-    return fit(run, out, info, resume, progress)
+    metrics = fit(run, out, info, resume, progress)
+    if info.is_main and metrics:  # the RSNA recipe's NMS sweep and box scale, chosen with the best epoch's weights
+        best, _ = load_detector(Path(out) / "best.pt", info.device)
+        chosen = choose_postprocess(best, val_loader, val_set, sup.boxes, cache.schema, config.eval.iou_thr,
+                                    info.device)
+        _record_postprocess(Path(out), chosen)
+        if progress and chosen["metric"] != "none":
+            tqdm.write(f"post-processing chosen on the validation fold: NMS IoU {chosen['nms']}, box scale "
+                       f"{chosen['scale']} ({chosen['metric']} {chosen['value']:.3f}; NMS 0.5, scale 1: "
+                       f"{chosen['default_value']:.3f})")
+    if info.distributed:
+        torch.distributed.barrier()
+    return metrics
 
 
 __all__ = ["train_detector", "detect", "DetectionDataset", "jitter_boxes", "box_transforms"]
