@@ -340,7 +340,9 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
               dcfg.amp, 0.0, "detector.lr", meta,
               {"loss": "train_loss", f"val mAP@{config.eval.iou_thr}": "val_map"})
     metrics = fit(run, out, info, resume, progress)
-    if info.is_main and metrics:  # the RSNA recipe's NMS sweep and box scale, chosen with the best epoch's weights
+    # the RSNA recipe's NMS sweep and box scale, chosen with the best epoch's weights (rank 0 alone: fit has
+    # closed the process group)
+    if info.is_main and metrics:
         best, _ = load_detector(Path(out) / "best.pt", info.device)
         chosen = choose_postprocess(best, val_loader, val_set, sup.boxes, cache.schema, config.eval.iou_thr,
                                     info.device)
@@ -349,8 +351,6 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
             tqdm.write(f"post-processing chosen on the validation fold: NMS IoU {chosen['nms']}, box scale "
                        f"{chosen['scale']} ({chosen['metric']} {chosen['value']:.3f}; NMS 0.5, scale 1: "
                        f"{chosen['default_value']:.3f})")
-    if info.distributed:
-        torch.distributed.barrier()
     return metrics
 
 
