@@ -359,10 +359,10 @@ def localize(checkpoint: tuple[Path, ...], **kwargs) -> None:
               help="A candidate heat map (repeat for several), tried beside the configured cam.method/target_layer: "
                    "e.g. --maps layercam@layer3 --maps layercam@layer3,layer4 (fused). Default: LayerCAM at the "
                    "backbone's next-to-last stage, alone and fused with the last; --maps none: the configured map only.")
-@click.option("--modes", multiple=True, type=click.Choice(["fixed", "otsu", "peak", "percentile", "none"]),
-              help="A threshold mode tried on each map (repeat for several; boxes.threshold_mode): the map itself "
-                   "(fixed), Otsu's cut of each map, each region's own peak, the map's percentiles. Default: all four; "
-                   "--modes none: the configured one only.")
+@click.option("--modes", multiple=True, type=click.Choice(["fixed", "otsu", "peak", "percentile", "all"]),
+              help="A threshold mode tried on each map beside the configured boxes.threshold_mode (repeat for several): "
+                   "the map itself (fixed), Otsu's cut of each map, each region's own peak, the map's percentiles; all: "
+                   "the four. Default: the configured one only (the others did not help: docs/BENCHMARKS.md).")
 @click.option("--dataset", type=click.Choice(list(SCHEMAS)), help="Layout of a --data dataset folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch [config: cam.batch_size, 16].")
 @device_option
@@ -392,7 +392,7 @@ def calibrate(checkpoint: tuple[Path, ...], data: Path, out: Path, fold: str, se
         config.cam.batch_size = batch_size
     _set_device(config, device)
     candidates = None if not maps else [] if list(maps) == ["none"] else list(maps)
-    mode_list = None if not modes else [] if "none" in modes else list(modes)
+    mode_list = ["fixed", "otsu", "peak", "percentile"] if "all" in modes else list(modes)
     result = run(list(checkpoint) if len(checkpoint) > 1 else checkpoint[0], data, out, config, dataset=dataset,
                  fold=fold, min_boxes=min_boxes, search=search,
                  maps=candidates, modes=mode_list)

@@ -166,7 +166,7 @@ def test_calibrate_then_localize_reproduces_its_ap(vinbig_model, tmp_path):
     assert default_fold.returncode == 1 and "is a dataset, not a `cxrcam prepare` cache" in default_fold.stderr
     assert "--fold all" in default_fold.stderr and not cal.exists()  # not every image read as fold 0
     result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(cal), "--fold", "all",
-                    "--min-boxes", "3", "--maps", "none", *weak_model)  # the map search: its own test
+                    "--min-boxes", "3", "--maps", "none", "--modes", "peak", *weak_model)  # the map search: its own test
     assert result.returncode == 0, result.stderr
     assert "MaxBoxAccV2" in result.stdout
     saved = json.loads(cal.read_text())
@@ -312,7 +312,7 @@ def test_calibrate_tries_maps_records_the_evidence_and_localize_uses_the_choice(
     cache, ckpt = vinbig_model
     cal = tmp_path / "cal.json"
     result = cxrcam("calibrate", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(cal),
-                    "--maps", "layercam@layer3", "cam.workers=0")
+                    "--maps", "layercam@layer3", "--modes", "all", "cam.workers=0")
     assert result.returncode == 0, result.stderr
     saved = json.loads(cal.read_text())
     assert [(m["method"], m["target_layer"], m["threshold_mode"]) for m in saved["maps"]] == [

@@ -77,7 +77,7 @@ def test_predict_localize_and_calibrate_take_several_checkpoints(members, tmp_pa
 
     cal = tmp_path / "cal.json"
     result = cxrcam("calibrate", "--checkpoint", str(a), "--checkpoint", str(b), "--data", str(cache), "--out", str(cal),
-                    "--maps", "none", "--modes", "none", "cam.workers=0")
+                    "--maps", "none", "cam.workers=0")
     assert result.returncode == 0, result.stderr
     saved = json.loads(cal.read_text())
     assert saved["checkpoint"] == [str(a), str(b)] and len(saved["operating_points"]) == 14

@@ -21,8 +21,8 @@ issue-26 measurements showed the map itself (method and layer) matters as much. 
 5. ``calibration.json`` (the map, each class's setting, and the evidence; ``localize --threshold
    calibration.json``, ``refine`` and pseudo-boxes read it) and plots next to it.
 
-Each candidate map is tried in each threshold mode (``--modes``; :func:`~cxrcam.boxes.cut_map`), a
-(map, mode) pair being one candidate; each class's box scale is chosen after its threshold, with
+Each candidate map is tried in each threshold mode asked for (``--modes``;
+:func:`~cxrcam.boxes.cut_map`; the configured one by default), a (map, mode) pair being one candidate; each class's box scale is chosen after its threshold, with
 the same held-out confirmation. Given several checkpoints (an ensemble), their mean probabilities
 choose the ensemble's operating points first (recorded; localize and refine use them).
 """
@@ -103,9 +103,10 @@ def candidate_maps(model, config: Config, maps: list[str] | None) -> list[tuple[
 
 def candidate_modes(config: Config, modes: list[str] | None) -> list[str]:
     """The threshold modes tried on each map (``boxes.threshold_mode``), the configured one first;
-    default: all of :data:`~cxrcam.boxes.THRESHOLD_MODES`."""
+    default: the configured one alone (on the tables' world Otsu's and the percentile cuts lost
+    beyond noise and the peak-relative cut equalled the fixed one: docs/BENCHMARKS.md, issue 36)."""
     found = [config.boxes.threshold_mode]
-    for mode in THRESHOLD_MODES if modes is None else modes:
+    for mode in modes or ():
         if mode not in THRESHOLD_MODES:
             raise CxrcamError(f"--modes: unknown threshold mode {mode!r}; choose among {', '.join(THRESHOLD_MODES)}")
         if mode not in found:
@@ -302,8 +303,8 @@ def calibrate(checkpoint: str | Path | list, data: str | Path, out: str | Path, 
     classifier, or several (an ensemble: its operating points are chosen here too). ``search``:
     "threshold" sets each class's threshold; "all" also its box score and min_area. ``maps``:
     the candidate maps ("method@layer"; default: see :func:`candidate_maps`; [] tries only the
-    configured one). ``modes``: the threshold modes tried on each (default: all; [] only the
-    configured one)."""
+    configured one). ``modes``: the threshold modes tried on each besides the configured one
+    (default: none)."""
     start, out = time.perf_counter(), Path(out)
     maps_of = CheckpointMaps(checkpoint, config, dist.pick_device(config.runtime.device), calibrated=False)
     schema = maps_of.schema
