@@ -57,6 +57,9 @@ class PipelineSettings:
     profile: str = "vinbig"  # what synth draws from: VinBigData's released table, or "uniform" (the old world)
     backgrounds: Path | None = None  # normal radiographs the findings are inserted into (synth --backgrounds)
     dataset: str = "vinbig"  # the synthetic sets' layout (synth --format, prepare --dataset): vinbig or nih
+    # calibrate's search among candidate maps (off: the configured map's thresholds and box scales alone). On the
+    # tables' world the map it chose by held-out AP did not carry to the test set (docs/BENCHMARKS.md, issue 36)
+    map_search: bool = False
 
 
 @dataclass
@@ -168,7 +171,7 @@ def run_pipeline(cli: click.Command, s: PipelineSettings) -> dict[str, Any]:
     if not (s.reuse and stages.classifier.is_file()):
         command(*stages.train_classifier())
     no_images = [] if s.pictures else ["--no-images"]
-    command(*stages.calibrate())
+    command(*stages.calibrate(*([] if s.map_search else ["--maps", "none"])))
     command(*stages.localize(out / "localize", "--threshold", 0.65, *no_images))
     command(*stages.localize(out / "calibrated", "--threshold", stages.calibration, "--no-images"))
     results = {"cam": out / "localize", "calibrated": out / "calibrated"}

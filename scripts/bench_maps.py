@@ -88,7 +88,7 @@ def main() -> None:
         settings = PipelineSettings(
             out, a.n_images, a.size, a.epochs, 1, a.data_seed, a.model, a.config, [*a.overrides, f"train.seed={seed}"],
             pictures=False, n_test=a.n_test, cam_only=True, reuse=(out / "summary.json").is_file(),
-            normal_fraction=a.normal_fraction, profile=a.profile, backgrounds=a.backgrounds)
+            normal_fraction=a.normal_fraction, profile=a.profile, backgrounds=a.backgrounds, map_search=True)
         summary, stages = run_pipeline(cli, settings), pipeline_stages(settings)
         aurocs.append(summary["mean_auroc"])
         folders = {"configured map, threshold 0.65": out / "localize", "calibrated (map and thresholds)": out / "calibrated"}
