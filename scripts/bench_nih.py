@@ -75,14 +75,16 @@ def main() -> None:
     lines = [f"command: {' '.join(sys.argv)}", f"machine: {platform.machine()}, {platform.processor() or 'cpu'}",
              f"{len(a.train_seeds)} trainings, {(time.perf_counter() - start) / 60:.1f} min; classifier mean AUROC "
              f"{np.mean(aurocs):.3f}", "",
-             "Ours: mean +- sd over the trainings (random-map control in brackets); synthetic nih profile.", "",
+             "Ours: the mean (+- sd where several trainings) (random-map control in brackets); synthetic nih profile.",
+             "",
              "| class | boxes | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for k, name in enumerate(ours[0]["class"]):
         cells = []
         for col in columns:
             values = np.array([t.iloc[k][col] for t in ours])
             control = np.mean([c.iloc[k][col] for c in controls])
-            cells.append(f"{values.mean():.2f} +- {values.std(ddof=1) if len(values) > 1 else 0:.2f} ({control:.2f})")
+            spread = f" +- {values.std(ddof=1):.2f}" if len(values) > 1 else ""
+            cells.append(f"{values.mean():.2f}{spread} ({control:.2f})")
         lines.append(f"| {name} | {int(ours[0].iloc[k]['n_boxes'])} | " + " | ".join(cells) + " |")
     lines += ["", "Published, real NIH boxes (mean over the 8 classes, T(IoU) = 0.1 ... 0.5):", "",
               "| method | " + " | ".join(f"T(IoU)={t}" for t in LITERATURE_IOU[:5]) + " |", "|---|" + "---|" * 5]
