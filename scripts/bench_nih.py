@@ -14,7 +14,6 @@ on real disease; the published rows are for orientation, not a comparison.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time

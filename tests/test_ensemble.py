@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import cxrcam
-from cxrcam.cam import CheckpointMaps, needed_classes, target_weights
+from cxrcam.cam import CheckpointMaps, target_weights
 from cxrcam.config import load_config
 from cxrcam.files import load_checkpoint, save_checkpoint
 
