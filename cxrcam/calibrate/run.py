@@ -22,8 +22,9 @@ issue-26 measurements showed the map itself (method and layer) matters as much. 
    calibration.json``, ``refine`` and pseudo-boxes read it) and plots next to it.
 
 Each candidate map is tried in each threshold mode asked for (``--modes``;
-:func:`~cxrcam.boxes.cut_map`; the configured one by default), a (map, mode) pair being one candidate; each class's box scale is chosen after its threshold, with
-the same held-out confirmation. Given several checkpoints (an ensemble), their mean probabilities
+:func:`~cxrcam.boxes.cut_map`; the configured one by default), a (map, mode) pair being one
+candidate; each class's box scale is chosen after its threshold, with the same held-out
+confirmation. Given several checkpoints (an ensemble), their mean probabilities
 choose the ensemble's operating points first (recorded; localize and refine use them).
 """
 from __future__ import annotations
@@ -253,7 +254,8 @@ def _choose_scales(classes: dict, pairs: list[Pair], truth: pd.DataFrame, config
         change = np.abs(np.log(np.asarray(grid) / default))
 
         def best(curve: np.ndarray) -> int:  # of the scales at the best AP, the least change
-            return int(np.flatnonzero(curve >= curve.max() - 1e-9)[np.argmin(change[curve >= curve.max() - 1e-9])])
+            tied = np.flatnonzero(curve >= curve.max() - 1e-9)
+            return int(tied[np.argmin(change[tied])])
 
         held = [curves[1, best(curves[2])], curves[2, best(curves[1])]]  # half 0 by 1's choice, and back
         e["scale_halves"], e["scale_default_halves"] = [float(v) for v in held], [float(curves[1, k0]),
@@ -360,7 +362,8 @@ def calibrate(checkpoint: str | Path | list, data: str | Path, out: str | Path, 
                          best["maxboxacc"], best["control"], time.perf_counter() - start, out, evidence, chosen)
     write_calibration(out, {
         "checkpoint": [str(p) for p in maps_of.paths] if len(maps_of.paths) > 1 else str(checkpoint),
-        "operating_points": None if operating is None else [float(v) for v in operating], "data": str(data), "fold": fold, "images": len(images), "schema": schema.name,
+        "operating_points": None if operating is None else [float(v) for v in operating],
+        "data": str(data), "fold": fold, "images": len(images), "schema": schema.name,
         "search": search, "iou_thr": config.eval.iou_thr, "min_boxes": min_boxes, "thresholds": list(SWEEP),
         "default": {"threshold": config.boxes.threshold, "score": config.boxes.score, "min_area": config.boxes.min_area,
                     "threshold_mode": config.boxes.threshold_mode, "scale": config.boxes.scale,

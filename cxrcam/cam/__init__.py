@@ -17,5 +17,6 @@ from cxrcam.cam.library import LIBRARY_METHODS, LibraryCAM
 from cxrcam.cam.methods import GRADIENT_METHODS
 
 __all__ = ["compute_cams", "create_cam", "BaseCAM", "CamOutput", "Classes", "ClosedFormCAM", "GradientCAM",
-           "LibraryCAM", "PairMaps", "target_weights", "GRADIENT_METHODS", "LIBRARY_METHODS", "probe", "scale_cams", "parse_layers", "parse_map",
+           "LibraryCAM", "PairMaps", "target_weights", "GRADIENT_METHODS", "LIBRARY_METHODS", "probe", "scale_cams",
+           "parse_layers", "parse_map",
            "map_name", "resolve_layer", "CheckpointMaps", "MapBatch", "Plan", "needed_classes"]

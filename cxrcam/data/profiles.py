@@ -259,5 +259,6 @@ def compare_rsna(synthetic: dict, real: dict) -> list[Compared]:
             _ratio_row("median box area", synthetic["median_area"], real["median_area"], 1.25)]
 
 
-__all__ = ["derive_rsna", "rsna_figures", "compare_rsna", "derive_vinbig", "derive_nih", "load_profile", "write_profile", "vinbig_figures", "nih_figures",
+__all__ = ["derive_rsna", "rsna_figures", "compare_rsna", "derive_vinbig", "derive_nih", "load_profile", "write_profile",
+           "vinbig_figures", "nih_figures",
            "compare_vinbig", "compare_nih", "Compared", "PROFILES", "FRAMES"]

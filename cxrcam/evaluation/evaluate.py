@@ -32,7 +32,7 @@ from cxrcam.data.tables import BOX_COLUMNS, read_table, report_invalid, target_c
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.coco import coco_ap
 from cxrcam.evaluation.detection import ClassAP, voc_map, with_no_finding
-from cxrcam.evaluation.rsna import image_scores, rsna_score
+from cxrcam.evaluation.rsna import image_scores, summary
 from cxrcam.evaluation.weak import (CURVE_COLUMNS, accuracy_table, confusion_pointing, random_control,
                                     random_detections)
 from cxrcam.files import atomic_write_text, save_figure, write_csv, write_json
@@ -159,6 +159,7 @@ class Scored:
     probs: pd.DataFrame | None
     points: pd.Series | None  # pointing game per truth box
     curves: Path | None  # localize's box_curves.csv: each truth (image, class) pair's best-IoU curve
+    rsna: np.ndarray | None = None  # each image's RSNA score (NaN: not scored), in RSNA's format
 
 
 def score(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config = Config(),
@@ -184,7 +185,7 @@ def score(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config 
     metrics = {"format": fmt, "ground_truth": str(Path(gt).resolve()), "submission_label": label, "cam_boxes": cam_boxes,
                **counts,
                "iou_thr": config.eval.iou_thr}
-    voc_truth, per_class = _detection_metrics(truth, dets, fmt, config.eval.iou_thr, metrics)
+    voc_truth, per_class, rsna = _detection_metrics(truth, dets, fmt, config.eval.iou_thr, metrics)
     if truth.complete and not len(truth.boxes) and truth.schema.no_finding_id is not None:
         findings = int((dets["class_id"] != truth.schema.no_finding_id).sum())
         warnings.warn(f"{gt}: every truth image is normal, so mAP@{config.eval.iou_thr} is the \"No finding\" AP "
@@ -207,7 +208,7 @@ def score(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config 
         curves = pred_dir / "box_curves.csv" if (pred_dir / "box_curves.csv").is_file() else None
     if prob_table is not None and truth.labels is not None:
         metrics.update(_classification(truth, prob_table, thresholds))
-    return Scored(metrics, truth, voc_truth, dets, per_class, weak, prob_table, points, curves)
+    return Scored(metrics, truth, voc_truth, dets, per_class, weak, prob_table, points, curves, rsna)
 
 
 def evaluate(pred: str | Path, gt: str | Path, fmt: str = "vinbig", config: Config = Config(),
@@ -254,8 +255,7 @@ def bootstrap_inputs(scored: Scored):
                                 "best_iobb": boxes["best_iobb"]})
         if scored.points is not None:
             x.boxes["pointing"] = scored.points.to_numpy(float)
-    if scored.metrics["format"] == "rsna":
-        x.rsna = image_scores(truth.boxes, scored.detections, list(truth.image_ids))
+    x.rsna = scored.rsna
     if scored.curves is not None:
         table = pd.read_csv(scored.curves, dtype={"image_id": str})
         table = table[(table["source"] == "model") & table["image_id"].isin(index)]
@@ -336,9 +336,10 @@ def _check_extent(dets: pd.DataFrame, truth: GroundTruth, submission: Path) -> N
 
 
 def _detection_metrics(truth: GroundTruth, dets: pd.DataFrame, fmt: str, iou_thr: float, metrics: dict
-                       ) -> tuple[pd.DataFrame, list[ClassAP]]:
+                       ) -> tuple[pd.DataFrame, list[ClassAP], np.ndarray | None]:
     """VOC mAP (with VinBigData's "No finding" where the truth is complete), COCO or RSNA into
-    ``metrics``; returns the truth the VOC metric scored and its per-class results."""
+    ``metrics``; returns the truth the VOC metric scored, its per-class results, and (RSNA) each
+    image's RSNA score, which the bootstrap re-weights."""
     schema, voc_truth = truth.schema, truth.boxes
     if truth.complete and schema.no_finding_id is not None:
         voc_truth = with_no_finding(truth.boxes, truth.image_ids, schema.no_finding_id)
@@ -349,9 +350,11 @@ def _detection_metrics(truth: GroundTruth, dets: pd.DataFrame, fmt: str, iou_thr
         findings = list(range(schema.num_findings))
         metrics["coco_ap"] = coco_ap(truth.boxes, dets, truth.image_ids, findings)
         metrics["coco_ap40"] = coco_ap(truth.boxes, dets, truth.image_ids, findings, iou_thrs=[0.4])
+    rsna = None
     if fmt == "rsna":
-        metrics["rsna_score"], metrics["rsna_images_scored"] = rsna_score(truth.boxes, dets, truth.image_ids)
-    return voc_truth, per_class
+        rsna = image_scores(truth.boxes, dets, list(truth.image_ids))
+        metrics["rsna_score"], metrics["rsna_images_scored"] = summary(rsna)
+    return voc_truth, per_class, rsna
 
 
 def _read_probabilities(probs: Path | None, schema: Schema) -> pd.DataFrame | None:

@@ -52,8 +52,12 @@ def image_scores(truth: pd.DataFrame, detections: pd.DataFrame, image_ids: list[
     return out
 
 
-def rsna_score(truth: pd.DataFrame, detections: pd.DataFrame, image_ids: list[str]) -> tuple[float, int]:
-    """(metric, number of images scored) over ``image_ids``."""
-    scores = image_scores(truth, detections, image_ids)
+def summary(scores: np.ndarray) -> tuple[float, int]:
+    """(metric, number of images scored) from :func:`image_scores`."""
     scored = scores[np.isfinite(scores)]
     return (float(scored.mean()) if len(scored) else float("nan")), len(scored)
+
+
+def rsna_score(truth: pd.DataFrame, detections: pd.DataFrame, image_ids: list[str]) -> tuple[float, int]:
+    """(metric, number of images scored) over ``image_ids``."""
+    return summary(image_scores(truth, detections, image_ids))

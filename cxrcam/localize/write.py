@@ -80,10 +80,17 @@ class Painter:
             write_pictures, self.out, result.image_id, picture, self.schema,
             (scale_boxes(truth_boxes, sx, sy), truth_classes), tuple(a[drawn] for a in result.final), result.maps,
             [self.rules(c).threshold for c in result.plan.shown], result.cam[:2] if self.proposals else None,
-            self.size, np.array([cut_map(m, self.rules(c).threshold_mode)
-                                 for m, c in zip(result.maps, result.plan.shown)]).reshape(result.maps.shape)))
+            self.size, self._cuts(result)))
         while len(self.pending) > 64:
             self.pending.popleft().result()
+
+    def _cuts(self, result: ImageResult) -> np.ndarray | None:
+        """The maps the shown classes' thresholds cut for the mask, where that is not the map itself
+        (``boxes.threshold_mode``); None when every shown class cuts its map (no copy)."""
+        modes = [self.rules(c).threshold_mode for c in result.plan.shown]
+        if all(mode == "fixed" for mode in modes):
+            return None
+        return np.array([cut_map(m, mode) for m, mode in zip(result.maps, modes)]).reshape(result.maps.shape)
 
     def close(self) -> None:
         for job in self.pending:
