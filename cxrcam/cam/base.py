@@ -287,13 +287,14 @@ class BaseCAM:
         """:meth:`pairs` after the forward pass that gave ``logits`` (an ensemble plans on all its
         members' logits before any member cuts maps)."""
         counts = [len(t) for t in targets]
-        if not sum(counts):  # no image needs a map (a batch of normal images)
-            return PairMaps(images.new_zeros((0, *images.shape[-2:]), dtype=torch.float32), [], logits)
-        weights = logits.new_zeros((max(counts), len(images), logits.shape[1]))
+        weights = logits.new_zeros((max(counts, default=0), len(images), logits.shape[1]))
         for b, t in enumerate(targets):
             weights[:len(t), b] = t.to(logits)
         rounds = torch.tensor([r for n in counts for r in range(n)], dtype=torch.long, device=self.device)
         rows = torch.tensor([b for b, n in enumerate(counts) for _ in range(n)], dtype=torch.long, device=self.device)
         with torch.autocast(self.device.type, enabled=False):
-            maps = [m[rounds, rows][:, None] for m in self.raw_maps(images.float(), weights)]
+            raw = self.raw_maps(images.float(), weights)  # also with no round: it releases the forward's state
+        if not len(rows):  # no image needs a map (a batch of normal images)
+            return PairMaps(images.new_zeros((0, *images.shape[-2:]), dtype=torch.float32), [], logits)
+        maps = [m[rounds, rows][:, None] for m in raw]
         return PairMaps(scale_cams(maps, tuple(images.shape[-2:]))[:, 0], rows.tolist(), logits)
