@@ -3,8 +3,8 @@ CAM pass and evaluate (for the random-map control), in this one module.
 
 It records the heat map calibrate chose (method and target layer), each class's box setting
 (threshold, threshold mode and box scale, and score and min_area where it chose them), the dataset
-whose classes those are, the images it was calibrated on, an ensemble's operating points, and the
-evidence. A reader gets the per-class box settings
+whose classes those are, the images it was calibrated on, an ensemble's operating points, the
+2-class filter's thresholds, and the evidence. A reader gets the per-class box settings
 (:class:`~cxrcam.boxes.BoxRules`) and the map to cut them from (``cam``; the map pass,
 :class:`~cxrcam.cam.checkpoint.CheckpointMaps`, uses it): both belong together, since a threshold
 chosen for one map means nothing on another.
@@ -39,6 +39,7 @@ class CalibrationFile:
     schema: str | None = None  # the dataset whose classes it set
     checkpoints: list[str] = field(default_factory=list)  # the classifier(s) it calibrated
     operating_points: list | None = None  # an ensemble's decision thresholds, chosen on its mean probabilities
+    filter: dict | None = None  # the 2-class filter calibrate chose: low, high and its evidence
 
     @classmethod
     def read(cls, path: str | Path) -> "CalibrationFile":
@@ -53,7 +54,8 @@ class CalibrationFile:
             raise CxrcamError(f"{path}: not a calibration.json written by `cxrcam calibrate` ({exc!r})") from None
         checkpoints = saved.get("checkpoint", [])
         return cls(path, settings, names, list(saved.get("image_ids", [])), saved.get("cam"), saved.get("schema"),
-                   [checkpoints] if isinstance(checkpoints, str) else list(checkpoints), saved.get("operating_points"))
+                   [checkpoints] if isinstance(checkpoints, str) else list(checkpoints), saved.get("operating_points"),
+                   saved.get("filter"))
 
     def check_schema(self, schema: Schema) -> None:
         """Thresholds are set by class id: another dataset's (NIH's thresholds on a VinBigData
@@ -81,6 +83,18 @@ def box_rules(config: BoxConfig, schema: Schema | None = None) -> tuple[BoxRules
     return calibration.rules(config), calibration
 
 
+def filter_range(config: BoxConfig, calibration: CalibrationFile | None) -> tuple[float, float]:
+    """The 2-class filter's (low, high): the configured numbers, or for "auto" the calibration's
+    choice (:func:`~cxrcam.outputs.postprocess.choose_filter`), else no filter (0, 1)."""
+    chosen = (calibration.filter or {}) if calibration is not None else {}
+    low = chosen.get("low", 0.0) if config.filter_low == "auto" else config.filter_low
+    high = chosen.get("high", 1.0) if config.filter_high == "auto" else config.filter_high
+    if not 0 <= low <= high <= 1:
+        raise CxrcamError(f"the 2-class filter needs 0 <= low ({low}) <= high ({high}) <= 1 (boxes.filter_low and "
+                          f"boxes.filter_high{'; ' + str(calibration.path) if calibration is not None else ''})")
+    return float(low), float(high)
+
+
 def _strict(value: Any) -> Any:
     """NaN and infinities as null: strict JSON readers refuse a bare NaN."""
     if isinstance(value, dict):
@@ -97,4 +111,4 @@ def write_calibration(path: str | Path, content: dict[str, Any]) -> None:
     write_json(path, _strict(content))
 
 
-__all__ = ["CalibrationFile", "box_rules", "write_calibration"]
+__all__ = ["CalibrationFile", "box_rules", "filter_range", "write_calibration"]

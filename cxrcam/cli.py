@@ -380,8 +380,10 @@ def calibrate(checkpoint: tuple[Path, ...], data: Path, out: Path, fold: str, se
     only where it wins on the half it was not chosen on (both ways), so a few boxes cannot be
     overfitted; the other box scores and min_area values are tried and reported.
     Also reports MaxBoxAccV2 (Choe et al., CVPR 2020) of each map beside its random-map control.
+    Then the 2-class filter's thresholds on p(abnormal), scored with "No finding" counted (RSNA:
+    its score), kept only where they beat no filter on both halves the same way.
     Writes the calibration file (localize, refine and pseudo-boxes then use its map and
-    thresholds), <name>.png (AP against threshold per class) and <name>_box_accuracy.png.
+    thresholds; localize, refine and ensemble its filter), <name>.png (AP against threshold per class) and <name>_box_accuracy.png.
     cxrcam calibrate --checkpoint runs/clf/best.pt --data cache/train --out calibration.json
     cxrcam localize --checkpoint runs/clf/best.pt --data cache/test --out loc/ --threshold calibration.json
     """
@@ -418,6 +420,10 @@ def calibrate(checkpoint: tuple[Path, ...], data: Path, out: Path, fold: str, se
         note = {"class": "", "all classes": " (too few boxes: shared)"}.get(e["source"], " (kept: no held-out gain)")
         click.echo(f"{name:<{width}}  {e['n_truth']:5d}  {e['threshold']:9.2f}  {e['scale']:5.3g}  {_f3(e['ap'])} "
                    f"({_f3(e['ap_default'])})  {better}{note}")
+    if result.filter is not None:
+        f = result.filter
+        click.echo(f"2-class filter: low {f['low']}, high {f['high']} ({f['metric']} {_f3(f['value'])}, no filter "
+                   f"{_f3(f['off'])}; {f['why']})")
     click.echo(f"mean AP over the calibrated classes: {_f3(result.mean_ap)} (at {config.boxes.threshold}: "
                f"{_f3(result.mean_ap_default)}; chosen on these images, so optimistic)")
     click.echo(f"MaxBoxAccV2 of the chosen map {_f3(result.maxboxacc)} (random maps {_f3(result.maxboxacc_control)})")
@@ -523,21 +529,29 @@ def evaluate(pred: tuple[Path, ...], gt: Path, fmt: str, json_path: Path | None,
               help="WBF's IoU: boxes of one class overlapping more are fused (VinBigData's winners: 0.33-0.4).")
 @click.option("--skip", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="WBF's skip_box_thr: boxes scored below it are left out.")
-@click.option("--filter-low", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--filter-low", type=click.FloatRange(0, 1), default=None,
               help="2-class filter: an image with p(abnormal) = 1 - p_normal below this keeps its \"No finding\" row "
-                   "alone (RSNA: no box) [as boxes.filter_low; the VinBigData winners used 0.08].")
-@click.option("--filter-high", type=click.FloatRange(0, 1), default=1.0, show_default=True,
-              help="... and one above this its detections alone [as boxes.filter_high; 0.95].")
+                   "alone (RSNA: no box) [as boxes.filter_low; the VinBigData winners used 0.08; default: "
+                   "--calibration's, else 0].")
+@click.option("--filter-high", type=click.FloatRange(0, 1), default=None,
+              help="... and one above this its detections alone [as boxes.filter_high; 0.95; default: "
+                   "--calibration's, else 1].")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A calibration.json of `cxrcam calibrate`: the 2-class filter thresholds it chose on its "
+                   "validation images.")
 def ensemble(submissions: tuple[Path, ...], data: Path, out: Path, weights: tuple[float, ...], iou: float,
-             skip: float, filter_low: float, filter_high: float) -> None:
+             skip: float, filter_low: float | None, filter_high: float | None, calibration: Path | None) -> None:
     """Fuse several submissions of the same images with Weighted Boxes Fusion (ensemble-boxes).
 
     \b
     VinBigData or RSNA format, read from the header; the "No finding" rows' p_normal is the weighted
-    mean; then the 2-class filter (off by default).
+    mean; then the 2-class filter (off unless asked, or chosen by --calibration).
     cxrcam ensemble refine/submission.csv plain/submission.csv --data cache/test --out fused.csv
     cxrcam ensemble a.csv b.csv --data cache/test --out fused.csv --weights 2 --weights 1 --filter-low 0.08
+    cxrcam ensemble a.csv b.csv --data cache/test --out fused.csv --calibration calibration.json
     """
+    from cxrcam.calibration import CalibrationFile, filter_range
+    from cxrcam.config import BoxConfig
     from cxrcam.evaluation.evaluate import read_ground_truth
     from cxrcam.outputs.postprocess import write_ensemble
     from cxrcam.data.tables import read_table
@@ -548,8 +562,13 @@ def ensemble(submissions: tuple[Path, ...], data: Path, out: Path, weights: tupl
         if rsna != (truth.schema.name == "rsna"):
             raise CxrcamError(f"{path} is a{' RSNA' if rsna else ' VinBigData-format'} submission; {data} holds "
                               f"{truth.schema.name} images")
+    chosen = CalibrationFile.read(calibration) if calibration else None
+    if chosen is not None:
+        chosen.check_schema(truth.schema)
+    low, high = filter_range(BoxConfig(filter_low="auto" if filter_low is None else filter_low,
+                                       filter_high="auto" if filter_high is None else filter_high), chosen)
     table = write_ensemble(list(submissions), truth.sizes, out, truth.schema, list(weights) or None, iou, skip,
-                           filter_low, filter_high)
+                           low, high)
     click.echo(f"fused {len(submissions)} submissions of {len(table)} images -> {out}")
 
 

@@ -142,9 +142,10 @@ class BoxConfig:
     nms_iou: float = 0.5  # per-class NMS between a class's boxes; 1 disables
     normal_score: Literal["max", "product"] = "max"  # p_normal = 1 - max p, or prod(1 - p)
     # the 2-class filter on p(abnormal) = 1 - p_normal: below filter_low only the "No finding" row (RSNA: no box),
-    # above filter_high the detections without it, both in between (VinBigData's winners: 0.08 and 0.95)
-    filter_low: float = 0.0
-    filter_high: float = 1.0
+    # above filter_high the detections without it, both in between (VinBigData's winners: 0.08 and 0.95);
+    # "auto": the thresholds `cxrcam calibrate` chose on its validation images (boxes.calibration), else none (0, 1)
+    filter_low: Union[float, Literal["auto"]] = "auto"
+    filter_high: Union[float, Literal["auto"]] = "auto"
     calibration: str = ""  # a calibration.json (cxrcam calibrate): per-class thresholds replace `threshold`
 
 
@@ -268,7 +269,8 @@ def check_ranges(config: Config) -> None:
         if not ((low is None or value >= low) and (high is None or value <= high)):
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise CxrcamError(f"config key {key!r}: {value!r} must be {bounds}")
-    if config.boxes.filter_low > config.boxes.filter_high:
+    low, high = config.boxes.filter_low, config.boxes.filter_high
+    if not isinstance(low, str) and not isinstance(high, str) and low > high:
         raise CxrcamError(f"config keys 'boxes.filter_low' ({config.boxes.filter_low}) and 'boxes.filter_high' "
                           f"({config.boxes.filter_high}): the low threshold of the 2-class filter must not exceed the high")
 

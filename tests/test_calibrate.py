@@ -182,7 +182,7 @@ def test_calibrate_then_localize_reproduces_its_ap(vinbig_model, tmp_path):
     # localize with the file: the same boxes, so evaluate's AP per class is the calibration's
     loc = tmp_path / "loc"
     result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(loc), "--threshold",
-                    str(cal), "--no-images", *weak_model)
+                    str(cal), "--no-images", "boxes.filter_low=0", "boxes.filter_high=1", *weak_model)
     assert result.returncode == 0, result.stderr
     assert "calibrated on 48 of these 48 images" in result.stderr  # scoring the calibration set is flagged
     result = cxrcam("evaluate", "--pred", str(loc), "--gt", str(data), "--out", str(loc / "eval"),
@@ -191,6 +191,12 @@ def test_calibrate_then_localize_reproduces_its_ap(vinbig_model, tmp_path):
     metrics = json.loads((loc / "eval" / "metrics.json").read_text())
     for name, e in classes.items():
         assert metrics["ap"][name] == pytest.approx(e["ap"], abs=0.02), name
+    # the 2-class filter was scored on these boxes: without it, evaluate's mAP ("No finding" counted)
+    two_class = saved["filter"]
+    assert two_class["off"] == pytest.approx(metrics["map"], abs=0.02)
+    assert [0.0, 1.0, pytest.approx(two_class["off"])] in two_class["grid"]
+    kept = (two_class["low"], two_class["high"]) != (0.0, 1.0)
+    assert kept == all(h > o for h, o in zip(two_class["heldout_halves"], two_class["off_halves"]))
     assert any(e["ap"] > 0 for e in classes.values())
     assert metrics["control_calibration"] == str(cal) and "control_map" in metrics
     wsol = {(r["source"], r["class"]): r for r in metrics["maxboxacc"]}

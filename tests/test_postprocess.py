@@ -37,6 +37,49 @@ def test_the_two_class_filter_by_its_definition():
         two_class_filter(detections([]), normal, 0.9, 0.1)
 
 
+def test_the_filter_is_chosen_where_it_holds_on_both_halves():
+    """choose_filter: confident-normal images with false boxes make a low threshold pay on each half;
+    where it pays on one half only, or never, no filter. Scored with "No finding" counted."""
+    from cxrcam.outputs.postprocess import choose_filter, filter_score
+    from cxrcam.schemas import VINBIG
+
+    sick = [f"s{k}" for k in range(8)]
+    quiet = [f"q{k}" for k in range(8)]
+    truth = pd.concat([detections(sick).drop(columns="score"),
+                       pd.DataFrame({"image_id": quiet, "class_id": 14, "x_min": 0.0, "y_min": 0.0, "x_max": 1.0,
+                                     "y_max": 1.0})], ignore_index=True)
+    found = detections(sick + quiet).assign(score=[0.4] * 8 + [0.9] * 8)  # the false boxes score higher
+    p_normal = pd.Series([0.3] * 8 + [0.97] * 8, index=sick + quiet)  # p(abnormal) 0.7 and 0.03
+    half = lambda i: int(i[1:]) % 2  # noqa: E731
+    chosen = choose_filter(found, p_normal, truth, VINBIG, 0.4, half)
+    assert 0.03 < chosen["low"] <= 0.7 and chosen["value"] > chosen["off"]
+    assert chosen["value"] == pytest.approx(filter_score(found, p_normal, truth, sick + quiet, VINBIG, 0.4,
+                                                         chosen["low"], chosen["high"]))
+    assert chosen["value"] == pytest.approx(1.0)  # the false boxes gone, and every "No finding" row ranked first
+    # RSNA (no "No finding"): the low threshold drops the quiet images' boxes, which RSNA's score then skips
+    from cxrcam.schemas import RSNA
+    rsna = choose_filter(found.assign(class_id=0), p_normal, truth[truth["class_id"] == 3].assign(class_id=0), RSNA,
+                         0.4, half)
+    assert rsna["metric"] == "RSNA score" and rsna["low"] > 0.03 and rsna["high"] == 1.0
+    assert rsna["value"] == pytest.approx(1.0) and rsna["off"] < 1
+    # the same boxes on one half only (q1, q3, ... keep theirs; q0, q2, ... have none): no held-out gain there
+    one_half = found[~found["image_id"].isin(quiet[::2])]
+    none = choose_filter(one_half, p_normal, truth, VINBIG, 0.4, lambda i: int(int(i[1:]) % 2 == 1))
+    assert (none["low"], none["high"]) == (0.0, 1.0) and "no held-out gain" in none["why"]
+
+
+def test_filter_range_reads_auto_from_the_calibration(tmp_path):
+    from cxrcam.calibration import CalibrationFile, filter_range
+    from cxrcam.config import BoxConfig
+
+    chosen = CalibrationFile(tmp_path / "c.json", {}, {}, filter={"low": 0.08, "high": 0.95})
+    assert filter_range(BoxConfig(), chosen) == (0.08, 0.95)  # "auto" by default
+    assert filter_range(BoxConfig(), None) == (0.0, 1.0)  # no calibration: no filter
+    assert filter_range(BoxConfig(filter_low=0.2), chosen) == (0.2, 0.95)  # a number wins over the calibration
+    with pytest.raises(CxrcamError, match="c.json"):
+        filter_range(BoxConfig(filter_low=0.99), chosen)
+
+
 def test_localize_applies_the_filter(vinbig_model, tmp_path):
     cache, ckpt = vinbig_model
     result = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(tmp_path / "l"),

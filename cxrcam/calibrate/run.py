@@ -18,7 +18,9 @@ issue-26 measurements showed the map itself (method and layer) matters as much. 
    the configured threshold's on each half, else the configured threshold. The thresholds kept are
    then chosen on all images;
 4. MaxBoxAccV2 and its random-map control for every candidate;
-5. ``calibration.json`` (the map, each class's setting, and the evidence; ``localize --threshold
+5. the 2-class filter's thresholds (:func:`~cxrcam.outputs.postprocess.choose_filter`) for the
+   boxes the chosen settings give, with the same held-out confirmation;
+6. ``calibration.json`` (the map, each class's setting, and the evidence; ``localize --threshold
    calibration.json``, ``refine`` and pseudo-boxes read it) and plots next to it.
 
 Each candidate map is tried in each threshold mode asked for (``--modes``;
@@ -42,18 +44,20 @@ import pandas as pd
 
 from cxrcam.boxes import THRESHOLD_MODES, components, scale_boxes
 from cxrcam.boxes.from_cam import X0, Y1
-from cxrcam.calibrate.sweep import (SCALES, SWEEP, ClassMaps, Pair, ap_at, choose_threshold, on_grid, sweep_class,
-                                   truth_of)
-from cxrcam.calibration import write_calibration
+from cxrcam.calibrate.sweep import (SCALES, SWEEP, ClassMaps, Pair, ap_at, choose_threshold, class_boxes, on_grid,
+                                   sweep_class, truth_of)
+from cxrcam.calibration import SETTING_KEYS, write_calibration
 from cxrcam.cam import map_name, parse_map
 from cxrcam.cam.checkpoint import CheckpointMaps, needed_classes
 from cxrcam.config import Config
 from cxrcam.data.sources import open_source
-from cxrcam.data.tables import boxes_by_image, target_columns
+from cxrcam.data.submission import normal_scores
+from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, boxes_by_image, no_finding_rows, target_columns
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.detection import truth_by_image
 from cxrcam.evaluation.weak import CURVE_COLUMNS, maxboxacc_table, pair_curves, plot_box_accuracy
 from cxrcam.files import save_figure
+from cxrcam.outputs.postprocess import choose_filter
 from cxrcam.runtime import dist
 from cxrcam.runtime.progress import progress_bar
 
@@ -70,6 +74,7 @@ class Calibration:
     out: Path
     maps: list[dict]  # every candidate map with its evidence
     chosen: dict  # the map localize will use: method, target_layer, and why
+    filter: dict | None = None  # the 2-class filter's thresholds and evidence (None: no labels to choose by)
 
 
 def _images(source, fold: str, config: Config, data: Path) -> pd.DataFrame:
@@ -116,21 +121,22 @@ def candidate_modes(config: Config, modes: list[str] | None) -> list[str]:
 
 
 def _collect(maps: CheckpointMaps, images: pd.DataFrame, truth: pd.DataFrame, progress: bool,
-             desc: str, modes: list[str]) -> tuple[dict[str, list[Pair]], pd.DataFrame]:
+             desc: str, modes: list[str]) -> tuple[dict[str, list[Pair]], pd.DataFrame, pd.DataFrame]:
     """Stream the images once through the map pass: per threshold mode, each predicted or true
-    class's components (original pixels); and the box accuracy curves of every true class with
-    their random-map control."""
+    class's components (original pixels); the box accuracy curves of every true class with
+    their random-map control; and every image's probabilities (image id -> one per class)."""
     by_image, size = boxes_by_image(truth), maps.size
     no_truth = (np.zeros((0, 4)), np.zeros(0, np.int64))
 
     def plan(row: int, p: np.ndarray):  # calibrate's addition: the truth classes
         return needed_classes(p, maps.thresholds, extra=by_image.get(images.at[row, "image_id"], no_truth)[1])
 
-    pairs, curves = {mode: [] for mode in modes}, []
+    pairs, curves, seen = {mode: [] for mode in modes}, [], {}
     for batch in maps.stream(images, plan, desc, progress, leave=False):
         if batch.maps is None:
             continue
         probs = batch.maps.probs
+        seen.update(zip(batch.ids, np.asarray(probs, np.float64)))
         for b, (image_id, (h, w), need) in enumerate(zip(batch.ids, batch.sizes, batch.maps.plans)):
             for c in need.need:
                 cam = batch.maps.map(b, c)
@@ -143,7 +149,8 @@ def _collect(maps: CheckpointMaps, images: pd.DataFrame, truth: pd.DataFrame, pr
                     model_ious, control = pair_curves(cam, scale_boxes(boxes[classes == c], size / w, size / h),
                                                       f"{image_id}/{c}")
                     curves += [(image_id, c, "model", *model_ious), (image_id, c, "random map", *control)]
-    return pairs, pd.DataFrame(curves, columns=["image_id", "class_id", "source", *CURVE_COLUMNS])
+    return (pairs, pd.DataFrame(curves, columns=["image_id", "class_id", "source", *CURVE_COLUMNS]),
+            pd.DataFrame.from_dict(seen, orient="index"))
 
 
 def ensemble_operating_points(maps: CheckpointMaps, images: pd.DataFrame, progress: bool) -> np.ndarray:
@@ -292,6 +299,35 @@ def _choose(classes: dict, min_boxes: int, search: str, config: Config, mode: st
         e.setdefault("threshold_mode", mode)
 
 
+def _choose_filter(classes: dict, best: dict, images: pd.DataFrame, truth: pd.DataFrame, schema,
+                   config: Config) -> dict | None:
+    """The 2-class filter's thresholds (:func:`~cxrcam.outputs.postprocess.choose_filter`) for the
+    boxes localize would write with the chosen settings, on the images whose truth is complete:
+    the boxed ones and those labelled without findings ("No finding", where the dataset has it)."""
+    columns = target_columns(schema)
+    if not set(columns) <= set(images.columns) or not len(best["probs"]):
+        return None
+    labels = images.set_index("image_id")[columns]
+    normal = set(labels.index[(labels.to_numpy(np.float64) < 0.5).all(1)])
+    scored = [i for i in best["probs"].index if i in normal or i in set(truth["image_id"])]
+    p_normal = pd.Series(normal_scores(best["probs"].loc[scored].to_numpy(), config.boxes.normal_score), index=scored)
+    found = []
+    for e in classes.values():
+        setting = dataclasses.replace(config.boxes, **{k: e[k] for k in SETTING_KEYS if k in e})
+        ids, boxes, scores = class_boxes(ClassMaps.of([p for p in best["pairs"] if p.class_id == e["class_id"]]),
+                                         e["threshold"], setting)
+        found.append(pd.DataFrame({"image_id": ids, "class_id": e["class_id"], "score": scores,
+                                   **dict(zip(BOX_COLUMNS, boxes.reshape(-1, 4).T))}))
+    detections = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=DETECTION_COLUMNS)
+    scored_truth = truth[truth["image_id"].isin(set(scored)) & (truth["class_id"] != schema.no_finding_id)]
+    scored_truth = scored_truth[["image_id", "class_id", *BOX_COLUMNS]]
+    if schema.no_finding_id is not None:
+        scored_truth = pd.concat([scored_truth, no_finding_rows(sorted(normal & set(scored)), schema.no_finding_id)],
+                                 ignore_index=True)
+    return choose_filter(detections[detections["image_id"].isin(set(scored))], p_normal, scored_truth, schema,
+                         config.eval.iou_thr, half_of)
+
+
 def _mean(values) -> float:
     """The mean of the defined values (a class boxed in one half only has no held-out AP)."""
     values = np.asarray(list(values), np.float64)
@@ -324,7 +360,7 @@ def calibrate(checkpoint: str | Path | list, data: str | Path, out: str | Path, 
     for method, layer in candidate_maps(maps_of.model, config, maps):
         maps_of.use_map(method, layer)
         modes_tried = candidate_modes(config, modes)
-        by_mode, curves = _collect(maps_of, images, truth, progress, f"calibrate maps {map_name(method, layer)}",
+        by_mode, curves, probs = _collect(maps_of, images, truth, progress, f"calibrate maps {map_name(method, layer)}",
                                    modes_tried)
         table = maxboxacc_table(curves, schema)
         overall = table[table["class"] == "all"].set_index("source")["maxboxacc_v2"].to_dict()
@@ -332,7 +368,7 @@ def calibrate(checkpoint: str | Path | list, data: str | Path, out: str | Path, 
             classes = _sweep(by_mode[mode], truth, schema, config, progress, mode)
             _held_out(classes, min_boxes, config.boxes.threshold)
             candidates.append({"method": method, "target_layer": layer, "threshold_mode": mode, "classes": classes,
-                               "curves": curves, "pairs": by_mode[mode], "table": table,
+                               "curves": curves, "pairs": by_mode[mode], "table": table, "probs": probs,
                                "maxboxacc": overall.get("model", math.nan), "control": overall.get("random map", math.nan),
                                "heldout_ap": _mean(e["heldout_ap"] for e in classes.values()),
                                "heldout_ap_default": _mean(e["heldout_ap_default"] for e in classes.values())})
@@ -353,13 +389,15 @@ def calibrate(checkpoint: str | Path | list, data: str | Path, out: str | Path, 
         for e in classes.values():
             _configured(e, config)
     _choose_scales(classes, best["pairs"], truth, config, min_boxes)
+    two_class = _choose_filter(classes, best, images, truth, schema, config)
     own = [e for e in classes.values() if e["source"] == "class"] or list(classes.values())
     chosen = {"method": best["method"], "target_layer": best["target_layer"],
               "threshold_mode": best["threshold_mode"], "why": why}
     evidence = [{k: m[k] for k in ("method", "target_layer", "threshold_mode", "heldout_ap", "heldout_ap_default",
                                    "maxboxacc", "control")} for m in candidates]
     result = Calibration(len(images), classes, _mean(e["ap_default"] for e in own), _mean(e["ap"] for e in own),
-                         best["maxboxacc"], best["control"], time.perf_counter() - start, out, evidence, chosen)
+                         best["maxboxacc"], best["control"], time.perf_counter() - start, out, evidence, chosen,
+                         two_class)
     write_calibration(out, {
         "checkpoint": [str(p) for p in maps_of.paths] if len(maps_of.paths) > 1 else str(checkpoint),
         "operating_points": None if operating is None else [float(v) for v in operating],
@@ -368,7 +406,7 @@ def calibrate(checkpoint: str | Path | list, data: str | Path, out: str | Path, 
         "default": {"threshold": config.boxes.threshold, "score": config.boxes.score, "min_area": config.boxes.min_area,
                     "threshold_mode": config.boxes.threshold_mode, "scale": config.boxes.scale,
                     "method": config.cam.method, "target_layer": config.cam.target_layer, "target": config.cam.target},
-        "cam": chosen, "maps": evidence,
+        "cam": chosen, "maps": evidence, "filter": two_class,
         "mean_ap": {"default": result.mean_ap_default, "calibrated": result.mean_ap},
         "maxboxacc": best["table"].to_dict(orient="records"), "classes": classes,
         "image_ids": list(images["image_id"])})

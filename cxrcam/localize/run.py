@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cxrcam.calibration import filter_range
 from cxrcam.cam.checkpoint import CheckpointMaps
 from cxrcam.config import Config, config_to_dict
 from cxrcam.data.images import warn_squashed
@@ -84,6 +85,7 @@ def localize(checkpoint: str | Path | list, data: str | Path, out: str | Path, c
     refiner = _refiner(detector, config, info.device, schema, checkpoint)
     truth = boxes_by_image(source.truth)
     _check_calibration(maps, source)
+    two_class = filter_range(config.boxes, maps.calibration)
     step = Step(maps.rules, truth, maps.thresholds, parse_classes(classes, schema), pictures, refiner)
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
@@ -115,7 +117,8 @@ def localize(checkpoint: str | Path | list, data: str | Path, out: str | Path, c
     parts = merge_ranks(collected.tables(), out, info)
     summary = None
     if parts is not None:
-        summary = write_outputs(parts, source, schema, config, out, start, refined=refiner is not None)
+        summary = write_outputs(parts, source, schema, config, out, start, refined=refiner is not None,
+                                two_class=two_class)
         write_json(out / "localize.json", {"checkpoint": [str(p) for p in maps.paths] if len(maps.paths) > 1
                                            else str(checkpoint), "detector": detector and str(detector),
                                            "schema": schema.name,
@@ -124,6 +127,7 @@ def localize(checkpoint: str | Path | list, data: str | Path, out: str | Path, c
                                            "draw_min_score": draw_min_score,
                                            "decision_thresholds": [float(t) for t in maps.thresholds],
                                            "cam": {"method": maps.cam.method, "target_layer": maps.cam.target_name},
+                                           "filter": {"low": two_class[0], "high": two_class[1]},
                                            "config": config_to_dict(config)})
     dist.cleanup()
     return summary

@@ -151,8 +151,9 @@ def merge_ranks(parts: dict[str, pd.DataFrame], out: Path, info: dist.DistInfo) 
 
 
 def write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schema, config: Config, out: Path,
-                  start: float, refined: bool) -> LocalizeSummary:
-    """The tables of a run (rank 0), in the input's image order; the summary printed at the end."""
+                  start: float, refined: bool, two_class: tuple[float, float] = (0.0, 1.0)) -> LocalizeSummary:
+    """The tables of a run (rank 0), in the input's image order; the summary printed at the end.
+    ``two_class``: the 2-class filter's (low, high) (:func:`~cxrcam.calibration.filter_range`)."""
     order = {image_id: k for k, image_id in enumerate(source.images["image_id"])}
     probs = parts["probabilities"].sort_values("image_id", key=lambda s: s.map(order), kind="stable")
     detections, cam_detections = (parts[k].sort_values(["image_id", "class_id", "score"], ascending=[True, True, False])
@@ -163,10 +164,9 @@ def write_outputs(parts: dict[str, pd.DataFrame], source: Source, schema: Schema
                        index=probs["image_id"].to_numpy())
     image_ids = list(source.images["image_id"]) + [i for i, _, _ in source.failures if i not in order]
     fmt = submission_format(schema)  # the competition's own format for its data
-    box = config.boxes
     for path, found in (("submission.csv", detections), *((("cam_submission.csv", cam_detections),) if refined else ())):
-        kept, rows = two_class_filter(found, normal if schema.no_finding_id is not None else None, box.filter_low,
-                                      box.filter_high, p_normal=normal)
+        kept, rows = two_class_filter(found, normal if schema.no_finding_id is not None else None, *two_class,
+                                      p_normal=normal)
         write_submission(out / path, image_ids, kept, rows, schema.no_finding_id, fmt)
     write_csv(out / "probabilities.csv", probs.reset_index(drop=True))
     write_csv(out / "peaks.csv", parts["peaks"])

@@ -4,7 +4,8 @@
   p(abnormal) = 1 - p_normal (the p_normal of the ``14 p_normal 0 0 1 1`` row), an image below
   ``low`` keeps only its "No finding" row, one above ``high`` keeps its detections without it, and
   one in between keeps both. RSNA has no "No finding": below ``low`` an image's boxes are dropped.
-  ``low=0, high=1`` (the defaults, ``boxes.filter_low``/``boxes.filter_high``) changes nothing.
+  ``low=0, high=1`` changes nothing. ``cxrcam calibrate`` chooses the thresholds on its validation
+  images (:func:`choose_filter`); ``boxes.filter_low``/``filter_high`` "auto" use its choice.
 - **Ensembles** (``cxrcam ensemble``): Weighted Boxes Fusion (ensemble-boxes) of several submissions
   of the same images, each image's boxes normalised by its size, per class; the "No finding" rows'
   p_normal is the weighted mean of the submissions'.
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -38,6 +40,70 @@ def two_class_filter(detections: pd.DataFrame, normal: pd.Series | None, low: fl
     if normal is not None:
         normal = normal[abnormal.reindex(normal.index).fillna(0).to_numpy() <= high]
     return detections, normal
+
+
+FILTER_LOWS = (0.0, 0.02, 0.05, 0.08, 0.12, 0.2, 0.3)  # the low thresholds calibrate tries (the winners: 0.08)
+FILTER_HIGHS = (0.8, 0.9, 0.95, 0.98, 1.0)  # and the high ones (0.95)
+
+
+def filter_score(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataFrame, image_ids: list[str],
+                 schema: Schema, iou_thr: float, low: float, high: float) -> float:
+    """The dataset's own metric after the 2-class filter: VOC mAP@``iou_thr`` with "No finding"
+    counted (``truth`` already holds its ``0 0 1 1`` boxes), or RSNA's score."""
+    from cxrcam.data.tables import no_finding_rows
+    from cxrcam.evaluation.detection import voc_map
+    from cxrcam.evaluation.rsna import rsna_score
+
+    no_finding = schema.no_finding_id
+    kept, normal = two_class_filter(detections, p_normal if no_finding is not None else None, low, high,
+                                    p_normal=p_normal)
+    if no_finding is None:
+        return rsna_score(truth, kept, image_ids)[0] if schema.name == "rsna" else voc_map(truth, kept, iou_thr)[0]
+    rows = no_finding_rows(normal.index, no_finding, normal.to_numpy())
+    return voc_map(truth, pd.concat([kept[DETECTION_COLUMNS], rows], ignore_index=True), iou_thr)[0]
+
+
+def choose_filter(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataFrame, schema: Schema,
+                  iou_thr: float, half: Callable[[str], int]) -> dict[str, Any]:
+    """The 2-class filter's (low, high) for these validation detections (original pixels) and
+    p_normal (image_id -> p_normal, every image), over :data:`FILTER_LOWS` x :data:`FILTER_HIGHS`
+    (RSNA, without "No finding": the low threshold alone), scored by :func:`filter_score`.
+
+    As calibrate's thresholds: the pair chosen on one ``half`` of the images is scored on the
+    other, both ways; the filter is kept only where that beats no filter on each half, and is then
+    chosen on all the images. Ties keep the least filtering."""
+    image_ids = list(p_normal.index)
+    highs = FILTER_HIGHS if schema.no_finding_id is not None else (1.0,)
+    grid = [(lo, hi) for lo in FILTER_LOWS for hi in highs]
+    halves = np.array([half(i) for i in image_ids])
+    subsets = [[i for i, h in zip(image_ids, halves) if h == k] for k in (0, 1)]
+
+    def scores(ids: list[str]) -> np.ndarray:
+        keep = set(ids)
+        dets, sub = detections[detections["image_id"].isin(keep)], truth[truth["image_id"].isin(keep)]
+        return np.array([filter_score(dets, p_normal.loc[ids], sub, ids, schema, iou_thr, lo, hi) for lo, hi in grid])
+
+    def best(values: np.ndarray) -> int:  # of the pairs at the best score, the least filtering (grid order)
+        change = np.array([lo + (1 - hi) for lo, hi in grid])
+        tied = np.flatnonzero(values >= np.nanmax(values) - 1e-9)
+        return int(tied[np.argmin(change[tied])])
+
+    off = grid.index((0.0, 1.0))
+    table = [scores(image_ids), *(scores(ids) for ids in subsets)]
+    result = {"low": 0.0, "high": 1.0, "metric": "RSNA score" if schema.name == "rsna" else f"mAP@{iou_thr}",
+              "value": float(table[0][off]), "off": float(table[0][off])}
+    if not all(np.isfinite(t).any() for t in table):
+        return {**result, "why": "no truth on both halves of the validation images to choose by"}
+    held = [float(table[1][best(table[2])]), float(table[2][best(table[1])])]  # half 0 by half 1's choice, and back
+    result.update(heldout_halves=held, off_halves=[float(table[1][off]), float(table[2][off])],
+                  grid=[[lo, hi, float(v)] for (lo, hi), v in zip(grid, table[0])])
+    if all(h > o + 1e-9 for h, o in zip(held, result["off_halves"])):
+        k = best(table[0])
+        result.update(low=grid[k][0], high=grid[k][1], value=float(table[0][k]),
+                      why="beat no filter on each held-out half")
+    else:
+        result["why"] = "no held-out gain on both halves: no filter"
+    return result
 
 
 def ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], schema: Schema,
@@ -102,4 +168,5 @@ def write_ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], out
     return table
 
 
-__all__ = ["two_class_filter", "ensemble", "write_ensemble"]
+__all__ = ["two_class_filter", "filter_score", "choose_filter", "FILTER_LOWS", "FILTER_HIGHS", "ensemble",
+           "write_ensemble"]
