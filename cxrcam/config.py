@@ -57,8 +57,11 @@ class ModelConfig:
     output_stride: Literal[8, 16, 32] = 32
     # "avg": global average pooling + linear (the closed-form CAM's condition); "lse": a score map per class,
     # log-sum-exp pooled with sharpness lse_r (ChestX-ray8): each logit from where its class's evidence is
-    pooling: Literal["avg", "lse"] = "avg"
+    # "pcam": the score map averaged under its own sigmoid (Ye et al. 2020); "csra": its mean plus csra_lambda x its
+    # softmax-attention mean (Zhu & Wu 2021)
+    pooling: Literal["avg", "lse", "pcam", "csra"] = "avg"
     lse_r: float = 5.0
+    csra_lambda: float = 0.1
 
 
 @dataclass
@@ -254,7 +257,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "detector.head_size": (1, None), "detector.score_thresh": UNIT, "detector.detections_per_img": (1, None),
     "refine.iou": UNIT, "refine.top_k": (0, None), "eval.iou_thr": UNIT,
 }
-POSITIVE = {"train.lr", "detector.lr", "detector.pseudo_weight", "boxes.scale", "refine.scale", "model.lse_r"}
+POSITIVE = {"train.lr", "detector.lr", "detector.pseudo_weight", "boxes.scale", "refine.scale", "model.lse_r",
+            "model.csra_lambda"}
 
 
 def check_ranges(config: Config) -> None:

@@ -132,6 +132,33 @@ def test_lse_pooling_lies_between_the_mean_and_the_maximum():
     assert (middle > flat.mean(-1)).all() and (middle < flat.amax(-1)).all()
 
 
+def test_pcam_and_csra_pooling_by_their_papers_definitions():
+    """PCAM (Ye et al. 2020): features pooled with the class map's normalised sigmoid, then the
+    class's linear layer. CSRA (Zhu & Wu 2021): the mean of the class scores plus lambda times their
+    softmax-attended sum. Both written out from features here, against the pools on score maps."""
+    from cxrcam.models.factory import CSRAPool, PCAMPool, ScoreMapHead, score_pool
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 6, 4, 5, generator=g)
+    head = ScoreMapHead(6, 3, PCAMPool())
+    weight, bias = head.scores.weight[:, :, 0, 0], head.scores.bias  # C x D, C
+    with torch.no_grad():
+        flat = features.flatten(2)  # B x D x N
+        scores = torch.einsum("cd,bdn->bcn", weight, flat) + bias[None, :, None]  # B x C x N
+        p = torch.sigmoid(scores)
+        pooled = torch.einsum("bcn,bdn->bcd", p / p.sum(-1, keepdim=True), flat)  # each class's own feature
+        expected = (pooled * weight[None]).sum(-1) + bias
+        assert torch.allclose(head(features), expected, atol=1e-5)
+        head.pool = CSRAPool(0.3)
+        attention = torch.softmax(scores, dim=-1)
+        assert torch.allclose(head(features), scores.mean(-1) + 0.3 * (attention * scores).sum(-1), atol=1e-5)
+    assert score_pool("csra", csra_lambda=0.2).lam == 0.2 and isinstance(score_pool("pcam"), PCAMPool)
+    model = create_classifier("resnet10t", 4, pooling="csra", csra_lambda=0.25)
+    assert model.head.pool.lam == 0.25
+    with pytest.raises(CxrcamError, match="model.pooling"):
+        create_classifier("resnet10t", 4, pooling="max")
+
+
 def test_an_lse_classifier_trains_saves_and_maps_its_own_score_maps(vinbig_model, tmp_path):
     """model.pooling=lse: trained, saved and rebuilt from its checkpoint with the same logits; its
     default Grad-CAM is each class's own score map (the head's input to the pooling), as CAM draws it."""

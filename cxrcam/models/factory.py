@@ -4,7 +4,8 @@ The model takes what the data stage produces, a grey batch ``B x 1 x H x W`` in 
 owns everything from there: replication to the backbone's channels and the normalisation
 (ImageNet statistics by default, stored as buffers, so checkpoints carry them and
 ``localize`` cannot get them wrong). The head is global average pooling + linear, which the
-fast all-class CAM relies on; or (``model.pooling=lse``) a score map per class, LSE-pooled.
+fast all-class CAM relies on; or (``model.pooling=lse|pcam|csra``) a score map per class, pooled
+by log-sum-exp, probabilistic CAM or class-specific residual attention.
 """
 from __future__ import annotations
 
@@ -57,6 +58,36 @@ class LSEPool(nn.Module):
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         flat = scores.flatten(2)
         return (torch.logsumexp(self.r * flat, dim=-1) - math.log(flat.shape[-1])) / self.r
+
+
+class PCAMPool(nn.Module):
+    """Probabilistic-CAM pooling (Ye et al. 2020): per class, the score map averaged with weights
+    ``sigmoid(s_ij)`` normalised over the positions, so the positions the class's own map calls
+    likely decide its logit, and training shapes the map itself. (Their pooled feature followed by
+    the class's linear layer is this weighted mean of the score map: the layer is linear.)"""
+
+    is_global_pool = True
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        flat = scores.flatten(2)
+        weights = torch.sigmoid(flat)
+        return (weights * flat).sum(-1) / weights.sum(-1).clamp_min(1e-6)
+
+
+class CSRAPool(nn.Module):
+    """Class-specific residual attention (CSRA; Zhu & Wu, ICCV 2021), one head: per class, the
+    score map's mean plus ``lam`` times its softmax-attention mean (temperature 1), where the class's
+    own scores are the attention: each class gets a map that is also its attention over the image."""
+
+    is_global_pool = True
+
+    def __init__(self, lam: float = 0.1):
+        super().__init__()
+        self.lam = float(lam)
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        flat = scores.flatten(2)
+        return flat.mean(-1) + self.lam * (torch.softmax(flat, dim=-1) * flat).sum(-1)
 
 
 class ScoreMapHead(nn.Module):
@@ -155,12 +186,17 @@ def _create_backbone(name: str, num_classes: int, in_chans: int, pretrained: boo
         hub.HF_HUB_OFFLINE = offline
 
 
-POOLINGS = ("avg", "lse")
+POOLINGS = ("avg", "lse", "pcam", "csra")
+
+
+def score_pool(pooling: str, lse_r: float = 5.0, csra_lambda: float = 0.1) -> nn.Module:
+    """The pooling of a :class:`ScoreMapHead`: ``model.pooling`` lse, pcam or csra."""
+    return {"lse": lambda: LSEPool(lse_r), "pcam": PCAMPool, "csra": lambda: CSRAPool(csra_lambda)}[pooling]()
 
 
 def create_classifier(name: str, num_classes: int, pretrained: bool | str = False, in_chans: int = 3,
                       drop_rate: float = 0.0, output_stride: int = 32, pooling: str = "avg",
-                      lse_r: float = 5.0) -> Classifier:
+                      lse_r: float = 5.0, csra_lambda: float = 0.1) -> Classifier:
     """A timm backbone ``name`` with a ``num_classes`` pooling + linear head.
 
     ``pretrained``: False (random init), True (ImageNet weights from the hub or its cache),
@@ -168,8 +204,9 @@ def create_classifier(name: str, num_classes: int, pretrained: bool | str = Fals
     ImageNet first-layer weights); 1 lets timm fold the first layer to one channel.
     ``output_stride`` 16 or 8 dilates the last stage(s) instead of striding: the same weights,
     heat maps 2x or 4x finer, at the cost of more computation in those stages.
-    ``pooling`` "lse": the backbone's feature maps -> a score map per class -> :class:`LSEPool`
-    (``lse_r``) instead of average pooling + linear.
+    ``pooling`` "lse", "pcam" or "csra": the backbone's feature maps -> a score map per class ->
+    :class:`LSEPool` (``lse_r``), :class:`PCAMPool` or :class:`CSRAPool` (``csra_lambda``) instead
+    of average pooling + linear.
     """
     if pooling not in POOLINGS:
         raise CxrcamError(f"model.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -178,7 +215,7 @@ def create_classifier(name: str, num_classes: int, pretrained: bool | str = Fals
         head = None
     else:
         backbone = _create_backbone(name, 0, in_chans, pretrained, drop_rate, output_stride, global_pool="")
-        head = ScoreMapHead(backbone.num_features, num_classes, LSEPool(lse_r))
+        head = ScoreMapHead(backbone.num_features, num_classes, score_pool(pooling, lse_r, csra_lambda))
     cfg = backbone.pretrained_cfg or {}
     return Classifier(backbone, *channel_stats(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), in_chans),
                       head)
@@ -190,7 +227,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     with checkpoint_contents(path):
         model = create_classifier(ckpt["model_name"], len(ckpt["classes"]), pretrained=False,
                                   in_chans=ckpt["in_chans"], output_stride=ckpt.get("output_stride", 32),
-                                  pooling=ckpt.get("pooling", "avg"), lse_r=ckpt.get("lse_r", 5.0))
+                                  pooling=ckpt.get("pooling", "avg"), lse_r=ckpt.get("lse_r", 5.0),
+                                  csra_lambda=ckpt.get("csra_lambda", 0.1))
         model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 

@@ -145,7 +145,8 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
     # --- model, loss, optimiser, schedule
     model = create_classifier(config.model.name, len(classes), config.model.pretrained,
                               config.model.in_chans, config.model.drop_rate, config.model.output_stride,
-                              config.model.pooling, config.model.lse_r).to(info.device)
+                              config.model.pooling, config.model.lse_r,
+                              config.model.csra_lambda).to(info.device)
     channels_last = cuda and tcfg.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -172,6 +173,7 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
 
     meta = {"model_name": config.model.name, "in_chans": config.model.in_chans,
             "output_stride": config.model.output_stride, "pooling": config.model.pooling, "lse_r": config.model.lse_r,
+            "csra_lambda": config.model.csra_lambda,
             "classes": classes,
             "schema": cache.schema.name, "input_size": cache.size,
             "mean": raw_model.mean.flatten().tolist(), "std": raw_model.std.flatten().tolist(),
