@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--base", type=Path, action="append", required=True, help="a bench_maps train_seedN folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variant", action="append", required=True, help="overrides, space separated")
+    parser.add_argument("--base-pred", default="localize",
+                        help="the base's folder of maps to compare against (a bench_maps variant folder where the "
+                             "configured map has changed since, e.g. variant_layercam_layer3)")
     parser.add_argument("--config", default=TINY)
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +67,7 @@ def main() -> None:
                 run_command(cli, *stages.localize(loc, "--threshold", 0.65, "--no-images"))
             cmp = out / "vs_base"
             if not (cmp / "comparison.json").is_file():
-                run_command(cli, *base.evaluate([base_dir / "localize", loc], cmp, "--no-plots"))
+                run_command(cli, *base.evaluate([base_dir / a.base_pred, loc], cmp, "--no-plots"))
             comparison = json.loads((cmp / "comparison.json").read_text())
             pair = comparison["pairs"][0]["figures"]
             table.setdefault(text, []).append((figures(comparison, 0), figures(comparison, 1), pair))
