@@ -3,7 +3,8 @@ the caches of existing ``scripts/bench_maps.py`` trainings, its maps scored pair
 training's configured maps on the same test images.
 
 For each ``--base`` folder (``bench_maps``' ``train_seedN``) and each ``--variant`` (overrides,
-e.g. ``model.pooling=pcam``), with the real commands: ``train-classifier`` on the base's train
+e.g. ``model.pooling=pcam``; ``prepare.size=256`` caches the base's images again at that size), with
+the real commands: ``train-classifier`` on the base's train
 cache with the base's ``train.seed`` and epochs, ``localize --threshold 0.65 --no-images`` on its
 test cache, ``evaluate``, and ``evaluate --pred BASE --pred VARIANT`` (paired bootstrap). The
 table has each figure as mean +- sd over the bases and, per base, the paired difference and
@@ -56,8 +57,15 @@ def main() -> None:
         for text in a.variant:
             name = text.replace(" ", "_").replace("=", "_")
             out = a.out / f"{base_dir.name}_{name}"
-            stages = Stages(out, 0, a.config, [*base.common, *text.split()])
-            stages.cache = base.cache  # the base's data, this variant's training
+            size = next((int(o.split("=")[1]) for o in text.split() if o.startswith("prepare.size=")), None)
+            stages = Stages(out, size or 0, a.config, [*base.common, *text.split()])
+            if size:  # another input size: the base's images cached again at it
+                stages.data = base.data
+                for split in ("train", "test"):
+                    if not (stages.cache(split) / "cache.json").is_file():
+                        run_command(cli, *stages.prepare(split))
+            else:
+                stages.cache = base.cache  # the base's data and cache, this variant's training
             if not (stages.classifier.is_file() and (out / "seconds.json").is_file()):
                 start = time.perf_counter()
                 run_command(cli, *stages.train_classifier())
