@@ -1,7 +1,8 @@
 """``calibration.json``: written by ``cxrcam calibrate``, read by localize, refine, the detector's
 CAM pass and evaluate (for the random-map control), in this one module.
 
-It records the heat map calibrate chose (method and target layer), each class's box setting
+It records the heat map calibrate chose (method and target layer, and the layers each class fuses
+where some class takes a finer map), each class's box setting
 (threshold, threshold mode and box scale, and score and min_area where it chose them), the dataset
 whose classes those are, the images it was calibrated on, an ensemble's operating points, the
 2-class filter's thresholds, and the evidence. A reader gets the per-class box settings

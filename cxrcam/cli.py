@@ -376,9 +376,9 @@ def calibrate(checkpoint: tuple[Path, ...], data: Path, out: Path, fold: str, se
     For every candidate map (the configured one and --maps) the boxed images' maps are computed
     once; boxes are re-cut in each threshold mode (--modes) at every threshold from 0.05 to 0.95
     and scored with AP@0.4 per class (VinBigData's metric), on all images and on each half. A map
-    and mode, a class's threshold, or a class's box scale (0.6-1.5) replaces the configured one
-    only where it wins on the half it was not chosen on (both ways), so a few boxes cannot be
-    overfitted; the other box scores and min_area values are tried and reported.
+    and mode, a class's threshold, a class's own map (a finer candidate of the same method), or a
+    class's box scale (0.6-1.5) replaces the configured one only where it wins on the half it was
+    not chosen on (both ways), so a few boxes cannot be overfitted; the other box scores and min_area values are tried and reported.
     Also reports MaxBoxAccV2 (Choe et al., CVPR 2020) of each map beside its random-map control.
     Then the 2-class filter's thresholds on p(abnormal), scored with "No finding" counted (RSNA:
     its score), kept only where they beat no filter on both halves the same way.

@@ -310,6 +310,29 @@ def test_a_threshold_or_map_stands_only_where_its_gain_holds_on_both_halves():
     assert _gains_on_both_halves(both, configured) and not _gains_on_both_halves(one, configured)
 
 
+def test_a_class_takes_a_finer_map_only_where_its_own_gain_holds_on_both_halves():
+    """calibrate's per-class map: a candidate of the same method and mode replaces the chosen map for
+    a well-boxed class whose held-out AP beats the chosen map's (calibrated and configured
+    thresholds) on each half; not for a gain on one half, a few boxes, or another method."""
+    from cxrcam.calibrate.run import _class_maps
+
+    model = create_classifier("resnet10t", 14)
+
+    def candidate(method: str, layer: str, classes: dict) -> dict:
+        return {"method": method, "target_layer": layer, "threshold_mode": "fixed", "classes": {
+            name: {"n_truth": n, "heldout_halves": h, "default_halves": [0.1, 0.1], "heldout_ap": float(np.mean(h))}
+            for name, (n, h) in classes.items()}}
+
+    best = candidate("layercam", "layer3", {"small": (9, [0.2, 0.3]), "large": (9, [0.2, 0.3]),
+                                            "rare": (2, [0.2, 0.3])})
+    finer = candidate("layercam", "layer2,layer3", {"small": (9, [0.25, 0.35]), "large": (9, [0.5, 0.25]),
+                                                    "rare": (2, [0.9, 0.9])})
+    other = candidate("gradcam++", "layer2,layer3", {"large": (9, [0.9, 0.9])})
+    same = candidate("layercam", "backbone.layer3", {"large": (9, [0.9, 0.9])})  # best's own map, spelt otherwise
+    assert {k: m["target_layer"] for k, m in _class_maps([best, finer, other, same], best, 5, model).items()} == {
+        "small": "layer2,layer3"}
+
+
 def test_calibrate_tries_maps_records_the_evidence_and_localize_uses_the_choice(vinbig_model, tmp_path):
     """Each candidate map's held-out AP and MaxBoxAccV2 (beside its control) are recorded with the
     choice and why; localize, refine and the pseudo-boxes cut the maps the calibration chose, and a
@@ -334,6 +357,15 @@ def test_calibrate_tries_maps_records_the_evidence_and_localize_uses_the_choice(
     cal.write_text(json.dumps(saved))
     maps = CheckpointMaps(ckpt, load_config(None, [f"boxes.calibration={cal}"]))
     assert (maps.cam.method, maps.cam.target_name) == ("layercam", "backbone.layer3")  # what pseudo-boxes and refine build
+    # a class on a finer map: one pass at layer2,layer3; class 0 fuses both, the others layer3 alone
+    saved = {**saved, "cam": {"method": "layercam", "target_layer": "backbone.layer2,backbone.layer3",
+                              "class_layers": {str(c): "layer2,layer3" if c == 0 else "layer3" for c in range(14)}}}
+    (tmp_path / "mixed.json").write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match="chose layercam"):
+        mixed = CheckpointMaps(ckpt, load_config(None, [f"boxes.calibration={tmp_path / 'mixed.json'}"]))
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    fine, coarse = (create_cam(mixed.model, "layercam", layer)(x, [0, 1]).cams for layer in ("layer2,layer3", "layer3"))
+    assert torch.allclose(mixed.cam(x, [0, 1]).cams, torch.stack([fine[:, 0], coarse[:, 1]], 1), atol=1e-5)
     loc = cxrcam("localize", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(tmp_path / "loc"),
                  "--threshold", str(cal), "--no-images", "cam.workers=0", "cam.method=gradcam")
     assert loc.returncode == 0, loc.stderr

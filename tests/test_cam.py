@@ -12,6 +12,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cxrcam.cam import (ClosedFormCAM, GradientCAM, LibraryCAM, compute_cams, create_cam, probe, scale_cams,
                         target_weights)
+from cxrcam.errors import CxrcamError
 from cxrcam.models import create_classifier
 from cxrcam.models.factory import Classifier
 
@@ -238,7 +239,6 @@ def test_gradient_engine_on_densenet_blocks_and_the_graph_starts_at_the_layer():
 
 def test_unknown_layer_is_one_line():
     model = create_classifier("resnet10t", 3).eval()
-    from cxrcam.errors import CxrcamError
 
     with pytest.raises(CxrcamError, match="no module 'layer9'.*layer3"):
         create_cam(model, "layercam", "layer9")
@@ -295,6 +295,28 @@ def test_each_image_gets_only_its_own_maps(method, layer, engine, batched):
     assert torch.allclose(out.maps, expected, atol=1e-5) and float(expected.max()) > 0.99
     assert torch.allclose(out.logits, everything.logits, atol=1e-5)
     assert cam.pairs(images, lambda logits: [target_weights([], 6)] * 3).maps.shape == (0, 64, 64)
+
+
+def test_each_class_fuses_its_own_layers():
+    """``use_class_layers``: from one layer2,layer3 pass, a class set to layer3 gets the layer3
+    engine's map, the others the fused engine's, in the all-class call and in per-image pairs."""
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", 6).eval()
+    images = torch.rand(2, 1, 64, 64)
+    fine, coarse = (create_cam(model, "layercam", layer) for layer in ("layer2,layer3", "layer3"))
+    mixed = create_cam(model, "layercam", "layer2,layer3")
+    mixed.use_class_layers({1: "layer3", 4: "backbone.layer3"}, 6)
+    expected = fine(images).cams.clone()
+    expected[:, [1, 4]] = coarse(images).cams[:, [1, 4]]
+    assert torch.allclose(mixed(images).cams, expected, atol=1e-5)
+    assert not torch.allclose(fine(images).cams[:, 1], coarse(images).cams[:, 1], atol=1e-3)  # the choice matters
+    need = [[4, 0], [1]]
+    out = mixed.pairs(images, lambda logits: [target_weights(n, 6) for n in need])
+    assert torch.allclose(out.maps, torch.stack([expected[0, 4], expected[0, 0], expected[1, 1]]), atol=1e-5)
+    mixed.use_class_layers({}, 6)
+    assert mixed.class_layers is None and torch.allclose(mixed(images).cams, fine(images).cams, atol=1e-6)
+    with pytest.raises(CxrcamError, match="not all among"):
+        mixed.use_class_layers({2: "layer4"}, 6)
 
 
 def test_a_batch_costs_its_busiest_images_pairs_not_the_union():

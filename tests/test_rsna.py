@@ -1,6 +1,7 @@
 """RSNA Pneumonia end to end offline: ``synth --format rsna`` in the released layout, drawn from RSNA's
 released table, through prepare, train-classifier, localize and evaluate's RSNA score with its
-bootstrap interval and paired comparison."""
+bootstrap interval and paired comparison; and RSNA's 2nd-place pipeline there (a RetinaNet with
+its global output, bf16, resumed; its NMS and box scale swept against the RSNA score; refine)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import torch
 
-from conftest import cxrcam, shared
+from conftest import DETECTOR, cxrcam, shared
 from cxrcam.data.profiles import compare_rsna, load_profile, rsna_figures
 from cxrcam.data.readers import read_rsna
 from cxrcam.data.synth import synthesize
@@ -62,21 +64,31 @@ def test_the_rsna_score_resamples_as_the_plain_metric(tmp_path):
         assert value == pytest.approx(expected, nan_ok=True)
 
 
-def test_the_pipeline_on_rsna_layout_data(tmp_path):
-    """synth rsna -> prepare -> train-classifier -> localize (RSNA's submission format) -> evaluate
-    --format rsna --ci; two localize folders compared pair by pair on the RSNA score."""
+FAST = ["--config", "tiny", "train.workers=0", "cam.workers=0", "model.output_stride=32"]
+
+
+@pytest.fixture(scope="module")
+def rsna_run(tmp_path_factory) -> tuple:
+    """synth rsna -> prepare -> train-classifier, once for this module: (cache, classifier run)."""
+    tmp_path = tmp_path_factory.mktemp("rsna")
     data, cache = tmp_path / "data", tmp_path / "cache"
-    fast = ["--config", "tiny", "train.workers=0", "cam.workers=0", "model.output_stride=32"]
     for args in (["synth", "--format", "rsna", "--out", str(data), "--n-images", "80", "--size", "96", "--seed", "2"],
-                 ["prepare", "--dataset", "rsna", "--root", str(data), "--out", str(cache), "--size", "64", *fast],
-                 ["train-classifier", "--data", str(cache), "--out", str(tmp_path / "run"), "train.epochs=1", *fast]):
+                 ["prepare", "--dataset", "rsna", "--root", str(data), "--out", str(cache), "--size", "64", *FAST],
+                 ["train-classifier", "--data", str(cache), "--out", str(tmp_path / "run"), "train.epochs=1", *FAST]):
         result = cxrcam(*args)
         assert result.returncode == 0, result.stderr
+    return cache, tmp_path / "run"
+
+
+def test_the_pipeline_on_rsna_layout_data(rsna_run, tmp_path):
+    """synth rsna -> prepare -> train-classifier -> localize (RSNA's submission format) -> evaluate
+    --format rsna --ci; two localize folders compared pair by pair on the RSNA score."""
+    cache, run = rsna_run
     folders = []
     for t in (0.5, 0.8):
         folder = tmp_path / f"loc{t}"
-        result = cxrcam("localize", "--checkpoint", str(tmp_path / "run"), "--data", str(cache), "--out", str(folder),
-                        "--threshold", str(t), "--no-images", "boxes.min_prob=0.2", *fast)
+        result = cxrcam("localize", "--checkpoint", str(run), "--data", str(cache), "--out", str(folder),
+                        "--threshold", str(t), "--no-images", "boxes.min_prob=0.2", *FAST)
         assert result.returncode == 0, result.stderr
         assert (folder / "submission.csv").read_text().startswith("patientId,PredictionString")
         folders.append(folder)
@@ -92,3 +104,32 @@ def test_the_pipeline_on_rsna_layout_data(tmp_path):
     pair = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["pairs"][0]["figures"]["RSNA score"]
     assert 0 <= pair["p"] <= 1 and pair["ci"][0] <= pair["difference"] <= pair["ci"][1]
     assert "RSNA score" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_rsnas_retinanet_trains_resumes_and_refines_on_rsna_data(rsna_run, tmp_path):
+    """train-detector detector.arch=retinanet (global output, bf16 autocast) on RSNA-layout data:
+    1 epoch, then --resume to 2 goes on from it; the NMS and box scale are chosen against the RSNA
+    score; refine writes RSNA's submission format, which evaluate scores. (Exact resume of the
+    shared training engine: tests/test_detector.py.)"""
+    cache, run = rsna_run
+    out = tmp_path / "retina"
+    retina = [*FAST, *DETECTOR, "detector.arch=retinanet", "detector.global_head=true", f"detector.init={run}/best.pt",
+              "detector.box_images=16"]  # 16 boxed training images: bf16 autocast is slow on a CPU
+    for extra in (["detector.epochs=1"], ["detector.epochs=2", "--resume"]):
+        result = cxrcam("train-detector", "--data", str(cache), "--out", str(out), *retina, *extra, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if extra[-1] != "--resume":
+            first = pd.read_csv(out / "metrics.csv")
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2] and metrics.iloc[:1].equals(first)  # epoch 1 kept, epoch 2 added
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["precision"] == "bf16" and ckpt["anchors"][0] < ckpt["anchors"][-1]
+    assert ckpt["postprocess"]["metric"] == "RSNA score"
+    result = cxrcam("refine", "--classifier", str(run), "--detector", str(out), "--data", str(cache),
+                    "--out", str(tmp_path / "refine"), "--no-images", "refine.proposals=rpn", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "refine" / "submission.csv").read_text().startswith("patientId,PredictionString")
+    result = cxrcam("evaluate", "--pred", str(tmp_path / "refine"), "--gt", str(cache), "--json",
+                    str(tmp_path / "m.json"), "--format", "rsna")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["rsna_score"] <= 1

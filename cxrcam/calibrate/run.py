@@ -16,7 +16,9 @@ issue-26 measurements showed the map itself (method and layer) matters as much. 
    configured map at the configured threshold on each half (the best mean of those that do);
    within the chosen map, a class keeps its calibrated threshold only where that held-out AP beats
    the configured threshold's on each half, else the configured threshold. The thresholds kept are
-   then chosen on all images;
+   then chosen on all images. A well-boxed class may also take another candidate of the same method
+   (a finer one, layer2 with layer3) where its own held-out AP beats the chosen map's on each half:
+   one pass at both maps' layers then serves every class (:meth:`BaseCAM.use_class_layers`);
 4. MaxBoxAccV2 and its random-map control for every candidate;
 5. the 2-class filter's thresholds (:func:`~cxrcam.outputs.postprocess.choose_filter`) for the
    boxes the chosen settings give, with the same held-out confirmation;
@@ -47,7 +49,7 @@ from cxrcam.boxes.from_cam import X0, Y1
 from cxrcam.calibrate.sweep import (SCALES, SWEEP, ClassMaps, Pair, ap_at, choose_threshold, class_boxes, on_grid,
                                    sweep_class, truth_of)
 from cxrcam.calibration import SETTING_KEYS, write_calibration
-from cxrcam.cam import map_name, parse_map
+from cxrcam.cam import map_name, parse_layers, parse_map, resolve_layer
 from cxrcam.cam.checkpoint import CheckpointMaps, needed_classes
 from cxrcam.config import Config
 from cxrcam.data.sources import open_source
@@ -299,6 +301,29 @@ def _choose(classes: dict, min_boxes: int, search: str, config: Config, mode: st
         e.setdefault("threshold_mode", mode)
 
 
+def _class_maps(candidates: list[dict], best: dict, min_boxes: int, model) -> dict[str, dict]:
+    """Class name -> the candidate map it takes instead of ``best``'s (issue 36: finer maps where a
+    finding is small): a candidate of the same method and threshold mode whose held-out AP for that
+    well-boxed class, threshold chosen on the other half, beats ``best``'s (at its calibrated and
+    at the configured threshold) on each half; of several, the best mean. One pass at both maps'
+    layers serves every class."""
+    switched: dict[str, tuple[float, dict]] = {}
+    for m in candidates:
+        if m["method"] != best["method"] or m["threshold_mode"] != best["threshold_mode"] or \
+                {resolve_layer(model, n) for n in parse_layers(m["target_layer"])} == \
+                {resolve_layer(model, n) for n in parse_layers(best["target_layer"])}:
+            continue
+        for name, e in m["classes"].items():
+            ours, theirs = best["classes"].get(name), e.get("heldout_halves")
+            if ours is None or e["n_truth"] < min_boxes or not theirs:
+                continue
+            bar = [max(a, b) for a, b in zip(ours["heldout_halves"], ours["default_halves"])]
+            if all(np.isfinite(theirs)) and all(t > b + 1e-9 for t, b in zip(theirs, bar)):
+                if e["heldout_ap"] > switched.get(name, (-np.inf, None))[0]:
+                    switched[name] = (e["heldout_ap"], m)
+    return {name: m for name, (_, m) in switched.items()}
+
+
 def _choose_filter(classes: dict, best: dict, images: pd.DataFrame, truth: pd.DataFrame, schema,
                    config: Config) -> dict | None:
     """The 2-class filter's thresholds (:func:`~cxrcam.outputs.postprocess.choose_filter`) for the
@@ -381,18 +406,34 @@ def calibrate(checkpoint: str | Path | list, data: str | Path, out: str | Path, 
     else:
         best, why = candidates[0], ("no candidate beat the configured map and threshold on both held-out halves: "
                                     "the configured procedure stands")
-    classes = best["classes"]
-    _other_settings(classes, best["pairs"], truth, config, best["threshold_mode"])
+    switched = _class_maps(candidates, best, min_boxes, maps_of.model)
+    classes = {**best["classes"], **{name: m["classes"][name] for name, m in switched.items()}}
+    pairs = [p for p in best["pairs"] if schema.class_name(p.class_id) not in switched] + [
+        p for name, m in switched.items() for p in m["pairs"] if schema.class_name(p.class_id) == name]
+    _other_settings(classes, pairs, truth, config, best["threshold_mode"])
     if winners:
         _choose(classes, min_boxes, search, config, best["threshold_mode"], confirm=True)
-    else:  # the configured procedure stands: every class at the configured setting
-        for e in classes.values():
-            _configured(e, config)
-    _choose_scales(classes, best["pairs"], truth, config, min_boxes)
-    two_class = _choose_filter(classes, best, images, truth, schema, config)
+    else:  # the configured procedure stands: every class at the configured setting, but a class on its own map
+        for name, e in classes.items():
+            if name not in switched:
+                _configured(e, config)
+        if switched:
+            _choose({n: classes[n] for n in switched}, min_boxes, search, config, best["threshold_mode"], confirm=True)
+    _choose_scales(classes, pairs, truth, config, min_boxes)
+    two_class = _choose_filter(classes, {**best, "pairs": pairs}, images, truth, schema, config)
     own = [e for e in classes.values() if e["source"] == "class"] or list(classes.values())
     chosen = {"method": best["method"], "target_layer": best["target_layer"],
               "threshold_mode": best["threshold_mode"], "why": why}
+    if switched:  # one pass at the union of the layers; each switched class fuses its own (BaseCAM.use_class_layers)
+        layers = [resolve_layer(maps_of.model, n) for m in (best, *switched.values())
+                  for n in parse_layers(m["target_layer"])]
+        own_layers = {c: best["target_layer"] for c in range(schema.num_findings)}
+        own_layers.update({classes[n]["class_id"]: m["target_layer"] for n, m in switched.items()})
+        chosen.update(target_layer=",".join(dict.fromkeys(layers)),
+                      class_layers={str(c): v for c, v in own_layers.items()})
+        why += "; " + ", ".join(f"{n} on {map_name(m['method'], m['target_layer'])}" for n, m in switched.items()) + \
+            " (its own held-out AP higher on each half)"
+        chosen["why"] = why
     evidence = [{k: m[k] for k in ("method", "target_layer", "threshold_mode", "heldout_ap", "heldout_ap_default",
                                    "maxboxacc", "control")} for m in candidates]
     result = Calibration(len(images), classes, _mean(e["ap_default"] for e in own), _mean(e["ap"] for e in own),

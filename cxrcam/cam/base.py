@@ -157,10 +157,12 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return x / (_EPS + x.flatten(2).amax(-1)[..., None, None])
 
 
-def scale_cams(maps: torch.Tensor | Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+def scale_cams(maps: torch.Tensor | Sequence[torch.Tensor], size: tuple[int, int],
+               layer_mask: torch.Tensor | None = None) -> torch.Tensor:
     """pytorch-grad-cam's scaling of raw maps (N x C x h x w, or one such per target layer) to
     N x C x H x W in [0, 1]: per layer ReLU, min-max per map, bilinear resize (cv2.resize's
-    formula); then the mean over the layers, ReLU, min-max again."""
+    formula); then the mean over the layers, ReLU, min-max again. ``layer_mask`` (N x C x L, or
+    broadcast to it; 1 where a map takes a layer): each map's mean over its own layers only."""
     layers = [maps] if isinstance(maps, torch.Tensor) else list(maps)
     if layers[0].shape[1] == 0:  # no class asked for (a batch of normal images): empty maps, not an error
         return layers[0].new_zeros((layers[0].shape[0], 0, *size), dtype=torch.float32)
@@ -170,7 +172,14 @@ def scale_cams(maps: torch.Tensor | Sequence[torch.Tensor], size: tuple[int, int
         if tuple(m.shape[-2:]) != tuple(size):
             m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         scaled.append(m)
-    fused = scaled[0] if len(scaled) == 1 else torch.stack(scaled).clamp_min(0).mean(0)
+    if len(scaled) == 1:
+        fused = scaled[0]
+    elif layer_mask is None:
+        fused = torch.stack(scaled).clamp_min(0).mean(0)
+    else:
+        mask = layer_mask.to(scaled[0]).expand(*scaled[0].shape[:2], len(scaled))
+        fused = (torch.stack(scaled, -1).clamp_min(0) * mask[..., None, None, :]).sum(-1) / mask.sum(-1).clamp_min(1)[
+            ..., None, None]
     return _minmax(fused.clamp_min(0))
 
 
@@ -237,6 +246,27 @@ class BaseCAM:
                               f"with no positions to draw a "
                               f"map on; {stages_text(model, self.info.vectors)}")
         self.target_layers = [model.get_submodule(n) for n in self.target_names]
+        self.class_layers: torch.Tensor | None = None  # all classes x target layers, see use_class_layers
+
+    def use_class_layers(self, layers: dict[int, str | Sequence[str]], num_classes: int) -> None:
+        """Fuse only some of the target layers for some classes (class id -> layer names, each one
+        of this engine's; the other classes fuse them all): calibrate's per-class choice of finer
+        maps. The maps come from the same pass; only the fusion differs per class."""
+        mask = torch.ones((num_classes, len(self.target_names)))
+        for c, names in layers.items():
+            chosen = {resolve_layer(self.model, n) for n in parse_layers(names)}
+            if not chosen <= set(self.target_names):
+                raise CxrcamError(f"class {c}'s layers {', '.join(sorted(chosen))} are not all among the engine's "
+                                  f"{self.target_name}")
+            mask[int(c)] = torch.tensor([float(n in chosen) for n in self.target_names])
+        self.class_layers = None if bool(mask.all()) else mask
+
+    def _layer_mask(self, weights: torch.Tensor) -> torch.Tensor | None:
+        """Per target (... x all classes of logit weights), its class's layer mask (its largest weight
+        is its class)."""
+        if self.class_layers is None:
+            return None
+        return self.class_layers.to(weights.device)[weights.argmax(-1)]
 
     @property
     def target_name(self) -> str:
@@ -272,7 +302,9 @@ class BaseCAM:
                                        classes(logits) if callable(classes) else classes)]
             weights = target_weights(chosen, logits.shape[1]).to(logits)[:, None].expand(-1, len(images), -1)
             maps = [m.transpose(0, 1) for m in self.raw_maps(images, weights)]  # B x C x h x w
-        return CamOutput(scale_cams(maps, tuple(images.shape[-2:])), logits, chosen)
+            mask = self._layer_mask(weights[:, 0])  # C x L
+        return CamOutput(scale_cams(maps, tuple(images.shape[-2:]), None if mask is None else mask[None]), logits,
+                         chosen)
 
     def pairs(self, images: torch.Tensor, plan: Callable[[torch.Tensor], Sequence[torch.Tensor]]) -> PairMaps:
         """Scaled maps of each image's own targets: ``plan(logits)`` gives, per image, its targets'
@@ -297,4 +329,6 @@ class BaseCAM:
         if not len(rows):  # no image needs a map (a batch of normal images)
             return PairMaps(images.new_zeros((0, *images.shape[-2:]), dtype=torch.float32), [], logits)
         maps = [m[rounds, rows][:, None] for m in raw]
-        return PairMaps(scale_cams(maps, tuple(images.shape[-2:]))[:, 0], rows.tolist(), logits)
+        mask = self._layer_mask(weights[rounds, rows])  # P x L
+        return PairMaps(scale_cams(maps, tuple(images.shape[-2:]), None if mask is None else mask[:, None])[:, 0],
+                        rows.tolist(), logits)

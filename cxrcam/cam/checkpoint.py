@@ -117,7 +117,8 @@ class CheckpointMaps:
         boxes = config.boxes if calibrated else dataclasses.replace(config.boxes, calibration="")
         self.rules, self.calibration = box_rules(boxes, self.schema)
         self._ensemble_points()
-        self.cam: BaseCAM | EnsembleCAM = self.use_map(*self._chosen_map())
+        chosen = self.calibration.cam if self.calibration is not None and self.calibration.cam else {}
+        self.cam: BaseCAM | EnsembleCAM = self.use_map(*self._chosen_map(), chosen.get("class_layers"))
 
     def _ensemble_points(self) -> None:
         """An ensemble's calibrated operating points, where its calibration chose them for as many
@@ -145,9 +146,13 @@ class CheckpointMaps:
                           f"not used", stacklevel=3)
         return chosen
 
-    def use_map(self, method: str, layer: str | None) -> BaseCAM | EnsembleCAM:
-        """Cut maps of ``method`` at ``layer`` from now on (calibrate's candidates)."""
+    def use_map(self, method: str, layer: str | None, class_layers: dict | None = None) -> BaseCAM | EnsembleCAM:
+        """Cut maps of ``method`` at ``layer`` from now on (calibrate's candidates); ``class_layers``
+        (class id -> some of those layers): the classes whose maps fuse fewer of them
+        (:meth:`~cxrcam.cam.base.BaseCAM.use_class_layers`)."""
         engines = [create_cam(model, method, layer or None) for model in self.models]
+        for engine in engines if class_layers else ():
+            engine.use_class_layers({int(c): v for c, v in class_layers.items()}, self.schema.num_findings)
         self.cam = engines[0] if len(engines) == 1 else EnsembleCAM(engines)
         return self.cam
 
