@@ -105,17 +105,21 @@ def test_killed_mid_epoch_resumes_exactly(vinbig_model, vinbig_detector, tmp_pat
     assert wrong.returncode != 0 and "the config asks for test_resnet" in wrong.stderr
 
 
-def test_torchrun_trains_with_two_processes(vinbig_model, tmp_path):
+@pytest.mark.parametrize("arch,port,box_loss", [("fasterrcnn", 29541, "loss_box_reg"),
+                                               ("retinanet", 29542, "bbox_regression")])
+def test_torchrun_trains_with_two_processes(vinbig_model, tmp_path, arch, port, box_loss):
     """2 gloo processes: each takes half of every global batch, rank 0 alone validates and writes.
-    detector.box_images=40 trains on a seeded sample of 40 training-fold images, recorded in the checkpoint."""
+    detector.box_images=40 trains on a seeded sample of 40 training-fold images, recorded in the checkpoint.
+    Faster R-CNN, and RetinaNet with its global output (a parameter DDP must see used)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["detector.global_head=true"] if arch == "retinanet" else []
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29541", "-m", "cxrcam", "train-detector", "--data", str(vinbig_model[0]),
-                          "--out", str(tmp_path / "ddp"), *DETECTOR, "detector.epochs=1", "detector.box_images=40"],
-                         capture_output=True, text=True, timeout=900, env=env)
+                          str(port), "-m", "cxrcam", "train-detector", "--data", str(vinbig_model[0]),
+                          "--out", str(tmp_path / "ddp"), *DETECTOR, "detector.epochs=1", "detector.box_images=40",
+                          f"detector.arch={arch}", *extra], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = pd.read_csv(tmp_path / "ddp" / "metrics.csv")
-    assert list(metrics["epoch"]) == [1] and np.isfinite(metrics["loss_box_reg"]).all()
+    assert list(metrics["epoch"]) == [1] and np.isfinite(metrics[box_loss]).all()
     assert 0 <= metrics["val_map"].iloc[0] <= 1
     model, ckpt = load_detector(tmp_path / "ddp" / "best.pt")  # strict load: the unwrapped model was saved
     images = open_cache(vinbig_model[0]).images
