@@ -42,8 +42,22 @@ def two_class_filter(detections: pd.DataFrame, normal: pd.Series | None, low: fl
     return detections, normal
 
 
-FILTER_LOWS = (0.0, 0.02, 0.05, 0.08, 0.12, 0.2, 0.3)  # the low thresholds calibrate tries (the winners: 0.08)
-FILTER_HIGHS = (0.8, 0.9, 0.95, 0.98, 1.0)  # and the high ones (0.95)
+FILTER_LOWS = (0.0, 0.08)  # the low thresholds calibrate tries (the winners': 0.08), besides the quantiles below
+FILTER_HIGHS = (0.95, 1.0)  # and the high ones (0.95)
+# ... and these quantiles of the validation images' own p(abnormal): a classifier trained with pos_weight puts
+# every image above 0.7 (the winners' numbers never fire there; docs/BENCHMARKS.md, issue 37)
+LOW_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+HIGH_QUANTILES = (0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def filter_grid(abnormal: np.ndarray, rsna: bool = False) -> list[tuple[float, float]]:
+    """The (low, high) pairs :func:`choose_filter` tries for these p(abnormal) values: the fixed
+    numbers and the quantiles, low <= high (RSNA, without "No finding": high 1 alone)."""
+    values = np.asarray(abnormal, np.float64)
+    lows = sorted({*FILTER_LOWS, *(np.round(np.quantile(values, LOW_QUANTILES), 4) if len(values) else ())})
+    highs = [1.0] if rsna else sorted({*FILTER_HIGHS, *(np.round(np.quantile(values, HIGH_QUANTILES), 4)
+                                                        if len(values) else ())})
+    return [(float(lo), float(hi)) for lo in lows for hi in highs if lo <= hi]
 
 
 def filter_score(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataFrame, image_ids: list[str],
@@ -66,15 +80,14 @@ def filter_score(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataFr
 def choose_filter(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataFrame, schema: Schema,
                   iou_thr: float, half: Callable[[str], int]) -> dict[str, Any]:
     """The 2-class filter's (low, high) for these validation detections (original pixels) and
-    p_normal (image_id -> p_normal, every image), over :data:`FILTER_LOWS` x :data:`FILTER_HIGHS`
-    (RSNA, without "No finding": the low threshold alone), scored by :func:`filter_score`.
+    p_normal (image_id -> p_normal, every image), over :func:`filter_grid` (RSNA, without "No
+    finding": the low threshold alone), scored by :func:`filter_score`.
 
     As calibrate's thresholds: the pair chosen on one ``half`` of the images is scored on the
     other, both ways; the filter is kept only where that beats no filter on each half, and is then
     chosen on all the images. Ties keep the least filtering."""
     image_ids = list(p_normal.index)
-    highs = FILTER_HIGHS if schema.no_finding_id is not None else (1.0,)
-    grid = [(lo, hi) for lo in FILTER_LOWS for hi in highs]
+    grid = filter_grid(1 - p_normal.to_numpy(), rsna=schema.no_finding_id is None)
     halves = np.array([half(i) for i in image_ids])
     subsets = [[i for i, h in zip(image_ids, halves) if h == k] for k in (0, 1)]
 
@@ -168,5 +181,5 @@ def write_ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], out
     return table
 
 
-__all__ = ["two_class_filter", "filter_score", "choose_filter", "FILTER_LOWS", "FILTER_HIGHS", "ensemble",
+__all__ = ["two_class_filter", "filter_score", "filter_grid", "choose_filter", "FILTER_LOWS", "FILTER_HIGHS", "ensemble",
            "write_ensemble"]
