@@ -133,3 +133,11 @@ def test_rsnas_retinanet_trains_resumes_and_refines_on_rsna_data(rsna_run, tmp_p
                     str(tmp_path / "m.json"), "--format", "rsna")
     assert result.returncode == 0, result.stderr[-3000:]
     assert 0 <= json.loads((tmp_path / "m.json").read_text())["rsna_score"] <= 1
+    # WBF of RSNA submissions (the detector's and the CAM boxes); the 2-class filter needs p_normal they lack
+    subs = [str(tmp_path / "refine" / n) for n in ("submission.csv", "cam_submission.csv")]
+    result = cxrcam("ensemble", *subs, "--data", str(cache), "--out", str(tmp_path / "fused.csv"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    fused = pd.read_csv(tmp_path / "fused.csv", keep_default_na=False)
+    assert list(fused.columns) == ["patientId", "PredictionString"] and len(fused) == len(set(fused["patientId"]))
+    result = cxrcam("ensemble", *subs, "--data", str(cache), "--out", str(tmp_path / "f2.csv"), "--filter-low", "0.3")
+    assert result.returncode == 1 and "RSNA submissions do not carry" in result.stderr and "Traceback" not in result.stderr
