@@ -176,9 +176,10 @@ def write_ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], out
 
     detections, normal, ids = ensemble(paths, sizes, schema, weights, iou, skip)
     if normal is None and (low, high) != (0.0, 1.0):
-        raise CxrcamError(f"the 2-class filter (low {low}, high {high}) needs each image's p_normal, which "
-                          f"{'RSNA submissions do not carry' if schema.no_finding_id is None else 'these submissions lack (no No finding rows)'}"
-                          f": apply it in localize or refine (boxes.filter_low, boxes.filter_high)")
+        lacking = ("RSNA submissions do not carry" if schema.no_finding_id is None
+                   else 'these submissions lack (no "No finding" rows)')
+        raise CxrcamError(f"the 2-class filter (low {low}, high {high}) needs each image's p_normal, which {lacking}: "
+                          f"apply it in localize or refine (boxes.filter_low, boxes.filter_high)")
     detections, normal = two_class_filter(detections, normal, low, high)
     table = submission_table(ids, detections, normal, schema.no_finding_id, submission_format(schema))
     write_csv(out, table)
