@@ -126,7 +126,10 @@ def localize(checkpoint: str | Path | list, data: str | Path, out: str | Path, c
                                            "pictures": pictures, "picture_size": picture_size,
                                            "draw_min_score": draw_min_score,
                                            "decision_thresholds": [float(t) for t in maps.thresholds],
-                                           "cam": {"method": maps.cam.method, "target_layer": maps.cam.target_name},
+                                           "cam": {"method": maps.cam.method, "target_layer": maps.cam.target_name,
+                                                   **({"class_layers": maps.calibration.cam["class_layers"]}
+                                                      if maps.calibration and (maps.calibration.cam or {}).get(
+                                                          "class_layers") else {})},
                                            "filter": {"low": two_class[0], "high": two_class[1]},
                                            "config": config_to_dict(config)})
     dist.cleanup()
