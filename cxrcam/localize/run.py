@@ -119,6 +119,10 @@ def localize(checkpoint: str | Path | list, data: str | Path, out: str | Path, c
     if parts is not None:
         summary = write_outputs(parts, source, schema, config, out, start, refined=refiner is not None,
                                 two_class=two_class)
+        cam_info = {"method": maps.cam.method, "target_layer": maps.cam.target_name}
+        chosen = (maps.calibration.cam or {}) if maps.calibration is not None else {}
+        if chosen.get("class_layers"):  # calibrate's per-class maps
+            cam_info["class_layers"] = chosen["class_layers"]
         write_json(out / "localize.json", {"checkpoint": [str(p) for p in maps.paths] if len(maps.paths) > 1
                                            else str(checkpoint), "detector": detector and str(detector),
                                            "schema": schema.name,
@@ -126,10 +130,7 @@ def localize(checkpoint: str | Path | list, data: str | Path, out: str | Path, c
                                            "pictures": pictures, "picture_size": picture_size,
                                            "draw_min_score": draw_min_score,
                                            "decision_thresholds": [float(t) for t in maps.thresholds],
-                                           "cam": {"method": maps.cam.method, "target_layer": maps.cam.target_name,
-                                                   **({"class_layers": maps.calibration.cam["class_layers"]}
-                                                      if maps.calibration and (maps.calibration.cam or {}).get(
-                                                          "class_layers") else {})},
+                                           "cam": cam_info,
                                            "filter": {"low": two_class[0], "high": two_class[1]},
                                            "config": config_to_dict(config)})
     dist.cleanup()
