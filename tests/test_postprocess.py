@@ -1,6 +1,7 @@
 """The competitions' post-processing: the 2-class filter and WBF ensembles of submissions."""
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import numpy as np
@@ -131,6 +132,13 @@ def test_an_ensemble_is_wbf_of_the_submissions(vinbig_model, tmp_path):
     for col, length in zip(BOX_COLUMNS, (wb, hb, wb, hb)):
         expected = (3 * 0.05 - 1 * 0.05) / 4 * length
         assert np.allclose((b[col] - b[f"{col}_truth"])[inside], expected[inside], atol=0.01)
+    # the 2-class filter calibrate chose (--calibration): p(abnormal) 0.65 is below its low 0.7, "No finding" alone
+    (tmp_path / "cal.json").write_text(json.dumps({"schema": "vinbig", "classes": {}, "filter": {"low": 0.7, "high": 1}}))
+    result = cxrcam("ensemble", *paths, "--data", str(cache), "--out", str(tmp_path / "quiet.csv"), "--weights", "3",
+                    "--weights", "1", "--calibration", str(tmp_path / "cal.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    quiet = read_submission(tmp_path / "quiet.csv")
+    assert set(quiet["class_id"]) == {14} and set(quiet["image_id"]) == set(ids)
     # another image set, or another dataset's format, is refused in one line
     pd.read_csv(paths[1]).head(5).to_csv(tmp_path / "few.csv", index=False)
     other = cxrcam("ensemble", paths[0], str(tmp_path / "few.csv"), "--data", str(cache), "--out",
