@@ -12,11 +12,11 @@ from scipy.stats import norm
 from conftest import cxrcam
 from cxrcam.config import load_config
 from cxrcam.data.tables import BOX_COLUMNS, target_columns
-from cxrcam.evaluation.bootstrap import Inputs, bootstrap, figures, match_classes, weighted_auroc, weights
+from cxrcam.evaluation.bootstrap import Inputs, bootstrap, figures, weighted_auroc, weights
 from cxrcam.evaluation.classification import auroc_per_class
 from cxrcam.evaluation.detection import voc_map
 from cxrcam.evaluation.evaluate import bootstrap_inputs, findings_map, score
-from cxrcam.evaluation.weak import CURVE_COLUMNS, accuracy_table, maxboxacc_table
+from cxrcam.evaluation.weak import accuracy_table, maxboxacc_table
 from cxrcam.schemas import VINBIG
 
 
