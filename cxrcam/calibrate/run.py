@@ -334,7 +334,8 @@ def _choose_filter(classes: dict, best: dict, images: pd.DataFrame, truth: pd.Da
         return None
     labels = images.set_index("image_id")[columns]
     normal = set(labels.index[(labels.to_numpy(np.float64) < 0.5).all(1)])
-    scored = [i for i in best["probs"].index if i in normal or i in set(truth["image_id"])]
+    boxed = set(truth["image_id"])
+    scored = [i for i in best["probs"].index if i in normal or i in boxed]
     p_normal = pd.Series(normal_scores(best["probs"].loc[scored].to_numpy(), config.boxes.normal_score), index=scored)
     found = []
     for e in classes.values():
@@ -431,9 +432,8 @@ def calibrate(checkpoint: str | Path | list, data: str | Path, out: str | Path, 
         own_layers.update({classes[n]["class_id"]: m["target_layer"] for n, m in switched.items()})
         chosen.update(target_layer=",".join(dict.fromkeys(layers)),
                       class_layers={str(c): v for c, v in own_layers.items()})
-        why += "; " + ", ".join(f"{n} on {map_name(m['method'], m['target_layer'])}" for n, m in switched.items()) + \
-            " (its own held-out AP higher on each half)"
-        chosen["why"] = why
+        moved = ", ".join(f"{n} on {map_name(m['method'], m['target_layer'])}" for n, m in switched.items())
+        chosen["why"] = f"{why}; {moved} (its own held-out AP higher on each half)"
     evidence = [{k: m[k] for k in ("method", "target_layer", "threshold_mode", "heldout_ap", "heldout_ap_default",
                                    "maxboxacc", "control")} for m in candidates]
     result = Calibration(len(images), classes, _mean(e["ap_default"] for e in own), _mean(e["ap"] for e in own),
