@@ -177,9 +177,8 @@ def scale_cams(maps: torch.Tensor | Sequence[torch.Tensor], size: tuple[int, int
     elif layer_mask is None:
         fused = torch.stack(scaled).clamp_min(0).mean(0)
     else:
-        mask = layer_mask.to(scaled[0]).expand(*scaled[0].shape[:2], len(scaled))
-        fused = (torch.stack(scaled, -1).clamp_min(0) * mask[..., None, None, :]).sum(-1) / mask.sum(-1).clamp_min(1)[
-            ..., None, None]
+        mask = layer_mask.to(scaled[0]).expand(*scaled[0].shape[:2], len(scaled))[..., None, None, :]  # N C 1 1 L
+        fused = (torch.stack(scaled, -1).clamp_min(0) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
     return _minmax(fused.clamp_min(0))
 
 
