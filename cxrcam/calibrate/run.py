@@ -54,9 +54,9 @@ from cxrcam.cam.checkpoint import CheckpointMaps, needed_classes
 from cxrcam.config import Config
 from cxrcam.data.sources import open_source
 from cxrcam.data.submission import normal_scores
-from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, boxes_by_image, no_finding_rows, target_columns
+from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, boxes_by_image, target_columns
 from cxrcam.errors import CxrcamError
-from cxrcam.evaluation.detection import truth_by_image
+from cxrcam.evaluation.detection import truth_by_image, with_no_finding
 from cxrcam.evaluation.weak import CURVE_COLUMNS, maxboxacc_table, pair_curves, plot_box_accuracy
 from cxrcam.files import save_figure
 from cxrcam.outputs.postprocess import choose_filter
@@ -345,11 +345,9 @@ def _choose_filter(classes: dict, best: dict, images: pd.DataFrame, truth: pd.Da
         found.append(pd.DataFrame({"image_id": ids, "class_id": e["class_id"], "score": scores,
                                    **dict(zip(BOX_COLUMNS, boxes.reshape(-1, 4).T))}))
     detections = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=DETECTION_COLUMNS)
-    scored_truth = truth[truth["image_id"].isin(set(scored)) & (truth["class_id"] != schema.no_finding_id)]
-    scored_truth = scored_truth[["image_id", "class_id", *BOX_COLUMNS]]
-    if schema.no_finding_id is not None:
-        scored_truth = pd.concat([scored_truth, no_finding_rows(sorted(normal & set(scored)), schema.no_finding_id)],
-                                 ignore_index=True)
+    scored_truth = truth[truth["image_id"].isin(set(scored))][["image_id", "class_id", *BOX_COLUMNS]]
+    if schema.no_finding_id is not None:  # the scored images without a finding box are the normal ones
+        scored_truth = with_no_finding(scored_truth, scored, schema.no_finding_id)
     return choose_filter(detections[detections["image_id"].isin(set(scored))], p_normal, scored_truth, schema,
                          config.eval.iou_thr, half_of)
 

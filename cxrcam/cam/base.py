@@ -247,10 +247,11 @@ class BaseCAM:
         self.target_layers = [model.get_submodule(n) for n in self.target_names]
         self.class_layers: torch.Tensor | None = None  # all classes x target layers, see use_class_layers
 
-    def use_class_layers(self, layers: dict[int, str | Sequence[str]], num_classes: int) -> None:
-        """Fuse only some of the target layers for some classes (class id -> layer names, each one
-        of this engine's; the other classes fuse them all): calibrate's per-class choice of finer
-        maps. The maps come from the same pass; only the fusion differs per class."""
+    def use_class_layers(self, layers: dict[int | str, str | Sequence[str]], num_classes: int) -> None:
+        """Fuse only some of the target layers for some classes (class id, or its string as
+        calibration.json keys it -> layer names, each one of this engine's; the other classes fuse
+        them all): calibrate's per-class choice of finer maps. The maps come from the same pass;
+        only the fusion differs per class."""
         mask = torch.ones((num_classes, len(self.target_names)))
         for c, names in layers.items():
             chosen = {resolve_layer(self.model, n) for n in parse_layers(names)}

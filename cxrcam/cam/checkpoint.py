@@ -118,7 +118,8 @@ class CheckpointMaps:
         self.rules, self.calibration = box_rules(boxes, self.schema)
         self._ensemble_points()
         chosen = self.calibration.cam if self.calibration is not None and self.calibration.cam else {}
-        self.cam: BaseCAM | EnsembleCAM = self.use_map(*self._chosen_map(), chosen.get("class_layers"))
+        self.class_layers: dict | None = chosen.get("class_layers")  # calibrate's per-class maps, if any
+        self.cam: BaseCAM | EnsembleCAM = self.use_map(*self._chosen_map(), self.class_layers)
 
     def _ensemble_points(self) -> None:
         """An ensemble's calibrated operating points, where its calibration chose them for as many
@@ -152,7 +153,7 @@ class CheckpointMaps:
         (:meth:`~cxrcam.cam.base.BaseCAM.use_class_layers`)."""
         engines = [create_cam(model, method, layer or None) for model in self.models]
         for engine in engines if class_layers else ():
-            engine.use_class_layers({int(c): v for c, v in class_layers.items()}, self.schema.num_findings)
+            engine.use_class_layers(class_layers, self.schema.num_findings)
         self.cam = engines[0] if len(engines) == 1 else EnsembleCAM(engines)
         return self.cam
 

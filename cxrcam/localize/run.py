@@ -120,9 +120,8 @@ def localize(checkpoint: str | Path | list, data: str | Path, out: str | Path, c
         summary = write_outputs(parts, source, schema, config, out, start, refined=refiner is not None,
                                 two_class=two_class)
         cam_info = {"method": maps.cam.method, "target_layer": maps.cam.target_name}
-        chosen = (maps.calibration.cam or {}) if maps.calibration is not None else {}
-        if chosen.get("class_layers"):  # calibrate's per-class maps
-            cam_info["class_layers"] = chosen["class_layers"]
+        if maps.class_layers:  # calibrate's per-class maps
+            cam_info["class_layers"] = maps.class_layers
         write_json(out / "localize.json", {"checkpoint": [str(p) for p in maps.paths] if len(maps.paths) > 1
                                            else str(checkpoint), "detector": detector and str(detector),
                                            "schema": schema.name,
