@@ -154,7 +154,9 @@ class BoxConfig:
 
 @dataclass
 class DetectorConfig:
-    """torchvision Faster R-CNN or RetinaNet (train-detector), SGD with step decay as in the VinBigData baselines."""
+    """torchvision Faster R-CNN or RetinaNet (train-detector): Faster R-CNN with SGD and step decay as in the
+    VinBigData baselines; RetinaNet with AdamW, because its focal loss gives SGD at 0.01 gradients too small
+    to leave the prior within a CPU-sized run (docs/BENCHMARKS.md, issue 37)."""
 
     # fasterrcnn: two-stage (refine's CAM proposals join its RPN's); retinanet: single-shot, anchors sized from the
     # cache's boxes (RSNA Pneumonia's 2nd place), no proposals to add CAM boxes to
@@ -178,8 +180,10 @@ class DetectorConfig:
     augment: bool = False  # the classifier's affine + exposure augmentations, the boxes moving with the image
     epochs: int = 12
     batch_size: int = 8  # global: divided among processes under torchrun
-    lr: float = 0.01
-    momentum: float = 0.9
+    # auto: sgd for fasterrcnn, adamw for retinanet; lr auto: 0.01 with sgd, 3e-4 with adamw
+    optimizer: Literal["auto", "sgd", "adamw"] = "auto"
+    lr: Union[float, Literal["auto"]] = "auto"
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4
     step_size: int = 8  # decay the learning rate by gamma every step_size epochs
     gamma: float = 0.1

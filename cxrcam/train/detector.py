@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
@@ -26,7 +27,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from cxrcam.boxes import resize_boxes, scale_boxes
-from cxrcam.config import AugmentConfig, Config, config_to_dict
+from cxrcam.config import AugmentConfig, Config, DetectorConfig, config_to_dict
 from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
 from cxrcam.data.dataset import image_tensor, train_transforms
 from cxrcam.data.images import read_image
@@ -92,6 +93,18 @@ def jitter_boxes(boxes: torch.Tensor, share: float, size: int, copies: int = 2) 
     moved = moved.clamp(0, size)
     moved = moved[(moved[:, 2] - moved[:, 0] >= 1) & (moved[:, 3] - moved[:, 1] >= 1)]
     return torch.cat([boxes, moved])
+
+
+def detector_optimizer(model: nn.Module, dcfg: DetectorConfig) -> torch.optim.Optimizer:
+    """``detector.optimizer`` over the trainable parameters; "auto" is SGD for Faster R-CNN (the VinBigData
+    baselines' recipe) and AdamW for RetinaNet, whose focal loss under SGD at 0.01 stays at its prior
+    for a CPU-sized run (docs/BENCHMARKS.md, issue 37). ``lr`` "auto": 0.01 for SGD, 3e-4 for AdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = dcfg.optimizer if dcfg.optimizer != "auto" else ("adamw" if dcfg.arch == "retinanet" else "sgd")
+    lr = dcfg.lr if dcfg.lr != "auto" else {"sgd": 0.01, "adamw": 3e-4}[name]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=dcfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=dcfg.momentum, weight_decay=dcfg.weight_decay)
 
 
 def _collate(batch):
@@ -327,8 +340,7 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
                if dcfg.cam_proposals_from else None)
         return model(to_detector_input(torch.stack(x).to(info.device)), targets, cam_boxes=cam), len(x)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=dcfg.lr, momentum=dcfg.momentum, weight_decay=dcfg.weight_decay)
+    optimizer = detector_optimizer(model, dcfg)
     steps_per_epoch = max(1, math.ceil(len(sampler) / per_rank_batch))
 
     def lr_factor(step: int) -> float:  # linear warm-up, then step decay by epoch
