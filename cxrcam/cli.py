@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from cxrcam import __version__
-from cxrcam.config import Config, config_path, load_config, shipped_configs
+from cxrcam.config import WBF_CONF_TYPES, Config, config_path, load_config, shipped_configs
 from cxrcam.errors import CxrcamError
 from cxrcam.schemas import PLAIN, SCHEMAS
 
@@ -529,6 +529,9 @@ def evaluate(pred: tuple[Path, ...], gt: Path, fmt: str, json_path: Path | None,
               help="WBF's IoU: boxes of one class overlapping more are fused (VinBigData's winners: 0.33-0.4).")
 @click.option("--skip", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="WBF's skip_box_thr: boxes scored below it are left out.")
+@click.option("--conf-type", type=click.Choice(WBF_CONF_TYPES), default="avg", show_default=True,
+              help="WBF's conf_type, how a fused box is scored: avg (the mean, scaled by the share of models that "
+                   "found it), max, box_and_model_avg, absent_model_aware_avg.")
 @click.option("--filter-low", type=click.FloatRange(0, 1), default=None,
               help="2-class filter: an image with p(abnormal) = 1 - p_normal below this keeps its \"No finding\" row "
                    "alone (RSNA: no box) [as boxes.filter_low; the VinBigData winners used 0.08; default: "
@@ -540,7 +543,8 @@ def evaluate(pred: tuple[Path, ...], gt: Path, fmt: str, json_path: Path | None,
               help="A calibration.json of `cxrcam calibrate`: the 2-class filter thresholds it chose on its "
                    "validation images.")
 def ensemble(submissions: tuple[Path, ...], data: Path, out: Path, weights: tuple[float, ...], iou: float,
-             skip: float, filter_low: float | None, filter_high: float | None, calibration: Path | None) -> None:
+             skip: float, conf_type: str, filter_low: float | None, filter_high: float | None,
+             calibration: Path | None) -> None:
     """Fuse several submissions of the same images with Weighted Boxes Fusion (ensemble-boxes).
 
     \b
@@ -568,7 +572,7 @@ def ensemble(submissions: tuple[Path, ...], data: Path, out: Path, weights: tupl
     low, high = filter_range(BoxConfig(filter_low="auto" if filter_low is None else filter_low,
                                        filter_high="auto" if filter_high is None else filter_high), chosen)
     table = write_ensemble(list(submissions), truth.sizes, out, truth.schema, list(weights) or None, iou, skip,
-                           low, high)
+                           low, high, conf_type)
     click.echo(f"fused {len(submissions)} submissions of {len(table)} images -> {out}")
 
 

@@ -162,6 +162,8 @@ class DetectorConfig:
     # cache's boxes (RSNA Pneumonia's 2nd place), no proposals to add CAM boxes to
     arch: Literal["fasterrcnn", "retinanet"] = "fasterrcnn"
     global_head: bool = False  # retinanet: a global classification output whose probability multiplies box scores
+    # retinanet: v2 = torchvision's retinanet_resnet50_fpn_v2 head (group norm, GIoU box loss); v1 = the original
+    retinanet_head: Literal["v1", "v2"] = "v2"
 
     backbone: str = "resnet50"  # resnet50: torchvision ResNet-50 FPN; any other timm name: timm features + FPN
     init: str = ""  # a classifier checkpoint whose backbone weights start the detector
@@ -196,6 +198,10 @@ class DetectorConfig:
     head_size: int = 1024  # the box head's MLP width (torchvision's 1024)
     score_thresh: float = 0.01  # detections kept by the RoI heads
     detections_per_img: int = 100
+
+
+# ensemble-boxes' WBF conf_type: how a fused box is scored (`cxrcam ensemble --conf-type`)
+WBF_CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 
 
 @dataclass

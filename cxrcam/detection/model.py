@@ -21,6 +21,8 @@ resizing: ``min_size = max_size = size``), so boxes stay in the input frame.
 """
 from __future__ import annotations
 
+import functools
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,11 +195,13 @@ def create_detector(backbone: str, num_classes: int, size: int, init: str | Path
                     trainable_layers: int = 3, score_thresh: float = 0.01, detections_per_img: int = 100,
                     rois_per_image: int = 512, output_stride: int | None = None, channels: int = 256,
                     head_size: int = 1024, arch: str = "fasterrcnn", anchors: Sequence[float] | None = None,
-                    global_head: bool = False) -> CamFasterRCNN | CamRetinaNet:
+                    global_head: bool = False, retinanet_head: str = "v2") -> CamFasterRCNN | CamRetinaNet:
     """Faster R-CNN (``arch="retinanet"``: RetinaNet) for ``num_classes`` findings (+ background) on
     ``size`` x ``size`` inputs. RetinaNet: ``anchors``, one size per pyramid level
     (:func:`anchor_sizes`; default torchvision's 32-512), three scales and aspect ratios 0.5, 1, 2
-    each; ``global_head`` adds the global classification output.
+    each; ``global_head`` adds the global classification output; ``retinanet_head`` "v2" is
+    torchvision's v2 recipe (group norm in the head, GIoU box loss), which learns several times
+    faster here than "v1", the original head with an L1 box loss (docs/BENCHMARKS.md, issue 37).
 
     ``init``: a classifier checkpoint of the same backbone; its weights start the detector
     (timm's ResNet-50 and torchvision's share the layout), with frozen batch norm and the
@@ -235,11 +239,16 @@ def create_detector(backbone: str, num_classes: int, size: int, init: str | Path
         sizes = tuple(anchors or (32.0, 64.0, 128.0, 256.0, 512.0))
         generator = AnchorGenerator(tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes),
                                     ((0.5, 1.0, 2.0),) * len(sizes))
+        norm = None
+        if retinanet_head == "v2":  # torchvision's retinanet_resnet50_fpn_v2: group norm in the head, GIoU box loss
+            norm = functools.partial(nn.GroupNorm, math.gcd(body.out_channels, 32 if body.out_channels >= 256 else 16))
         model = CamRetinaNet(body, num_classes + 1, global_head, min_size=size, max_size=size,
                              image_mean=list(mean), image_std=list(std), anchor_generator=generator,
                              head=RetinaNetHead(body.out_channels, generator.num_anchors_per_location()[0],
-                                                num_classes + 1),
+                                                num_classes + 1, norm_layer=norm),
                              score_thresh=score_thresh, detections_per_img=detections_per_img)
+        if retinanet_head == "v2":
+            model.head.regression_head._loss_type = "giou"  # as torchvision's v2 builder sets it
         model.output_stride = stride
         return model
     resolution = 7  # torchvision's RoI-align output side
@@ -262,7 +271,8 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu"
                                 score_thresh=cfg["score_thresh"], detections_per_img=cfg["detections_per_img"],
                                 output_stride=ckpt.get("output_stride", 32), channels=cfg.get("channels", 256),
                                 head_size=cfg.get("head_size", 1024), arch=cfg.get("arch", "fasterrcnn"),
-                                anchors=ckpt.get("anchors"), global_head=cfg.get("global_head", False))
+                                anchors=ckpt.get("anchors"), global_head=cfg.get("global_head", False),
+                                retinanet_head=cfg.get("retinanet_head", "v1"))  # checkpoints before v2: v1
         model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 

@@ -120,11 +120,12 @@ def choose_filter(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataF
 
 
 def ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], schema: Schema,
-             weights: list[float] | None = None, iou: float = 0.4, skip: float = 0.0
+             weights: list[float] | None = None, iou: float = 0.4, skip: float = 0.0, conf_type: str = "avg"
              ) -> tuple[pd.DataFrame, pd.Series | None, list[str]]:
     """(detections, "No finding" scores, image ids) of one submission from several of the same images: WBF per image and class, boxes
     normalised by each image's (height, width) in ``sizes``; the "No finding" rows' p_normal the
-    weighted mean. Submissions of different image sets, or images without a size, are refused."""
+    weighted mean. ``conf_type``: how WBF scores a fused box (one of :data:`~cxrcam.config.WBF_CONF_TYPES`). Submissions
+    of different image sets, or images without a size, are refused."""
     from ensemble_boxes import weighted_boxes_fusion  # numba: imported only here
 
     weights = list(weights) if weights else [1.0] * len(paths)
@@ -155,7 +156,8 @@ def ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], schema: S
             boxes.append(np.clip(mine[BOX_COLUMNS].to_numpy(np.float64) / scale, 0, 1))
             scores.append(mine["score"].to_numpy(np.float64))
             labels.append(mine["class_id"].to_numpy())
-        b, s, c = weighted_boxes_fusion(boxes, scores, labels, weights=weights, iou_thr=iou, skip_box_thr=skip)
+        b, s, c = weighted_boxes_fusion(boxes, scores, labels, weights=weights, iou_thr=iou, skip_box_thr=skip,
+                                         conf_type=conf_type)
         fused.append(pd.DataFrame({"image_id": image_id, "class_id": c.astype(int), "score": s,
                                    **dict(zip(BOX_COLUMNS, (b * scale).T))}))
     detections = pd.concat(fused, ignore_index=True)[DETECTION_COLUMNS] if fused else found.iloc[:0][DETECTION_COLUMNS]
@@ -170,11 +172,11 @@ def ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], schema: S
 
 def write_ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], out: Path, schema: Schema,
                    weights: list[float] | None = None, iou: float = 0.4, skip: float = 0.0,
-                   low: float = 0.0, high: float = 1.0) -> pd.DataFrame:
+                   low: float = 0.0, high: float = 1.0, conf_type: str = "avg") -> pd.DataFrame:
     """:func:`ensemble`, then the 2-class filter, written as a submission in the dataset's format."""
     from cxrcam.files import write_csv
 
-    detections, normal, ids = ensemble(paths, sizes, schema, weights, iou, skip)
+    detections, normal, ids = ensemble(paths, sizes, schema, weights, iou, skip, conf_type)
     if normal is None and (low, high) != (0.0, 1.0):
         lacking = ("RSNA submissions do not carry" if schema.no_finding_id is None
                    else 'these submissions lack (no "No finding" rows)')

@@ -328,7 +328,7 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
     model = create_detector(dcfg.backbone, len(classes), cache.size, dcfg.init or None, dcfg.trainable_layers,
                             dcfg.score_thresh, dcfg.detections_per_img, dcfg.rois_per_image,
                             channels=dcfg.channels, head_size=dcfg.head_size, arch=dcfg.arch, anchors=anchors,
-                            global_head=dcfg.global_head).to(info.device)
+                            global_head=dcfg.global_head, retinanet_head=dcfg.retinanet_head).to(info.device)
     raw_model = model
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[info.local_rank] if cuda else None)
@@ -353,7 +353,8 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
             "schema": cache.schema.name,
             "input_size": cache.size, "truth": sup.source, "config": config_to_dict(config),
             "train_images": train_set.images["image_id"].tolist()}
-    arch = dcfg.backbone if dcfg.arch == "fasterrcnn" else f"{dcfg.arch} {dcfg.backbone}"  # --resume refuses another
+    # --resume refuses another
+    arch = dcfg.backbone if dcfg.arch == "fasterrcnn" else f"{dcfg.arch} ({dcfg.retinanet_head} head) {dcfg.backbone}"
     run = Run("detector", arch, model, raw_model, optimizer, scheduler, epoch_loader, batch_loss,
               _validation(raw_model, val_loader, val_set, sup.boxes, config.eval.iou_thr, info), "val_map", dcfg.epochs,
               dcfg.amp, 0.0, "detector.lr", meta,
