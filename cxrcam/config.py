@@ -180,6 +180,9 @@ class DetectorConfig:
     # the label-only detector, which needs pseudo_from); the others train on pseudo-boxes, or are dropped
     box_images: int | Literal["none"] = 0
     augment: bool = False  # the classifier's affine + exposure augmentations, the boxes moving with the image
+    # train on the images without findings too (false: the abnormal images alone, as the VinBigData winners'
+    # detectors trained; the 2-class filter then keeps their false boxes off normal images)
+    negatives: bool = True
     epochs: int = 12
     batch_size: int = 8  # global: divided among processes under torchrun
     # auto: sgd for fasterrcnn, adamw for retinanet; lr auto: 0.01 with sgd, 3e-4 with adamw

@@ -27,18 +27,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from cxrcam.cli import main as cli
 from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache
+from cxrcam.calibrate.run import half_of
 from cxrcam.data.splits import train_val_rows
+from cxrcam.data.submission import normal_scores, read_submission
+from cxrcam.data.tables import BOX_COLUMNS, target_columns
 from cxrcam.demo import TINY, Stages, run_command
 from cxrcam.evaluation.compare import beyond_noise, p_text
+from cxrcam.evaluation.detection import with_no_finding
 from cxrcam.evaluation.evaluate import findings_map
+from cxrcam.outputs.postprocess import choose_filter
 
 NO_FILTER = ["boxes.filter_low=0", "boxes.filter_high=1"]
+ABNORMAL = "Faster R-CNN of abnormal images (detector.negatives=false)"
 
 
 def train(stages: Stages, out: Path, name: str, overrides: list[str]) -> float:
@@ -54,7 +61,42 @@ def train(stages: Stages, out: Path, name: str, overrides: list[str]) -> float:
     return took
 
 
-def rows(shares: list[float], retinanet: list[float]) -> list[tuple[str, str, list[str]]]:
+def filter_on_validation(stages: Stages, out: Path, run: str, calibration: Path, config_name: str,
+                         overrides: list[str]) -> tuple[float, float]:
+    """The 2-class filter's (low, high) for detector ``run``'s own boxes: its plain detections on the
+    train cache's validation images (``refine`` there), scored by ``choose_filter`` with its held-out
+    halves, as ``calibrate`` does for CAM boxes. Written to ``out/run/filter.json``."""
+    chosen_file = out / run / "filter.json"
+    if chosen_file.is_file():
+        chosen = json.loads(chosen_file.read_text())
+        return chosen["low"], chosen["high"]
+    folder = out / "val" / run
+    if not (folder / "submission.csv").is_file():
+        run_command(cli, *stages.refine(folder, "--no-images", f"boxes.calibration={calibration}", "refine.gate=none",
+                                        "refine.proposals=rpn", *NO_FILTER, data="train", detector=out / run / "best.pt"))
+    cache = open_cache(stages.cache("train"))
+    config = load_config(config_name, overrides)
+    schema = cache.schema
+    folds = cache.images["fold"].to_numpy()
+    val = cache.images.iloc[train_val_rows(folds, config.split.val_fold, cache.root)[1]]
+    labels = val.set_index("image_id")[target_columns(schema)]
+    normal = set(labels.index[(labels.to_numpy(np.float64) < 0.5).all(1)])
+    scored = sorted(normal | (set(cache.boxes["image_id"]) & set(labels.index)))
+    probs = pd.read_csv(folder / "probabilities.csv", dtype={"image_id": str}).set_index("image_id").loc[scored]
+    p_normal = pd.Series(normal_scores(probs[list(schema.findings)].to_numpy(), config.boxes.normal_score),
+                         index=scored)
+    found = read_submission(folder / "submission.csv")
+    found = found[(found["class_id"] != schema.no_finding_id) & found["image_id"].isin(set(scored))]
+    truth = cache.boxes[cache.boxes["image_id"].isin(set(scored))][["image_id", "class_id", *BOX_COLUMNS]]
+    chosen = choose_filter(found, p_normal, with_no_finding(truth, scored, schema.no_finding_id), schema,
+                           config.eval.iou_thr, half_of)
+    chosen_file.write_text(json.dumps(chosen, indent=1))
+    print(f"2-class filter for {run} on its validation detections: {chosen['why']}")
+    return chosen["low"], chosen["high"]
+
+
+def rows(shares: list[float], retinanet: list[float], abnormal_filter: tuple[float, float] | None = None
+         ) -> list[tuple[str, str, list[str]]]:
     """(row name, detector run, refine overrides) of every refine row."""
     found = []
     for share in shares:
@@ -80,6 +122,15 @@ def rows(shares: list[float], retinanet: list[float]) -> list[tuple[str, str, li
         found += [(f"RetinaNet, {s}", run, ["refine.proposals=rpn", "refine.gate=none", *NO_FILTER]),
                   (f"RetinaNet gated (gate=product), {s}", run, ["refine.proposals=rpn", "refine.gate=product",
                                                                   *NO_FILTER])]
+    if abnormal_filter is not None:  # the VinBigData winners' setting: detectors of abnormal images + the filter
+        s = f"{100 * max(shares):.0f}%"
+        plain = ["refine.proposals=rpn", "refine.gate=none"]
+        low, high = abnormal_filter
+        found += [(f"{ABNORMAL}, {s}", "fasterrcnn_abnormal", [*plain, *NO_FILTER]),
+                  (f"{ABNORMAL} + 2-class filter (0.08 / 0.95), {s}", "fasterrcnn_abnormal",
+                   [*plain, "boxes.filter_low=0.08", "boxes.filter_high=0.95"]),
+                  (f"{ABNORMAL} + 2-class filter chosen on its validation boxes ({low:g} / {high:g}), {s}",
+                   "fasterrcnn_abnormal", [*plain, f"boxes.filter_low={low}", f"boxes.filter_high={high}"])]
     return found
 
 
@@ -95,6 +146,8 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 1.0])
     parser.add_argument("--retinanet-shares", type=float, nargs="*", default=[1.0])
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--no-abnormal", action="store_true",
+                        help="skip the detector of abnormal images alone and its 2-class filter rows")
     parser.add_argument("--model", default="resnet10t")
     parser.add_argument("--config", default=TINY, help="a shipped config's name or a YAML file")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every command")
@@ -116,8 +169,16 @@ def main() -> None:
             seconds[f"{arch}_{100 * share:.0f}"] = train(base, a.out, f"{arch}_{100 * share:.0f}", [
                 *common, f"detector.arch={arch}", f"detector.box_images={0 if share >= 1 else k}"])
 
+    abnormal_filter = None
+    if not a.no_abnormal:
+        top = max(a.shares)
+        seconds["fasterrcnn_abnormal"] = train(base, a.out, "fasterrcnn_abnormal", [
+            *common, "detector.arch=fasterrcnn", "detector.negatives=false",
+            f"detector.box_images={0 if top >= 1 else round(top * n_train)}"])
+        abnormal_filter = filter_on_validation(base, a.out, "fasterrcnn_abnormal", calibration, a.config, a.overrides)
+
     preds: dict[str, Path] = {}
-    for name, run, extra in rows(a.shares, a.retinanet_shares):
+    for name, run, extra in rows(a.shares, a.retinanet_shares, abnormal_filter):
         folder = a.out / "pred" / name.replace(" ", "_").replace("/", "-").replace(",", "").replace("%", "")
         if not (folder / "submission.csv").is_file():
             run_command(cli, *base.refine(folder, "--no-images", f"boxes.calibration={calibration}", *extra,
@@ -158,11 +219,11 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
     lines = [f"command: {' '.join(sys.argv)}", f"device: {device}, torch {torch.__version__}",
              "training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), "",
-             "| row | mAP@0.4 | findings mAP@0.4 | No finding AP | against Faster R-CNN (same boxes): mAP@0.4 | "
-             "findings mAP@0.4 |", "|---|---|---|---|---|---|"]
+             "| row | mAP@0.4 | findings mAP@0.4 | No finding AP | against Faster R-CNN (same boxes; a filter row: "
+             "the same detector unfiltered): mAP@0.4 | findings mAP@0.4 |", "|---|---|---|---|---|---|"]
     for name, f in results.items():
         share = name.rsplit(", ", 1)[-1]
-        reference = f"Faster R-CNN, {share}"
+        reference = f"{ABNORMAL}, {share}" if name.startswith(f"{ABNORMAL} +") else f"Faster R-CNN, {share}"
         lines.append(f"| {name} | {f['mAP@0.4']:.3f} | {f['findings mAP@0.4']:.3f} | "
                      f"{f['No finding AP'] if f['No finding AP'] is None else round(f['No finding AP'], 3)} | "
                      + (" - | - |" if name == reference else

@@ -229,7 +229,8 @@ def test_box_aware_augmentation_moves_the_boxes_with_the_image():
 def test_mixed_supervision_uses_pseudo_boxes_only_on_unboxed_images(vinbig_model, tmp_path):
     """detector.box_images=40 + pseudo_from: the 40 sampled training images keep their truth, the
     other labelled ones train on CAM pseudo-boxes of their labelled classes, the rest are
-    negatives; "none" withholds every box, validation included; proposals come from one pass."""
+    negatives (or left out: detector.negatives=false); "none" withholds every box, validation included;
+    proposals come from one pass."""
     cache_dir, ckpt = vinbig_model
     cache = open_cache(cache_dir)
     config = load_config(overrides=["cam.workers=0", "cam.batch_size=1", "detector.box_images=40",
@@ -276,6 +277,11 @@ def test_mixed_supervision_uses_pseudo_boxes_only_on_unboxed_images(vinbig_model
     confident = set(predict(ckpt, cache_dir, workers=0, progress=False).set_index("image_id").max(axis=1)
                     .loc[lambda p: p > 0.99].index)
     assert set(sup.proposals) <= confident and len(sup.train_rows) == len(train_rows)
+    # detector.negatives=false: the abnormal training images alone, as the VinBigData winners' detectors trained
+    abnormal = load_config(overrides=["detector.negatives=false"])
+    sup = _supervision(cache, abnormal, info, train_rows, val_rows, tmp_path / "abn", resume=False, progress=False)
+    assert np.array_equal(sup.train_rows, train_rows[labels[train_rows].any(1)]) and sup.counts["negative"] == 0
+    assert len(DetectionDataset(cache, sup.train_rows, sup.boxes).images) == sup.counts["truth"] > 0
     with pytest.raises(CxrcamError, match="withholds every box: set detector.pseudo_from"):
         _supervision(cache, load_config(overrides=["detector.box_images=none"]), info, train_rows, val_rows,
                      tmp_path / "x", resume=False, progress=False)

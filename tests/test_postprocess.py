@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from functools import partial
 
 import numpy as np
@@ -13,7 +14,8 @@ from cxrcam.data.cache import open_cache
 from cxrcam.data.submission import read_submission, submission_table
 from cxrcam.data.tables import BOX_COLUMNS
 from cxrcam.errors import CxrcamError
-from cxrcam.outputs.postprocess import two_class_filter
+from cxrcam.outputs.postprocess import ensemble, two_class_filter
+from cxrcam.schemas import VINBIG
 
 cxrcam = partial(run_cxrcam, timeout=600)
 
@@ -42,7 +44,6 @@ def test_the_filter_is_chosen_where_it_holds_on_both_halves():
     """choose_filter: confident-normal images with false boxes make a low threshold pay on each half;
     where it pays on one half only, or never, no filter. Scored with "No finding" counted."""
     from cxrcam.outputs.postprocess import choose_filter, filter_score
-    from cxrcam.schemas import VINBIG
 
     sick = [f"s{k}" for k in range(8)]
     quiet = [f"q{k}" for k in range(8)]
@@ -132,6 +133,13 @@ def test_an_ensemble_is_wbf_of_the_submissions(vinbig_model, tmp_path):
     for col, length in zip(BOX_COLUMNS, (wb, hb, wb, hb)):
         expected = (3 * 0.05 - 1 * 0.05) / 4 * length
         assert np.allclose((b[col] - b[f"{col}_truth"])[inside], expected[inside], atol=0.01)
+    # WBF's conf_type: a box that one of two equal members found scores half its 0.9 under "avg", 0.9 under "max"
+    empty = tmp_path / "empty.csv"
+    submission_table(ids, truth.iloc[:0].assign(score=0.0), pd.Series(0.5, index=ids)).to_csv(empty, index=False)
+    sizes = {i: (float(h), float(w)) for i, h, w in c.images[["image_id", "height", "width"]].itertuples(index=False)}
+    for conf_type, score in (("avg", 0.45), ("max", 0.9)):
+        found, _, _ = ensemble([Path(paths[0]), empty], sizes, VINBIG, conf_type=conf_type)
+        assert len(found) == len(truth) and np.allclose(found["score"], score)
     # the 2-class filter calibrate chose (--calibration): p(abnormal) 0.65 is below its low 0.7, "No finding" alone
     (tmp_path / "cal.json").write_text(json.dumps({"schema": "vinbig", "classes": {}, "filter": {"low": 0.7, "high": 1}}))
     result = cxrcam("ensemble", *paths, "--data", str(cache), "--out", str(tmp_path / "quiet.csv"), "--weights", "3",

@@ -222,7 +222,7 @@ def _supervision(cache: Cache, config: Config, info: dist.DistInfo, train_rows: 
     """Which rows train on what. ``detector.box_images`` withholds boxes (a seeded sample of K
     training images keeps them; "none": no image does, validation included); labelled images
     without boxes take CAM pseudo-boxes from ``detector.pseudo_from``, or are left out; images
-    without findings are negatives."""
+    without findings are negatives, or left out (``detector.negatives=false``)."""
     dcfg = config.detector
     ids = cache.images["image_id"].to_numpy()
     if isinstance(dcfg.box_images, int) and dcfg.box_images < 0:
@@ -249,6 +249,8 @@ def _supervision(cache: Cache, config: Config, info: dist.DistInfo, train_rows: 
             raise CxrcamError(f"{why}: set detector.pseudo_from to a classifier checkpoint (CAM pseudo-boxes)")
         train_rows = train_rows[shown[train_rows] & ~unboxed[train_rows]]  # the boxed images alone
         pseudo_rows = train_rows[:0]
+    if not dcfg.negatives:
+        train_rows = train_rows[finding[train_rows]]
     pseudo, proposals = _cam_boxes(cache, config, info, pseudo_rows, train_rows, out, resume, progress)
     source = ("truth" if not len(pseudo_rows) else "cam pseudo-boxes" if truth.empty
               else "truth + cam pseudo-boxes")
