@@ -84,10 +84,13 @@ def box_rules(config: BoxConfig, schema: Schema | None = None) -> tuple[BoxRules
     return calibration.rules(config), calibration
 
 
-def filter_range(config: BoxConfig, calibration: CalibrationFile | None) -> tuple[float, float]:
-    """The 2-class filter's (low, high): the configured numbers, or for "auto" the calibration's
-    choice (:func:`~cxrcam.outputs.postprocess.choose_filter`), else no filter (0, 1)."""
-    chosen = (calibration.filter or {}) if calibration is not None else {}
+def filter_range(config: BoxConfig, calibration: CalibrationFile | None,
+                 detector: dict | None = None) -> tuple[float, float]:
+    """The 2-class filter's (low, high): the configured numbers, or for "auto" the choice made for
+    the boxes being filtered (:func:`~cxrcam.outputs.postprocess.choose_filter`): ``detector``'s,
+    train-detector's for its own boxes (refine), else the calibration's for CAM boxes, else no
+    filter (0, 1)."""
+    chosen = detector or ((calibration.filter or {}) if calibration is not None else {})
     low = chosen.get("low", 0.0) if config.filter_low == "auto" else config.filter_low
     high = chosen.get("high", 1.0) if config.filter_high == "auto" else config.filter_high
     if not 0 <= low <= high <= 1:

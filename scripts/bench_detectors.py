@@ -11,7 +11,10 @@ real commands:
    boxed): Faster R-CNN, and RetinaNet at 100% (``--retinanet-shares``), the same epochs;
 3. ``cxrcam refine`` on the test cache for each row (``--no-images``): the plain detector
    (``refine.proposals=rpn``, ``gate=none``, no filter), the classifier's gate, CAM proposals,
-   refine's defaults, RetinaNet, and the 2-class filter (calibrated, and the winners' 0.08 / 0.95);
+   refine's defaults, RetinaNet, and the 2-class filter (auto, and the winners' 0.08 / 0.95);
+   and a Faster R-CNN of the abnormal images alone (``detector.negatives=false``, as VinBigData's
+   winners trained theirs), plain and with the filter (0.08 / 0.95, and auto: the thresholds
+   ``train-detector`` chose for its boxes on its validation fold);
 4. ``cxrcam ensemble``: WBF of the Faster R-CNN and RetinaNet submissions;
 5. ``cxrcam evaluate`` of each (mAP@0.4 with "No finding", findings mAP@0.4, "No finding" AP), and
    one paired comparison of every row on the same 1000 resamples.
@@ -27,22 +30,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from cxrcam.cli import main as cli
 from cxrcam.config import load_config
 from cxrcam.data.cache import open_cache
-from cxrcam.calibrate.run import half_of
 from cxrcam.data.splits import train_val_rows
-from cxrcam.data.submission import normal_scores, read_submission
-from cxrcam.data.tables import BOX_COLUMNS, target_columns
 from cxrcam.demo import TINY, Stages, run_command
 from cxrcam.evaluation.compare import beyond_noise, p_text
-from cxrcam.evaluation.detection import with_no_finding
 from cxrcam.evaluation.evaluate import findings_map
-from cxrcam.outputs.postprocess import choose_filter
 
 NO_FILTER = ["boxes.filter_low=0", "boxes.filter_high=1"]
 ABNORMAL = "Faster R-CNN of abnormal images (detector.negatives=false)"
@@ -61,42 +58,7 @@ def train(stages: Stages, out: Path, name: str, overrides: list[str]) -> float:
     return took
 
 
-def filter_on_validation(stages: Stages, out: Path, run: str, calibration: Path, config_name: str,
-                         overrides: list[str]) -> tuple[float, float]:
-    """The 2-class filter's (low, high) for detector ``run``'s own boxes: its plain detections on the
-    train cache's validation images (``refine`` there), scored by ``choose_filter`` with its held-out
-    halves, as ``calibrate`` does for CAM boxes. Written to ``out/run/filter.json``."""
-    chosen_file = out / run / "filter.json"
-    if chosen_file.is_file():
-        chosen = json.loads(chosen_file.read_text())
-        return chosen["low"], chosen["high"]
-    folder = out / "val" / run
-    if not (folder / "submission.csv").is_file():
-        run_command(cli, *stages.refine(folder, "--no-images", f"boxes.calibration={calibration}", "refine.gate=none",
-                                        "refine.proposals=rpn", *NO_FILTER, data="train", detector=out / run / "best.pt"))
-    cache = open_cache(stages.cache("train"))
-    config = load_config(config_name, overrides)
-    schema = cache.schema
-    folds = cache.images["fold"].to_numpy()
-    val = cache.images.iloc[train_val_rows(folds, config.split.val_fold, cache.root)[1]]
-    labels = val.set_index("image_id")[target_columns(schema)]
-    normal = set(labels.index[(labels.to_numpy(np.float64) < 0.5).all(1)])
-    scored = sorted(normal | (set(cache.boxes["image_id"]) & set(labels.index)))
-    probs = pd.read_csv(folder / "probabilities.csv", dtype={"image_id": str}).set_index("image_id").loc[scored]
-    p_normal = pd.Series(normal_scores(probs[list(schema.findings)].to_numpy(), config.boxes.normal_score),
-                         index=scored)
-    found = read_submission(folder / "submission.csv")
-    found = found[(found["class_id"] != schema.no_finding_id) & found["image_id"].isin(set(scored))]
-    truth = cache.boxes[cache.boxes["image_id"].isin(set(scored))][["image_id", "class_id", *BOX_COLUMNS]]
-    chosen = choose_filter(found, p_normal, with_no_finding(truth, scored, schema.no_finding_id), schema,
-                           config.eval.iou_thr, half_of)
-    chosen_file.write_text(json.dumps(chosen, indent=1))
-    print(f"2-class filter for {run} on its validation detections: {chosen['why']}")
-    return chosen["low"], chosen["high"]
-
-
-def rows(shares: list[float], retinanet: list[float], abnormal_filter: tuple[float, float] | None = None
-         ) -> list[tuple[str, str, list[str]]]:
+def rows(shares: list[float], retinanet: list[float], abnormal: bool = True) -> list[tuple[str, str, list[str]]]:
     """(row name, detector run, refine overrides) of every refine row."""
     found = []
     for share in shares:
@@ -111,7 +73,7 @@ def rows(shares: list[float], retinanet: list[float], abnormal_filter: tuple[flo
                                                                 *NO_FILTER]),
                   (f"refined at refine's defaults (RPN + CAM, gated), {s}", run, NO_FILTER)]
         if share == max(shares):
-            found += [(f"Faster R-CNN + 2-class filter (calibrated), {s}", run,
+            found += [(f"Faster R-CNN + 2-class filter (auto: the detector's choice, else calibrate's), {s}", run,
                        ["refine.proposals=rpn", "refine.gate=none"]),
                       (f"Faster R-CNN + 2-class filter (0.08 / 0.95), {s}", run,
                        ["refine.proposals=rpn", "refine.gate=none", "boxes.filter_low=0.08",
@@ -122,15 +84,14 @@ def rows(shares: list[float], retinanet: list[float], abnormal_filter: tuple[flo
         found += [(f"RetinaNet, {s}", run, ["refine.proposals=rpn", "refine.gate=none", *NO_FILTER]),
                   (f"RetinaNet gated (gate=product), {s}", run, ["refine.proposals=rpn", "refine.gate=product",
                                                                   *NO_FILTER])]
-    if abnormal_filter is not None:  # the VinBigData winners' setting: detectors of abnormal images + the filter
+    if abnormal:  # the VinBigData winners' setting: detectors of abnormal images + the filter
         s = f"{100 * max(shares):.0f}%"
         plain = ["refine.proposals=rpn", "refine.gate=none"]
-        low, high = abnormal_filter
         found += [(f"{ABNORMAL}, {s}", "fasterrcnn_abnormal", [*plain, *NO_FILTER]),
                   (f"{ABNORMAL} + 2-class filter (0.08 / 0.95), {s}", "fasterrcnn_abnormal",
                    [*plain, "boxes.filter_low=0.08", "boxes.filter_high=0.95"]),
-                  (f"{ABNORMAL} + 2-class filter chosen on its validation boxes ({low:g} / {high:g}), {s}",
-                   "fasterrcnn_abnormal", [*plain, f"boxes.filter_low={low}", f"boxes.filter_high={high}"])]
+                  (f"{ABNORMAL} + 2-class filter train-detector chose for its boxes (auto), {s}",
+                   "fasterrcnn_abnormal", plain)]
     return found
 
 
@@ -169,16 +130,14 @@ def main() -> None:
             seconds[f"{arch}_{100 * share:.0f}"] = train(base, a.out, f"{arch}_{100 * share:.0f}", [
                 *common, f"detector.arch={arch}", f"detector.box_images={0 if share >= 1 else k}"])
 
-    abnormal_filter = None
-    if not a.no_abnormal:
+    if not a.no_abnormal:  # its 2-class filter: train-detector's choice for its boxes, which refine's auto reads
         top = max(a.shares)
         seconds["fasterrcnn_abnormal"] = train(base, a.out, "fasterrcnn_abnormal", [
             *common, "detector.arch=fasterrcnn", "detector.negatives=false",
             f"detector.box_images={0 if top >= 1 else round(top * n_train)}"])
-        abnormal_filter = filter_on_validation(base, a.out, "fasterrcnn_abnormal", calibration, a.config, a.overrides)
 
     preds: dict[str, Path] = {}
-    for name, run, extra in rows(a.shares, a.retinanet_shares, abnormal_filter):
+    for name, run, extra in rows(a.shares, a.retinanet_shares, not a.no_abnormal):
         folder = a.out / "pred" / name.replace(" ", "_").replace("/", "-").replace(",", "").replace("%", "")
         if not (folder / "submission.csv").is_file():
             run_command(cli, *base.refine(folder, "--no-images", f"boxes.calibration={calibration}", *extra,

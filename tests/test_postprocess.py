@@ -78,6 +78,9 @@ def test_filter_range_reads_auto_from_the_calibration(tmp_path):
     assert filter_range(BoxConfig(), chosen) == (0.08, 0.95)  # "auto" by default
     assert filter_range(BoxConfig(), None) == (0.0, 1.0)  # no calibration: no filter
     assert filter_range(BoxConfig(filter_low=0.2), chosen) == (0.2, 0.95)  # a number wins over the calibration
+    # refine: the detector's own choice (train-detector's, for its boxes) wins over the calibration's for CAM boxes
+    assert filter_range(BoxConfig(), chosen, {"low": 0.5, "high": 1.0}) == (0.5, 1.0)
+    assert filter_range(BoxConfig(filter_high=0.9), chosen, {"low": 0.5, "high": 1.0}) == (0.5, 0.9)
     with pytest.raises(CxrcamError, match="c.json"):
         filter_range(BoxConfig(filter_low=0.99), chosen)
 

@@ -125,9 +125,13 @@ def test_rsnas_retinanet_trains_resumes_and_refines_on_rsna_data(rsna_run, tmp_p
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["precision"] == "bf16" and ckpt["anchors"][0] < ckpt["anchors"][-1]
     assert ckpt["postprocess"]["metric"] == "RSNA score"
+    two_class = ckpt["postprocess"]["filter"]  # chosen for its boxes with detector.init's p_normal
+    assert two_class["metric"] == "RSNA score" and two_class["high"] == 1.0 and 0 <= two_class["low"] < 1
     result = cxrcam("refine", "--classifier", str(run), "--detector", str(out), "--data", str(cache),
                     "--out", str(tmp_path / "refine"), "--no-images", "refine.proposals=rpn", *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
+    used = json.loads((tmp_path / "refine" / "localize.json").read_text())["filter"]  # boxes.filter_* auto
+    assert (used["low"], used["high"]) == (two_class["low"], two_class["high"])
     assert (tmp_path / "refine" / "submission.csv").read_text().startswith("patientId,PredictionString")
     result = cxrcam("evaluate", "--pred", str(tmp_path / "refine"), "--gt", str(cache), "--json",
                     str(tmp_path / "m.json"), "--format", "rsna")

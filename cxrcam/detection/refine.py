@@ -9,7 +9,8 @@ class (``refine.gate=product``): the classifier, trained on every image's labels
 *whether* a finding is there, the detector *where*. Overlapping boxes of one class are merged
 by NMS (inside the RoI heads) or Weighted Boxes Fusion, the ``top_k`` best per class stay, and
 each box is resized by ``refine.scale``; ``refine.iou`` and ``refine.scale`` "auto" take what
-``train-detector`` chose on its validation fold (the checkpoint's ``postprocess``).
+``train-detector`` chose on its validation fold (the checkpoint's ``postprocess``), as do the
+2-class filter's ``boxes.filter_low``/``filter_high``, where it chose one for its boxes.
 
 With ``proposals=rpn`` and ``gate=none`` this is exactly the plain detector. A RetinaNet
 (``detector.arch=retinanet``) has no proposal stage: refine gates its own detections
@@ -47,6 +48,7 @@ class Refiner:
         chosen = self.ckpt.get("postprocess") or {}  # train-detector's choice on its validation fold
         self.iou = float(chosen.get("nms", 0.5) if config.iou == "auto" else config.iou)
         self.scale = float(chosen.get("scale", 1.0) if config.scale == "auto" else config.scale)
+        self.filter: dict | None = chosen.get("filter")  # the 2-class filter chosen for its boxes (boxes.filter_* auto)
         heads = self.model if isinstance(self.model, CamRetinaNet) else self.model.roi_heads
         if config.fusion == "wbf":  # WBF needs the overlapping boxes NMS would remove
             heads.nms_thresh, heads.detections_per_img = 1.0, max(heads.detections_per_img, 300)

@@ -85,7 +85,7 @@ def localize(checkpoint: str | Path | list, data: str | Path, out: str | Path, c
     refiner = _refiner(detector, config, info.device, schema, checkpoint)
     truth = boxes_by_image(source.truth)
     _check_calibration(maps, source)
-    two_class = filter_range(config.boxes, maps.calibration)
+    two_class = filter_range(config.boxes, maps.calibration, refiner.filter if refiner is not None else None)
     step = Step(maps.rules, truth, maps.thresholds, parse_classes(classes, schema), pictures, refiner)
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:

@@ -187,9 +187,9 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
 
 @torch.no_grad()
 def predict(checkpoint: str | Path | list, data: str | Path, batch_size: int = 64, workers: int = 2,
-            progress: bool = True, device: str = "auto") -> pd.DataFrame:
-    """Image-level probabilities for every image of a cache: ``image_id`` + one column per class;
-    several checkpoints (an ensemble): their mean probability."""
+            progress: bool = True, device: str = "auto", rows: np.ndarray | None = None) -> pd.DataFrame:
+    """Image-level probabilities for every image of a cache (or its ``rows``): ``image_id`` + one
+    column per class; several checkpoints (an ensemble): their mean probability."""
     device = dist.pick_device(device)
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_classifier(path, device) for path in paths]
@@ -197,12 +197,13 @@ def predict(checkpoint: str | Path | list, data: str | Path, batch_size: int = 6
     for path, (_, ckpt) in zip(paths, loaded):
         if list(cache.schema.findings) != ckpt["classes"]:
             raise CxrcamError(f"{path} predicts {ckpt['schema']} classes; {data} is a {cache.schema.name} cache")
-    loader = DataLoader(CacheDataset(cache), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(CacheDataset(cache, rows), batch_size=batch_size, num_workers=workers)
     with torch.no_grad():
         probs = [torch.stack([torch.sigmoid(model(x.to(device)).float()) for model, _ in loaded]).mean(0).cpu()
                  for x, _, _ in progress_bar(loader, desc="predict", unit="batch", disable=not progress)]
     table = pd.DataFrame(torch.cat(probs).numpy(), columns=loaded[0][1]["classes"])
-    table.insert(0, "image_id", cache.images["image_id"].to_numpy())
+    images = cache.images if rows is None else cache.images.iloc[rows]
+    table.insert(0, "image_id", images["image_id"].to_numpy())
     return table
 
 

@@ -160,6 +160,43 @@ def choose_postprocess(model, loader, val_set: DetectionDataset, truth: pd.DataF
                              saved[1])
 
 
+def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.DataFrame, cache: Cache,
+                           classifier: str | Path, chosen: dict[str, Any], iou_thr: float, device: torch.device,
+                           normal_rule: str = "max") -> dict[str, Any]:
+    """The 2-class filter's thresholds for this detector's own boxes (``choose_filter``: held out on
+    both halves of the validation fold), from the ``classifier``'s p_normal (``detector.init``, the
+    classifier refine is normally given); the detections are cut at the chosen NMS and box scale.
+    Scored on the images whose truth is complete: the boxed ones and those without findings."""
+    from cxrcam.calibrate.run import half_of
+    from cxrcam.data.submission import normal_scores
+    from cxrcam.evaluation.detection import with_no_finding
+    from cxrcam.outputs.postprocess import choose_filter
+    from cxrcam.train.classifier import predict
+
+    schema = cache.schema
+    holder = model if isinstance(model, CamRetinaNet) else model.roi_heads
+    saved, holder.nms_thresh = holder.nms_thresh, chosen["nms"]
+    try:
+        found = detect(model, loader, val_set.images, device)
+    finally:
+        holder.nms_thresh = saved
+    sizes = val_set.images.set_index("image_id").loc[found["image_id"], ["width", "height"]].to_numpy(np.float64)
+    found[BOX_COLUMNS] = resize_boxes(found[BOX_COLUMNS].to_numpy(), chosen["scale"], sizes[:, 0], sizes[:, 1])
+    labels = val_set.images.set_index("image_id")[target_columns(schema)]
+    scored = sorted(set(labels.index[(labels.to_numpy(np.float64) < 0.5).all(1)]) | (set(truth["image_id"])
+                                                                                       & set(labels.index)))
+    rows = np.flatnonzero(cache.images["image_id"].isin(set(scored)).to_numpy())
+    probs = predict(classifier, cache.root, workers=0, progress=False, device=str(device), rows=rows)
+    p_normal = pd.Series(normal_scores(probs[list(schema.findings)].to_numpy(), normal_rule),
+                         index=probs["image_id"]).loc[scored]
+    scored_truth = truth[truth["image_id"].isin(set(scored))][["image_id", "class_id", *BOX_COLUMNS]]
+    if schema.no_finding_id is not None:
+        scored_truth = with_no_finding(scored_truth, scored, schema.no_finding_id)
+    result = choose_filter(found[found["image_id"].isin(set(scored))], p_normal, scored_truth, schema, iou_thr,
+                           half_of)
+    return {k: v for k, v in result.items() if k != "grid"}
+
+
 def sweep_postprocess(raw: pd.DataFrame, truth: pd.DataFrame, image_ids: list[str], sizes: pd.DataFrame, rsna: bool,
                       iou_thr: float, max_detections: int = 100) -> dict[str, Any]:
     """Each (NMS IoU, box scale) of :data:`NMS_GRID` x :data:`SCALE_GRID` applied to ``raw``
@@ -368,11 +405,17 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
         best, _ = load_detector(Path(out) / "best.pt", info.device)
         chosen = choose_postprocess(best, val_loader, val_set, sup.boxes, cache.schema, config.eval.iou_thr,
                                     info.device)
+        if dcfg.init and chosen["metric"] != "none":  # the 2-class filter for these boxes, by the init's p_normal
+            chosen["filter"] = choose_detector_filter(best, val_loader, val_set, sup.boxes, cache, dcfg.init, chosen,
+                                                      config.eval.iou_thr, info.device, config.boxes.normal_score)
         _record_postprocess(Path(out), chosen)
         if progress and chosen["metric"] != "none":
             tqdm.write(f"post-processing chosen on the validation fold: NMS IoU {chosen['nms']}, box scale "
                        f"{chosen['scale']} ({chosen['metric']} {chosen['value']:.3f}; NMS 0.5, scale 1: "
                        f"{chosen['default_value']:.3f})")
+            if "filter" in chosen:
+                f = chosen["filter"]
+                tqdm.write(f"2-class filter for its boxes: low {f['low']:g}, high {f['high']:g} ({f['why']})")
     return metrics
 
 
