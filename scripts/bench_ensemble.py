@@ -7,7 +7,8 @@ and that folder's ``--base``. For each member (``--members``, detector runs in `
 1. ``cxrcam refine`` as the plain detector (``refine.proposals=rpn``, ``gate=none``, no 2-class
    filter) on the train cache (its validation fold is scored) and on the test cache;
 2. on the validation images, every member set of two or more is fused with ``cxrcam.outputs.
-   postprocess.ensemble`` over WBF's IoU x ``conf_type`` grid, and scored (mAP@0.4 with
+   postprocess.ensemble`` over WBF's IoU x ``conf_type`` x weights (equal, or each member's
+   validation mAP) grid, and scored (mAP@0.4 with
    "No finding", as evaluate counts it); the best setting of each set is kept;
 3. ``cxrcam ensemble`` writes each set's fused test submission at its chosen setting, and one
    ``cxrcam evaluate`` compares them all with the members, pair by pair on the same resamples.
@@ -41,9 +42,9 @@ IOUS = (0.3, 0.4, 0.5, 0.6)
 
 
 def fused_map(paths: list[Path], sizes: dict, schema, truth: pd.DataFrame, iou: float, conf_type: str,
-              iou_thr: float) -> float:
+              iou_thr: float, weights: list[float] | None = None) -> float:
     """mAP@iou_thr ("No finding" counted) of the WBF of ``paths`` on the images of ``truth``."""
-    found, normal, _ = ensemble(paths, sizes, schema, iou=iou, conf_type=conf_type)
+    found, normal, _ = ensemble(paths, sizes, schema, weights, iou=iou, conf_type=conf_type)
     ids = set(truth["image_id"])
     rows = [found[found["image_id"].isin(ids)]]
     if normal is not None:
@@ -93,15 +94,16 @@ def main() -> None:
             name = " + ".join(members)
             if name in chosen:
                 continue
-            grid = {(iou, conf): fused_map([subs["val"][m] for m in members], train_truth.sizes, schema, val_truth,
-                                           iou, conf, iou_thr)
-                    for iou in IOUS for conf in WBF_CONF_TYPES}
-            (iou, conf), best = max(grid.items(), key=lambda kv: kv[1])
-            chosen[name] = {"members": list(members), "iou": iou, "conf_type": conf, "val_map": best,
-                            "val_map_default": grid[(0.4, "avg")],
+            weightings = {"equal": [1.0] * k, "validation mAP": [round(singles[m], 4) for m in members]}
+            grid = {(iou, conf, w): fused_map([subs["val"][m] for m in members], train_truth.sizes, schema, val_truth,
+                                              iou, conf, iou_thr, weightings[w])
+                    for iou in IOUS for conf in WBF_CONF_TYPES for w in weightings}
+            (iou, conf, w), best = max(grid.items(), key=lambda kv: kv[1])
+            chosen[name] = {"members": list(members), "iou": iou, "conf_type": conf, "weights": weightings[w],
+                            "weighting": w, "val_map": best, "val_map_default": grid[(0.4, "avg", "equal")],
                             "val_map_members": {m: singles[m] for m in members}}
-            print(f"{name}: IoU {iou}, conf_type {conf}: validation mAP {best:.3f} (IoU 0.4 avg "
-                  f"{grid[(0.4, 'avg')]:.3f}; members {', '.join(f'{singles[m]:.3f}' for m in members)})", flush=True)
+            print(f"{name}: IoU {iou}, conf_type {conf}, {w} weights: validation mAP {best:.3f} (IoU 0.4 avg "
+                  f"{grid[(0.4, 'avg', 'equal')]:.3f}; members {', '.join(f'{singles[m]:.3f}' for m in members)})", flush=True)
             chosen_file.write_text(json.dumps(chosen, indent=1))
 
     preds = {run: subs["test"][run] for run in a.members}
@@ -111,7 +113,7 @@ def main() -> None:
             fused.parent.mkdir(parents=True, exist_ok=True)
             run_command(cli, "ensemble", *[subs["test"][m] for m in c["members"]], "--data", stages.cache("test"),
                         "--out", fused, "--iou", c["iou"], "--conf-type", c["conf_type"], "--filter-low", 0,
-                        "--filter-high", 1)
+                        "--filter-high", 1, *[a for w in c["weights"] for a in ("--weights", w)])
         preds[f"WBF {name}"] = fused
     cmp = out / "comparison"
     if not (cmp / "comparison.json").is_file():
@@ -134,7 +136,7 @@ def main() -> None:
         return "-"
 
     lines = [f"command: {' '.join(sys.argv)}", "",
-             "| row | WBF IoU, conf_type (chosen on validation) | validation mAP@0.4 | test mAP@0.4 | test findings "
+             "| row | WBF IoU, conf_type, weights (chosen on validation) | validation mAP@0.4 | test mAP@0.4 | test findings "
              "mAP@0.4 | against its best member on test: mAP@0.4 | findings mAP@0.4 |", "|---|---|---|---|---|---|---|"]
     for row in preds:
         if row in a.members:
@@ -143,7 +145,7 @@ def main() -> None:
             continue
         c = chosen[row.removeprefix("WBF ")]
         best = max(c["members"], key=lambda m: test_figure(m, "findings mAP@0.4"))
-        lines.append(f"| {row} | {c['iou']}, {c['conf_type']} | {c['val_map']:.3f} | {test_figure(row, 'mAP@0.4'):.3f} | "
+        lines.append(f"| {row} | {c['iou']}, {c['conf_type']}, {c['weighting']} | {c['val_map']:.3f} | {test_figure(row, 'mAP@0.4'):.3f} | "
                      f"{test_figure(row, 'findings mAP@0.4'):.3f} | {paired(best, row, 'mAP@0.4')} | "
                      f"{paired(best, row, 'findings mAP@0.4')} |")
     lines += ["", "(* beyond noise: the paired 95% interval excludes 0)"]
