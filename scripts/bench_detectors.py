@@ -58,6 +58,24 @@ def train(stages: Stages, out: Path, name: str, overrides: list[str]) -> float:
     return took
 
 
+def row_labels(comparison: dict, preds: dict[str, Path]) -> dict[str, str]:
+    """evaluate's submission name -> the table's row, matched by path."""
+    rows = {Path(p).resolve(): row for row, p in preds.items()}
+    return {s["name"]: rows[Path(s["path"]).resolve()] for s in comparison["submissions"]}
+
+
+def paired(comparison: dict, label: dict[str, str], reference: str, row: str, figure: str) -> str:
+    """``row`` - ``reference`` on ``figure`` from evaluate's paired comparison: "+0.012 (p 0.030) *"
+    (* beyond noise), or "-" where the pair or figure is not there."""
+    for pair in comparison["pairs"]:
+        ends = (label[pair["a"]], label[pair["b"]])
+        if set(ends) == {reference, row} and figure in pair["figures"]:
+            f = pair["figures"][figure]
+            sign = 1 if ends[1] == row else -1
+            return f"{sign * f['difference']:+.3f} (p {p_text(f['p'])}){' *' if beyond_noise(f) else ''}"
+    return "-"
+
+
 def rows(shares: list[float], retinanet: list[float], abnormal: bool = True) -> list[tuple[str, str, list[str]]]:
     """(row name, detector run, refine overrides) of every refine row."""
     found = []
@@ -162,18 +180,7 @@ def main() -> None:
     if not (cmp / "comparison.json").is_file():
         run_command(cli, *base.evaluate(list(preds.values()), cmp, "--no-plots"))
     comparison = json.loads((cmp / "comparison.json").read_text())
-    names = {Path(s["path"]).resolve(): s["name"] for s in comparison["submissions"]}
-    label = {names[Path(p).resolve()]: n for n, p in preds.items()}
-
-    def paired(reference: str, row: str, figure: str) -> str:
-        for pair in comparison["pairs"]:
-            ends = {label[pair["a"]], label[pair["b"]]}
-            if ends == {reference, row} and figure in pair["figures"]:
-                f = pair["figures"][figure]
-                sign = 1 if label[pair["b"]] == row else -1
-                mark = " *" if beyond_noise(f) else ""
-                return f"{sign * f['difference']:+.3f} (p {p_text(f['p'])}){mark}"
-        return "-"
+    label = row_labels(comparison, preds)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
     lines = [f"command: {' '.join(sys.argv)}", f"device: {device}, torch {torch.__version__}",
@@ -186,7 +193,8 @@ def main() -> None:
         lines.append(f"| {name} | {f['mAP@0.4']:.3f} | {f['findings mAP@0.4']:.3f} | "
                      f"{f['No finding AP'] if f['No finding AP'] is None else round(f['No finding AP'], 3)} | "
                      + (" - | - |" if name == reference else
-                        f" {paired(reference, name, 'mAP@0.4')} | {paired(reference, name, 'findings mAP@0.4')} |"))
+                        f" {paired(comparison, label, reference, name, 'mAP@0.4')} | "
+                        f"{paired(comparison, label, reference, name, 'findings mAP@0.4')} |"))
     lines += ["", "(* beyond noise: the paired 95% interval excludes 0)"]
     text = "\n".join(lines)
     pd.DataFrame(results).T.to_csv(a.out / "results.csv")

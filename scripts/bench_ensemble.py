@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench_detectors import paired, row_labels
 from cxrcam.cli import main as cli
 from cxrcam.config import WBF_CONF_TYPES, load_config
 from cxrcam.data.cache import open_cache
 from cxrcam.data.splits import train_val_rows
 from cxrcam.data.tables import BOX_COLUMNS, no_finding_rows
 from cxrcam.demo import TINY, Stages, run_command
-from cxrcam.evaluation.compare import beyond_noise, p_text
 from cxrcam.evaluation.detection import voc_map, with_no_finding
 from cxrcam.evaluation.evaluate import read_ground_truth
 from cxrcam.outputs.postprocess import ensemble
@@ -119,21 +119,11 @@ def main() -> None:
     if not (cmp / "comparison.json").is_file():
         run_command(cli, *stages.evaluate(list(preds.values()), cmp, "--no-plots"))
     comparison = json.loads((cmp / "comparison.json").read_text())
-    label = {s["name"]: row for s in comparison["submissions"] for row, p in preds.items()
-             if Path(s["path"]).resolve() == p.resolve()}
+    label = row_labels(comparison, preds)
     figures = {label[s["name"]]: s for s in comparison["submissions"]}
 
     def test_figure(row: str, key: str) -> float:
         return figures[row]["figures"][key]["value"]
-
-    def paired(a_row: str, b_row: str, figure: str) -> str:
-        for pair in comparison["pairs"]:
-            ends = (label[pair["a"]], label[pair["b"]])
-            if set(ends) == {a_row, b_row}:
-                f = pair["figures"][figure]
-                sign = 1 if ends[1] == b_row else -1
-                return f"{sign * f['difference']:+.3f} (p {p_text(f['p'])}){' *' if beyond_noise(f) else ''}"
-        return "-"
 
     lines = [f"command: {' '.join(sys.argv)}", "",
              "| row | WBF IoU, conf_type, weights (chosen on validation) | validation mAP@0.4 | test mAP@0.4 | test findings "
@@ -146,8 +136,8 @@ def main() -> None:
         c = chosen[row.removeprefix("WBF ")]
         best = max(c["members"], key=lambda m: test_figure(m, "findings mAP@0.4"))
         lines.append(f"| {row} | {c['iou']}, {c['conf_type']}, {c['weighting']} | {c['val_map']:.3f} | {test_figure(row, 'mAP@0.4'):.3f} | "
-                     f"{test_figure(row, 'findings mAP@0.4'):.3f} | {paired(best, row, 'mAP@0.4')} | "
-                     f"{paired(best, row, 'findings mAP@0.4')} |")
+                     f"{test_figure(row, 'findings mAP@0.4'):.3f} | {paired(comparison, label, best, row, 'mAP@0.4')} | "
+                     f"{paired(comparison, label, best, row, 'findings mAP@0.4')} |")
     lines += ["", "(* beyond noise: the paired 95% interval excludes 0)"]
     text = "\n".join(lines)
     (out / "summary.md").write_text(text + "\n")

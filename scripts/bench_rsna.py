@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from bench_detectors import train
+from bench_detectors import paired, row_labels, train
 from cxrcam.cli import main as cli
 from cxrcam.demo import TINY, Stages, run_command
-from cxrcam.evaluation.compare import beyond_noise, p_text, with_interval
+from cxrcam.evaluation.compare import with_interval
 
 PLAIN = ["refine.proposals=rpn", "refine.gate=none"]
 DETECTORS = {"Faster R-CNN": ("fasterrcnn", ["detector.arch=fasterrcnn"]),
@@ -86,17 +86,7 @@ def main() -> None:
     if not (cmp / "comparison.json").is_file():
         run_command(cli, *stages.evaluate(list(preds.values()), cmp, "--format", "rsna", "--no-plots"))
     comparison = json.loads((cmp / "comparison.json").read_text())
-    label = {s["name"]: row for s in comparison["submissions"] for row, f in preds.items()
-             if Path(s["path"]).resolve() == f.resolve()}
-
-    def paired(row: str) -> str:
-        for pair in comparison["pairs"]:
-            ends = (label[pair["a"]], label[pair["b"]])
-            if set(ends) == {"Faster R-CNN", row}:
-                f = pair["figures"]["RSNA score"]
-                sign = 1 if ends[1] == row else -1
-                return f"{sign * f['difference']:+.3f} (p {p_text(f['p'])}){' *' if beyond_noise(f) else ''}"
-        return "-"
+    label = row_labels(comparison, preds)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
     lines = [f"command: {' '.join(sys.argv)}", f"device: {device}, torch {torch.__version__}",
@@ -105,7 +95,7 @@ def main() -> None:
              "|---|---|---|---|---|"]
     for row, m in scores.items():
         lines.append(f"| {row} | {with_interval(m['rsna_score'], m.get('ci', {}).get('RSNA score'))} | "
-                     f"{m['rsna_images_scored']} | {m['map']:.3f} | {'-' if row == 'Faster R-CNN' else paired(row)} |")
+                     f"{m['rsna_images_scored']} | {m['map']:.3f} | {'-' if row == 'Faster R-CNN' else paired(comparison, label, 'Faster R-CNN', row, 'RSNA score')} |")
     lines += ["", "(* beyond noise: the paired 95% interval excludes 0)"]
     text = "\n".join(lines)
     (a.out / "summary.md").write_text(text + "\n")
