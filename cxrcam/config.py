@@ -219,6 +219,9 @@ class RefineConfig:
     # validation fold (the RSNA recipe: an NMS sweep and shrunk boxes, against the dataset's metric), else 0.5 and 1
     iou: Union[float, Literal["auto"]] = "auto"
     scale: Union[float, Literal["auto"]] = "auto"
+    # boxes the detector scores below this are dropped (before the gate); "auto": train-detector's choice on
+    # RSNA's score, which counts every box on an image without pneumonia (else 0)
+    min_score: Union[float, Literal["auto"]] = "auto"
     top_k: int = 5  # boxes kept per class and image (0 = all)
 
 
@@ -268,7 +271,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "detector.step_size": (1, None), "detector.gamma": UNIT, "detector.warmup_iters": (0, None),
     "detector.workers": (0, None), "detector.rois_per_image": (1, None), "detector.channels": (1, None),
     "detector.head_size": (1, None), "detector.score_thresh": UNIT, "detector.detections_per_img": (1, None),
-    "refine.iou": UNIT, "refine.top_k": (0, None), "eval.iou_thr": UNIT,
+    "refine.iou": UNIT, "refine.min_score": UNIT, "refine.top_k": (0, None), "eval.iou_thr": UNIT,
 }
 POSITIVE = {"train.lr", "detector.lr", "detector.pseudo_weight", "boxes.scale", "refine.scale", "model.lse_r",
             "model.csra_lambda"}

@@ -133,7 +133,8 @@ def test_the_validation_sweep_finds_the_nms_and_box_scale_the_truth_needs():
     """Detections 1/0.8 the size of their truth boxes (IoU 0.64), each with a near-duplicate at IoU
     0.45: the sweep shrinks the boxes, and drops the duplicates (NMS 0.4) where they cost, on the RSNA score
     (IoU up to 0.75: scale 0.9, IoU 0.79, is the least change that hits every threshold) and on mAP@0.7
-    (scale 0.95, IoU 0.71); an empty truth keeps torchvision's defaults."""
+    (scale 0.95, IoU 0.71); an empty truth keeps torchvision's defaults. On RSNA's score it also drops
+    the boxes of images without pneumonia by a minimum score."""
     from cxrcam.train.detector import sweep_postprocess
 
     rows, truth = [], []
@@ -151,8 +152,17 @@ def test_the_validation_sweep_finds_the_nms_and_box_scale_the_truth_needs():
         # the duplicates, ranked below every hit, cost mAP nothing: NMS stays 0.5 there
         assert chosen["scale"] == (0.9 if rsna else 0.95) and chosen["nms"] == (0.4 if rsna else 0.5), chosen
         assert chosen["value"] > chosen["default_value"]
+        assert chosen["min_score"] == 0.0  # nothing to drop: the least change
     empty = sweep_postprocess(raw, truth.iloc[:0], ids, sizes, False, 0.4)
     assert (empty["nms"], empty["scale"]) == (0.5, 1.0)
+    # two images without pneumonia, each with a box scored 0.3: RSNA's score counts them as misses, so the
+    # sweep drops boxes under 0.4, the least minimum that clears them; mAP, a ranking, keeps every box
+    negatives = pd.DataFrame([(f"n{k}", 0, 0.3, 50, 50, 90, 90) for k in range(2)], columns=raw.columns)
+    ids_n, sizes_n = ids + ["n0", "n1"], pd.concat([sizes, sizes.iloc[:2].set_axis(["n0", "n1"])])
+    chosen = sweep_postprocess(pd.concat([raw, negatives], ignore_index=True), truth, ids_n, sizes_n, True, 0.7)
+    assert chosen["min_score"] == 0.4 and chosen["value"] > chosen["default_value"], chosen
+    chosen = sweep_postprocess(pd.concat([raw, negatives], ignore_index=True), truth, ids_n, sizes_n, False, 0.7)
+    assert chosen["min_score"] == 0.0
 
 
 def _squares(n: int = 4, size: int = 64) -> tuple[list[torch.Tensor], list[dict]]:

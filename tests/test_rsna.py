@@ -18,6 +18,7 @@ from cxrcam.data.readers import read_rsna
 from cxrcam.data.synth import synthesize
 from cxrcam.evaluation.bootstrap import weights
 from cxrcam.evaluation.rsna import image_scores, rsna_score
+from cxrcam.train.detector import SCORE_GRID
 
 
 def test_synthetic_rsna_is_the_released_layout_and_the_releases_figures(tmp_path):
@@ -130,8 +131,22 @@ def test_rsnas_retinanet_trains_resumes_and_refines_on_rsna_data(rsna_run, tmp_p
     result = cxrcam("refine", "--classifier", str(run), "--detector", str(out), "--data", str(cache),
                     "--out", str(tmp_path / "refine"), "--no-images", "refine.proposals=rpn", *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
-    used = json.loads((tmp_path / "refine" / "localize.json").read_text())["filter"]  # boxes.filter_* auto
+    written = json.loads((tmp_path / "refine" / "localize.json").read_text())
+    used = written["filter"]  # boxes.filter_* auto
     assert (used["low"], used["high"]) == (two_class["low"], two_class["high"])
+    assert written["refine"]["min_score"] == ckpt["postprocess"]["min_score"] in SCORE_GRID  # refine.min_score auto
+    def scores(name: str, floor: float) -> list[float]:  # the detector's own scores (no gate) at refine.min_score
+        result = cxrcam("refine", "--classifier", str(run), "--detector", str(out), "--data", str(cache), "--out",
+                        str(tmp_path / name), "--no-images", "refine.proposals=rpn", "refine.gate=none",
+                        f"refine.min_score={floor}", "refine.top_k=0", *FAST)
+        assert result.returncode == 0, result.stderr[-3000:]
+        strings = pd.read_csv(tmp_path / name / "submission.csv", keep_default_na=False)["PredictionString"]
+        return sorted(float(v) for p in strings for v in p.split()[::5])  # "score x y w h" per box
+
+    every = scores("open", 0)
+    distinct = sorted(set(every))
+    floor = (distinct[len(distinct) // 2 - 1] + distinct[len(distinct) // 2]) / 2  # between two scores: no ties
+    assert scores("strict", floor) == pytest.approx([v for v in every if v >= floor], rel=1e-5) != every
     assert (tmp_path / "refine" / "submission.csv").read_text().startswith("patientId,PredictionString")
     result = cxrcam("evaluate", "--pred", str(tmp_path / "refine"), "--gt", str(cache), "--json",
                     str(tmp_path / "m.json"), "--format", "rsna")

@@ -8,7 +8,8 @@ boxes. Each detection's score is then multiplied by the classifier's probability
 class (``refine.gate=product``): the classifier, trained on every image's labels, decides
 *whether* a finding is there, the detector *where*. Overlapping boxes of one class are merged
 by NMS (inside the RoI heads) or Weighted Boxes Fusion, the ``top_k`` best per class stay, and
-each box is resized by ``refine.scale``; ``refine.iou`` and ``refine.scale`` "auto" take what
+each box is resized by ``refine.scale``, and boxes the detector scores below ``refine.min_score``
+are dropped; ``refine.iou``, ``refine.scale`` and ``refine.min_score`` "auto" take what
 ``train-detector`` chose on its validation fold (the checkpoint's ``postprocess``), as do the
 2-class filter's ``boxes.filter_low``/``filter_high``, where it chose one for its boxes.
 
@@ -48,6 +49,7 @@ class Refiner:
         chosen = self.ckpt.get("postprocess") or {}  # train-detector's choice on its validation fold
         self.iou = float(chosen.get("nms", 0.5) if config.iou == "auto" else config.iou)
         self.scale = float(chosen.get("scale", 1.0) if config.scale == "auto" else config.scale)
+        self.min_score = float(chosen.get("min_score", 0.0) if config.min_score == "auto" else config.min_score)
         self.filter: dict | None = chosen.get("filter")  # the 2-class filter chosen for its boxes (boxes.filter_* auto)
         heads = self.model if isinstance(self.model, CamRetinaNet) else self.model.roi_heads
         if config.fusion == "wbf":  # WBF needs the overlapping boxes NMS would remove
@@ -67,6 +69,8 @@ class Refiner:
             boxes = d["boxes"].float().cpu().numpy().astype(np.float64)
             classes = d["labels"].cpu().numpy() - 1
             scores = d["scores"].float().cpu().numpy().astype(np.float64)
+            keep = scores >= self.min_score  # the detector's own score, before the gate (as chosen)
+            boxes, classes, scores = boxes[keep], classes[keep], scores[keep]
             if cfg.gate == "product":
                 scores = scores * p[classes]
             b, c, s = merge(boxes, classes, scores, cfg, x.shape[-1], self.iou)

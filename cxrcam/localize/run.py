@@ -131,6 +131,8 @@ def localize(checkpoint: str | Path | list, data: str | Path, out: str | Path, c
                                            "decision_thresholds": [float(t) for t in maps.thresholds],
                                            "cam": cam_info,
                                            "filter": {"low": two_class[0], "high": two_class[1]},
+                                           "refine": refiner and {"iou": refiner.iou, "scale": refiner.scale,
+                                                                  "min_score": refiner.min_score},
                                            "config": config_to_dict(config)})
     dist.cleanup()
     return summary

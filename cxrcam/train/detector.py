@@ -139,6 +139,9 @@ def _validation(model, loader, val_set: DetectionDataset, truth: pd.DataFrame, i
 
 NMS_GRID = (0.3, 0.4, 0.5, 0.6)  # the NMS IoU thresholds the validation sweep tries
 SCALE_GRID = (0.8, 0.875, 0.9, 0.95, 1.0, 1.1)  # and the box scales (RSNA's winners: 0.875-0.9)
+# and, on RSNA's score, which counts every box on an image without pneumonia as a miss, the detector
+# score below which boxes are dropped (AP ranks boxes: dropping the lowest never raises it, so not swept)
+SCORE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @torch.no_grad()
@@ -165,7 +168,8 @@ def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.D
                            normal_rule: str = "max") -> dict[str, Any]:
     """The 2-class filter's thresholds for this detector's own boxes (``choose_filter``: held out on
     both halves of the validation fold), from the ``classifier``'s p_normal (``detector.init``, the
-    classifier refine is normally given); the detections are cut at the chosen NMS and box scale.
+    classifier refine is normally given); the detections are cut at the chosen NMS, box scale and
+    minimum score.
     Scored on the images whose truth is complete: the boxed ones and those without findings."""
     from cxrcam.calibrate.run import half_of
     from cxrcam.data.submission import normal_scores
@@ -180,6 +184,7 @@ def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.D
         found = detect(model, loader, val_set.images, device)
     finally:
         holder.nms_thresh = saved
+    found = found[found["score"] >= chosen.get("min_score", 0.0)].reset_index(drop=True)
     sizes = val_set.images.set_index("image_id").loc[found["image_id"], ["width", "height"]].to_numpy(np.float64)
     found[BOX_COLUMNS] = resize_boxes(found[BOX_COLUMNS].to_numpy(), chosen["scale"], sizes[:, 0], sizes[:, 1])
     labels = val_set.images.set_index("image_id")[target_columns(schema)]
@@ -199,10 +204,11 @@ def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.D
 
 def sweep_postprocess(raw: pd.DataFrame, truth: pd.DataFrame, image_ids: list[str], sizes: pd.DataFrame, rsna: bool,
                       iou_thr: float, max_detections: int = 100) -> dict[str, Any]:
-    """Each (NMS IoU, box scale) of :data:`NMS_GRID` x :data:`SCALE_GRID` applied to ``raw``
-    detections (before NMS; original pixels; ``sizes``: width, height by image id) and scored with
-    the dataset's own metric: RSNA's score (``rsna``), else VOC mAP@``iou_thr``. The best wins; ties
-    keep the setting nearest NMS 0.5 and scale 1 (the least change)."""
+    """Each (NMS IoU, box scale, minimum score) of :data:`NMS_GRID` x :data:`SCALE_GRID` x
+    :data:`SCORE_GRID` (RSNA; else no minimum) applied to ``raw`` detections (before NMS; original
+    pixels; ``sizes``: width, height by image id) and scored with the dataset's own metric: RSNA's
+    score (``rsna``), else VOC mAP@``iou_thr``. The best wins; ties keep the setting nearest NMS 0.5,
+    scale 1 and no minimum (the least change)."""
     from torchvision.ops import batched_nms
 
     image = pd.Index(image_ids).get_indexer(raw["image_id"])
@@ -217,22 +223,25 @@ def sweep_postprocess(raw: pd.DataFrame, truth: pd.DataFrame, image_ids: list[st
         kept = raw.iloc[keep].assign(_row=keep)
         return kept.sort_values("score", ascending=False).groupby("image_id").head(max_detections)["_row"].to_numpy()
 
-    def score(rows: np.ndarray, scale: float) -> float:
+    def score(rows: np.ndarray, scale: float, min_score: float) -> float:
+        rows = rows[raw["score"].to_numpy()[rows] >= min_score]
         found = raw.iloc[rows]
         resized = resize_boxes(found[BOX_COLUMNS].to_numpy(), scale, w[rows], h[rows])
         found = found.assign(**dict(zip(BOX_COLUMNS, resized.T)))
         return rsna_score(truth, found, image_ids)[0] if rsna else voc_map(truth, found, iou_thr)[0]
 
     kept = {nms: after_nms(nms) for nms in NMS_GRID}  # NMS once per threshold; the scales re-cut its rows
-    table = [(nms, scale, score(kept[nms], scale)) for nms in NMS_GRID for scale in SCALE_GRID]
-    values = np.array([v for _, _, v in table], np.float64)
+    table = [(nms, scale, t, score(kept[nms], scale, t)) for nms in NMS_GRID for scale in SCALE_GRID
+             for t in (SCORE_GRID if rsna else (0.0,))]
+    values = np.array([v for *_, v in table], np.float64)
     if not np.isfinite(values).any():
-        return {"nms": 0.5, "scale": 1.0, "metric": "none", "why": "no validation truth to choose by"}
+        return {"nms": 0.5, "scale": 1.0, "min_score": 0.0, "metric": "none", "why": "no validation truth to choose by"}
     best = np.nanmax(values)
-    _, nms, scale, value = min((abs(n - 0.5) + abs(np.log(sc)), n, sc, v) for n, sc, v in table if v >= best - 1e-9)
-    return {"nms": nms, "scale": scale, "metric": "RSNA score" if rsna else f"mAP@{iou_thr}", "value": float(value),
-            "default_value": float(dict(((n, sc), v) for n, sc, v in table)[(0.5, 1.0)]),
-            "grid": [[n, sc, float(v)] for n, sc, v in table]}
+    _, nms, scale, min_score, value = min((abs(n - 0.5) + abs(np.log(sc)) + t, n, sc, t, v)
+                                          for n, sc, t, v in table if v >= best - 1e-9)
+    return {"nms": nms, "scale": scale, "min_score": min_score, "metric": "RSNA score" if rsna else f"mAP@{iou_thr}",
+            "value": float(value), "default_value": float(dict(((n, sc, t), v) for n, sc, t, v in table)[(0.5, 1.0, 0.0)]),
+            "grid": [[n, sc, t, float(v)] for n, sc, t, v in table]}
 
 
 def _record_postprocess(out: Path, chosen: dict[str, Any]) -> None:
@@ -410,8 +419,9 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
                                                       config.eval.iou_thr, info.device, config.boxes.normal_score)
         _record_postprocess(Path(out), chosen)
         if progress and chosen["metric"] != "none":
+            floor = f", minimum score {chosen['min_score']}" if chosen["min_score"] else ""
             tqdm.write(f"post-processing chosen on the validation fold: NMS IoU {chosen['nms']}, box scale "
-                       f"{chosen['scale']} ({chosen['metric']} {chosen['value']:.3f}; NMS 0.5, scale 1: "
+                       f"{chosen['scale']}{floor} ({chosen['metric']} {chosen['value']:.3f}; NMS 0.5, scale 1: "
                        f"{chosen['default_value']:.3f})")
             if "filter" in chosen:
                 f = chosen["filter"]
