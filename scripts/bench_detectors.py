@@ -172,7 +172,7 @@ def main() -> None:
 
     results = {}
     for name, pred in preds.items():
-        ev = a.out / "eval" / (pred.stem if pred.suffix else pred.name)
+        ev = a.out / "eval" / (pred.name if pred.is_dir() else pred.stem)  # a row name may hold a "."
         if not (ev / "metrics.json").is_file():
             run_command(cli, *base.evaluate(pred, ev, "--no-control", "--no-plots"))
         results[name] = figures(json.loads((ev / "metrics.json").read_text()))
