@@ -53,13 +53,12 @@ from cxrcam.cam import map_name, parse_layers, parse_map, resolve_layer
 from cxrcam.cam.checkpoint import CheckpointMaps, needed_classes
 from cxrcam.config import Config
 from cxrcam.data.sources import open_source
-from cxrcam.data.submission import normal_scores
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS, boxes_by_image, target_columns
 from cxrcam.errors import CxrcamError
-from cxrcam.evaluation.detection import truth_by_image, with_no_finding
+from cxrcam.evaluation.detection import truth_by_image
 from cxrcam.evaluation.weak import CURVE_COLUMNS, maxboxacc_table, pair_curves, plot_box_accuracy
 from cxrcam.files import save_figure
-from cxrcam.outputs.postprocess import choose_filter
+from cxrcam.outputs.postprocess import choose_filter_where_complete
 from cxrcam.runtime import dist
 from cxrcam.runtime.progress import progress_bar
 
@@ -326,17 +325,11 @@ def _class_maps(candidates: list[dict], best: dict, min_boxes: int, model) -> di
 
 def _choose_filter(classes: dict, best: dict, images: pd.DataFrame, truth: pd.DataFrame, schema,
                    config: Config) -> dict | None:
-    """The 2-class filter's thresholds (:func:`~cxrcam.outputs.postprocess.choose_filter`) for the
-    boxes localize would write with the chosen settings, on the images whose truth is complete:
-    the boxed ones and those labelled without findings ("No finding", where the dataset has it)."""
+    """The 2-class filter's thresholds (:func:`~cxrcam.outputs.postprocess.choose_filter_where_complete`)
+    for the boxes localize would write with the chosen settings."""
     columns = target_columns(schema)
     if not set(columns) <= set(images.columns) or not len(best["probs"]):
         return None
-    labels = images.set_index("image_id")[columns]
-    normal = set(labels.index[(labels.to_numpy(np.float64) < 0.5).all(1)])
-    boxed = set(truth["image_id"])
-    scored = [i for i in best["probs"].index if i in normal or i in boxed]
-    p_normal = pd.Series(normal_scores(best["probs"].loc[scored].to_numpy(), config.boxes.normal_score), index=scored)
     found = []
     for e in classes.values():
         setting = dataclasses.replace(config.boxes, **{k: e[k] for k in SETTING_KEYS if k in e})
@@ -345,11 +338,8 @@ def _choose_filter(classes: dict, best: dict, images: pd.DataFrame, truth: pd.Da
         found.append(pd.DataFrame({"image_id": ids, "class_id": e["class_id"], "score": scores,
                                    **dict(zip(BOX_COLUMNS, boxes.reshape(-1, 4).T))}))
     detections = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=DETECTION_COLUMNS)
-    scored_truth = truth[truth["image_id"].isin(set(scored))][["image_id", "class_id", *BOX_COLUMNS]]
-    if schema.no_finding_id is not None:  # the scored images without a finding box are the normal ones
-        scored_truth = with_no_finding(scored_truth, scored, schema.no_finding_id)
-    return choose_filter(detections[detections["image_id"].isin(set(scored))], p_normal, scored_truth, schema,
-                         config.eval.iou_thr, half_of)
+    return choose_filter_where_complete(detections, best["probs"], images.set_index("image_id")[columns], truth,
+                                        schema, config.eval.iou_thr, half_of, config.boxes.normal_score)
 
 
 def _mean(values) -> float:

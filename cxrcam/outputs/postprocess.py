@@ -18,9 +18,10 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cxrcam.data.submission import parse_submission, submission_format, submission_table
+from cxrcam.data.submission import normal_scores, parse_submission, submission_format, submission_table
 from cxrcam.data.tables import BOX_COLUMNS, DETECTION_COLUMNS
 from cxrcam.errors import CxrcamError
+from cxrcam.evaluation.detection import with_no_finding
 from cxrcam.schemas import Schema
 
 
@@ -119,6 +120,24 @@ def choose_filter(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataF
     return result
 
 
+def choose_filter_where_complete(detections: pd.DataFrame, probs: pd.DataFrame, labels: pd.DataFrame,
+                                 truth: pd.DataFrame, schema: Schema, iou_thr: float, half: Callable[[str], int],
+                                 normal_rule: str = "max") -> dict[str, Any]:
+    """:func:`choose_filter` on the images whose truth is complete: the boxed ones and those labelled
+    without findings (scored with "No finding", where the dataset has it). ``probs``: the finding
+    probabilities and ``labels`` the image labels, both indexed by image id; ``normal_rule``: how
+    p_normal comes from ``probs`` (``boxes.normal_score``)."""
+    normal = set(labels.index[(labels.to_numpy(np.float64) < 0.5).all(1)])
+    boxed = set(truth["image_id"])
+    scored = [i for i in probs.index if i in normal or i in boxed]
+    p_normal = pd.Series(normal_scores(probs.loc[scored].to_numpy(), normal_rule), index=scored)
+    scored_truth = truth[truth["image_id"].isin(set(scored))][["image_id", "class_id", *BOX_COLUMNS]]
+    if schema.no_finding_id is not None:
+        scored_truth = with_no_finding(scored_truth, scored, schema.no_finding_id)
+    return choose_filter(detections[detections["image_id"].isin(set(scored))], p_normal, scored_truth, schema,
+                         iou_thr, half)
+
+
 def ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], schema: Schema,
              weights: list[float] | None = None, iou: float = 0.4, skip: float = 0.0, conf_type: str = "avg"
              ) -> tuple[pd.DataFrame, pd.Series | None, list[str]]:
@@ -188,5 +207,5 @@ def write_ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], out
     return table
 
 
-__all__ = ["two_class_filter", "filter_score", "filter_grid", "choose_filter", "FILTER_LOWS", "FILTER_HIGHS", "ensemble",
+__all__ = ["two_class_filter", "filter_score", "filter_grid", "choose_filter", "choose_filter_where_complete", "FILTER_LOWS", "FILTER_HIGHS", "ensemble",
            "write_ensemble"]

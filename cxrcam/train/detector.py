@@ -169,15 +169,12 @@ def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.D
     """The 2-class filter's thresholds for this detector's own boxes (``choose_filter``: held out on
     both halves of the validation fold), from the ``classifier``'s p_normal (``detector.init``, the
     classifier refine is normally given); the detections are cut at the chosen NMS, box scale and
-    minimum score.
-    Scored on the images whose truth is complete: the boxed ones and those without findings."""
+    minimum score. Scored on the images whose truth is complete: the boxed ones and those without
+    findings."""
     from cxrcam.calibrate.run import half_of
-    from cxrcam.data.submission import normal_scores
-    from cxrcam.evaluation.detection import with_no_finding
-    from cxrcam.outputs.postprocess import choose_filter
+    from cxrcam.outputs.postprocess import choose_filter_where_complete
     from cxrcam.train.classifier import predict
 
-    schema = cache.schema
     holder = model if isinstance(model, CamRetinaNet) else model.roi_heads
     saved, holder.nms_thresh = holder.nms_thresh, chosen["nms"]
     try:
@@ -187,18 +184,11 @@ def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.D
     found = found[found["score"] >= chosen.get("min_score", 0.0)].reset_index(drop=True)
     sizes = val_set.images.set_index("image_id").loc[found["image_id"], ["width", "height"]].to_numpy(np.float64)
     found[BOX_COLUMNS] = resize_boxes(found[BOX_COLUMNS].to_numpy(), chosen["scale"], sizes[:, 0], sizes[:, 1])
-    labels = val_set.images.set_index("image_id")[target_columns(schema)]
-    scored = sorted(set(labels.index[(labels.to_numpy(np.float64) < 0.5).all(1)]) | (set(truth["image_id"])
-                                                                                       & set(labels.index)))
-    rows = np.flatnonzero(cache.images["image_id"].isin(set(scored)).to_numpy())
+    rows = np.flatnonzero(cache.images["image_id"].isin(set(val_set.images["image_id"])).to_numpy())
     probs = predict(classifier, cache.root, workers=0, progress=False, device=str(device), rows=rows)
-    p_normal = pd.Series(normal_scores(probs[list(schema.findings)].to_numpy(), normal_rule),
-                         index=probs["image_id"]).loc[scored]
-    scored_truth = truth[truth["image_id"].isin(set(scored))][["image_id", "class_id", *BOX_COLUMNS]]
-    if schema.no_finding_id is not None:
-        scored_truth = with_no_finding(scored_truth, scored, schema.no_finding_id)
-    result = choose_filter(found[found["image_id"].isin(set(scored))], p_normal, scored_truth, schema, iou_thr,
-                           half_of)
+    labels = val_set.images.set_index("image_id")[target_columns(cache.schema)]
+    result = choose_filter_where_complete(found, probs.set_index("image_id")[list(cache.schema.findings)], labels,
+                                          truth, cache.schema, iou_thr, half_of, normal_rule)
     return {k: v for k, v in result.items() if k != "grid"}
 
 
