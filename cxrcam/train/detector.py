@@ -141,7 +141,7 @@ NMS_GRID = (0.3, 0.4, 0.5, 0.6)  # the NMS IoU thresholds the validation sweep t
 SCALE_GRID = (0.8, 0.875, 0.9, 0.95, 1.0, 1.1)  # and the box scales (RSNA's winners: 0.875-0.9)
 # and, on RSNA's score, which counts every box on an image without pneumonia as a miss, the detector
 # score below which boxes are dropped (AP ranks boxes: dropping the lowest never raises it, so not swept)
-SCORE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SCORE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 @torch.no_grad()
