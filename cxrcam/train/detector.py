@@ -165,11 +165,11 @@ def choose_postprocess(model, loader, val_set: DetectionDataset, truth: pd.DataF
 
 def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.DataFrame, cache: Cache,
                            classifier: str | Path, chosen: dict[str, Any], iou_thr: float, device: torch.device,
-                           normal_rule: str = "max") -> dict[str, Any]:
+                           normal_rule: str = "max", top_k: int = 0) -> dict[str, Any]:
     """The 2-class filter's thresholds for this detector's own boxes (``choose_filter``: held out on
     both halves of the validation fold), from the ``classifier``'s p_normal (``detector.init``, the
     classifier refine is normally given); the detections are cut at the chosen NMS, box scale and
-    minimum score. Scored on the images whose truth is complete: the boxed ones and those without
+    minimum score, and to refine's ``top_k`` per class and image. Scored on the images whose truth is complete: the boxed ones and those without
     findings."""
     from cxrcam.calibrate.run import half_of
     from cxrcam.outputs.postprocess import choose_filter_where_complete
@@ -181,7 +181,10 @@ def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.D
         found = detect(model, loader, val_set.images, device)
     finally:
         holder.nms_thresh = saved
-    found = found[found["score"] >= chosen.get("min_score", 0.0)].reset_index(drop=True)
+    found = found[found["score"] >= chosen.get("min_score", 0.0)]
+    if top_k > 0:  # what refine submits: each class's top_k boxes per image (and fewer boxes to score)
+        found = found.sort_values("score", ascending=False, kind="stable").groupby(["image_id", "class_id"]).head(top_k)
+    found = found.reset_index(drop=True)
     sizes = val_set.images.set_index("image_id").loc[found["image_id"], ["width", "height"]].to_numpy(np.float64)
     found[BOX_COLUMNS] = resize_boxes(found[BOX_COLUMNS].to_numpy(), chosen["scale"], sizes[:, 0], sizes[:, 1])
     rows = np.flatnonzero(cache.images["image_id"].isin(set(val_set.images["image_id"])).to_numpy())
@@ -406,7 +409,8 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
                                     info.device)
         if dcfg.init and chosen["metric"] != "none":  # the 2-class filter for these boxes, by the init's p_normal
             chosen["filter"] = choose_detector_filter(best, val_loader, val_set, sup.boxes, cache, dcfg.init, chosen,
-                                                      config.eval.iou_thr, info.device, config.boxes.normal_score)
+                                                      config.eval.iou_thr, info.device, config.boxes.normal_score,
+                                                      config.refine.top_k)
         _record_postprocess(Path(out), chosen)
         if progress and chosen["metric"] != "none":
             floor = f", minimum score {chosen['min_score']}" if chosen["min_score"] else ""
