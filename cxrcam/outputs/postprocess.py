@@ -207,5 +207,5 @@ def write_ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], out
     return table
 
 
-__all__ = ["two_class_filter", "filter_score", "filter_grid", "choose_filter", "choose_filter_where_complete", "FILTER_LOWS", "FILTER_HIGHS", "ensemble",
-           "write_ensemble"]
+__all__ = ["two_class_filter", "filter_score", "filter_grid", "choose_filter", "choose_filter_where_complete",
+           "FILTER_LOWS", "FILTER_HIGHS", "ensemble", "write_ensemble"]

@@ -169,8 +169,8 @@ def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.D
     """The 2-class filter's thresholds for this detector's own boxes (``choose_filter``: held out on
     both halves of the validation fold), from the ``classifier``'s p_normal (``detector.init``, the
     classifier refine is normally given); the detections are cut at the chosen NMS, box scale and
-    minimum score, and to refine's ``top_k`` per class and image. Scored on the images whose truth is complete: the boxed ones and those without
-    findings."""
+    minimum score, and to refine's ``top_k`` per class and image. Scored on the images whose truth
+    is complete: the boxed ones and those without findings."""
     from cxrcam.calibrate.run import half_of
     from cxrcam.outputs.postprocess import choose_filter_where_complete
     from cxrcam.train.classifier import predict
@@ -233,7 +233,8 @@ def sweep_postprocess(raw: pd.DataFrame, truth: pd.DataFrame, image_ids: list[st
     _, nms, scale, min_score, value = min((abs(n - 0.5) + abs(np.log(sc)) + t, n, sc, t, v)
                                           for n, sc, t, v in table if v >= best - 1e-9)
     return {"nms": nms, "scale": scale, "min_score": min_score, "metric": "RSNA score" if rsna else f"mAP@{iou_thr}",
-            "value": float(value), "default_value": float(dict(((n, sc, t), v) for n, sc, t, v in table)[(0.5, 1.0, 0.0)]),
+            "value": float(value),
+            "default_value": float(dict(((n, sc, t), v) for n, sc, t, v in table)[(0.5, 1.0, 0.0)]),
             "grid": [[n, sc, t, float(v)] for n, sc, t, v in table]}
 
 
