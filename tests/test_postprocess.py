@@ -70,6 +70,52 @@ def test_the_filter_is_chosen_where_it_holds_on_both_halves():
     assert (none["low"], none["high"]) == (0.0, 1.0) and "no held-out gain" in none["why"]
 
 
+def random_validation(seed: int, schema):
+    """Random detections, truth and p_normal on 30 images: overlapping boxes, tied scores, normal images."""
+    rng = np.random.default_rng(seed)
+    ids = [f"i{k}" for k in range(30)]
+    classes = [0] if schema.no_finding_id is None else [0, 3, 5]
+
+    def boxes(n):
+        xy = rng.integers(0, 60, (n, 2)).astype(float)
+        return xy, xy + rng.integers(10, 40, (n, 2))
+
+    sick = ids[:18]
+    tb = boxes(40)
+    truth = pd.DataFrame({"image_id": rng.choice(sick, 40), "class_id": rng.choice(classes, 40),
+                          "x_min": tb[0][:, 0], "y_min": tb[0][:, 1], "x_max": tb[1][:, 0], "y_max": tb[1][:, 1]})
+    db = boxes(120)
+    found = pd.DataFrame({"image_id": rng.choice(ids, 120), "class_id": rng.choice(classes, 120),
+                          "score": rng.choice([0.2, 0.5, 0.9], 120),
+                          "x_min": db[0][:, 0], "y_min": db[0][:, 1], "x_max": db[1][:, 0], "y_max": db[1][:, 1]})
+    p_normal = pd.Series(rng.choice([0.05, 0.3, 0.6, 0.95], 30), index=ids)
+    if schema.no_finding_id is not None:
+        from cxrcam.evaluation.detection import with_no_finding
+        truth = with_no_finding(truth, ids, schema.no_finding_id)
+    return found, p_normal, truth, ids
+
+
+@pytest.mark.parametrize("dataset", ["vinbig", "rsna"])
+def test_filter_scores_equal_the_definition(dataset):
+    """filter_scores (one matching, cumulative sums) gives filter_score's value (a VOC or RSNA pass
+    per pair) for every pair of the grid, on every subset of images."""
+    from cxrcam.outputs.postprocess import filter_grid, filter_score, filter_scores
+    from cxrcam.schemas import RSNA
+
+    schema = RSNA if dataset == "rsna" else VINBIG
+    for seed in range(3):
+        found, p_normal, truth, ids = random_validation(seed, schema)
+        grid = filter_grid(1 - p_normal.to_numpy(), rsna=schema.no_finding_id is None) + [(0.5, 0.5)]
+        masks = [np.ones(len(ids), bool), np.arange(len(ids)) % 3 == 0]
+        fast = filter_scores(found, p_normal, truth, schema, 0.4, grid, masks)
+        for k, mask in enumerate(masks):
+            keep = [i for i, m in zip(ids, mask) if m]
+            sub = [t[t["image_id"].isin(keep)] for t in (found, truth)]
+            slow = [filter_score(sub[0], p_normal.loc[keep], sub[1], keep, schema, 0.4, lo, hi) for lo, hi in grid]
+            np.testing.assert_allclose(fast[:, k], slow, atol=1e-12)
+        assert np.ptp(fast[:, 0]) > 0  # the grid's pairs score differently: the comparison is not vacuous
+
+
 def test_filter_range_reads_auto_from_the_calibration(tmp_path):
     from cxrcam.calibration import CalibrationFile, filter_range
     from cxrcam.config import BoxConfig

@@ -78,11 +78,67 @@ def filter_score(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataFr
     return voc_map(truth, pd.concat([kept[DETECTION_COLUMNS], rows], ignore_index=True), iou_thr)[0]
 
 
+def filter_scores(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataFrame, schema: Schema,
+                  iou_thr: float, grid: list[tuple[float, float]], subsets: list[np.ndarray]) -> np.ndarray:
+    """:func:`filter_score` of every (low, high) pair in ``grid`` (rows) on each subset of the
+    images (columns; boolean masks over ``p_normal``'s index), from one matching of the detections.
+
+    The filter only removes whole images' boxes (and "No finding" rows), and whether a box is a true
+    positive depends only on its own image's boxes of its class above it, so each class is matched
+    once and every pair's AP comes from cumulative sums over the boxes it keeps (RSNA: each image's
+    score with and without its boxes). Equal to :func:`filter_score` (a test checks it)."""
+    from cxrcam.evaluation.detection import match_detections, truth_by_image, voc_ap
+    from cxrcam.evaluation.rsna import image_scores
+
+    image_ids = list(p_normal.index)
+    where = {k: n for n, k in enumerate(image_ids)}
+    abnormal = 1 - p_normal.to_numpy(np.float64)
+    detections, truth = (t[t["image_id"].isin(where)] for t in (detections, truth))
+    table = np.full((len(grid), len(subsets)), np.nan)
+    if schema.name == "rsna" and schema.no_finding_id is None:  # an image below low scores as with no boxes
+        with_boxes = image_scores(truth, detections, image_ids)
+        without = image_scores(truth, detections.iloc[:0], image_ids)
+        for r, (low, _) in enumerate(grid):
+            per_image = np.where(abnormal >= low, with_boxes, without)
+            for c, subset in enumerate(subsets):
+                scored = per_image[subset][np.isfinite(per_image[subset])]
+                table[r, c] = scored.mean() if len(scored) else np.nan
+        return table
+    no_finding = schema.no_finding_id
+    found = detections[DETECTION_COLUMNS]
+    if no_finding is not None:
+        from cxrcam.data.tables import no_finding_rows
+        found = pd.concat([found, no_finding_rows(image_ids, no_finding, p_normal.to_numpy())], ignore_index=True)
+    image = found["image_id"].map(where).to_numpy()
+    truth_image = truth["image_id"].map(where).to_numpy()
+    classes = []  # per class: its boxes' images and true-positive flags, best first, and its truth boxes' images
+    for c in sorted(set(truth["class_id"]) | set(found["class_id"])):
+        mine = found[found["class_id"] == c]
+        order = np.argsort(-mine["score"].to_numpy(np.float64), kind="stable")
+        tp = match_detections(truth_by_image(truth[truth["class_id"] == c]), mine["image_id"].to_numpy()[order],
+                              mine[BOX_COLUMNS].to_numpy(np.float64)[order], iou_thr)
+        classes.append((c, image[(found["class_id"] == c).to_numpy()][order], tp,
+                        truth_image[(truth["class_id"] == c).to_numpy()]))
+    for r, (low, high) in enumerate(grid):
+        for k, subset in enumerate(subsets):
+            aps = []
+            for c, images, tp, truth_images in classes:
+                n_truth = int(subset[truth_images].sum())
+                if not n_truth:
+                    continue
+                kept = subset[images] & ((abnormal[images] <= high) if c == no_finding else (abnormal[images] >= low))
+                ctp = np.cumsum(tp[kept])
+                cfp = np.arange(1, len(ctp) + 1) - ctp
+                aps.append(voc_ap(ctp / n_truth, ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)))
+            table[r, k] = np.mean(aps) if aps else np.nan
+    return table
+
+
 def choose_filter(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataFrame, schema: Schema,
                   iou_thr: float, half: Callable[[str], int]) -> dict[str, Any]:
     """The 2-class filter's (low, high) for these validation detections (original pixels) and
     p_normal (image_id -> p_normal, every image), over :func:`filter_grid` (RSNA, without "No
-    finding": the low threshold alone), scored by :func:`filter_score`.
+    finding": the low threshold alone), scored by :func:`filter_score` (:func:`filter_scores`).
 
     As calibrate's thresholds: the pair chosen on one ``half`` of the images is scored on the
     other, both ways; the filter is kept only where that beats no filter on each half, and is then
@@ -90,12 +146,8 @@ def choose_filter(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataF
     image_ids = list(p_normal.index)
     grid = filter_grid(1 - p_normal.to_numpy(), rsna=schema.no_finding_id is None)
     halves = np.array([half(i) for i in image_ids])
-    subsets = [[i for i, h in zip(image_ids, halves) if h == k] for k in (0, 1)]
-
-    def scores(ids: list[str]) -> np.ndarray:
-        keep = set(ids)
-        dets, sub = detections[detections["image_id"].isin(keep)], truth[truth["image_id"].isin(keep)]
-        return np.array([filter_score(dets, p_normal.loc[ids], sub, ids, schema, iou_thr, lo, hi) for lo, hi in grid])
+    masks = [np.ones(len(image_ids), bool), halves == 0, halves == 1]
+    table = list(filter_scores(detections, p_normal, truth, schema, iou_thr, grid, masks).T)
 
     def best(values: np.ndarray) -> int:  # of the pairs at the best score, the least filtering (grid order)
         change = np.array([lo + (1 - hi) for lo, hi in grid])
@@ -103,7 +155,6 @@ def choose_filter(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataF
         return int(tied[np.argmin(change[tied])])
 
     off = grid.index((0.0, 1.0))
-    table = [scores(image_ids), *(scores(ids) for ids in subsets)]
     result = {"low": 0.0, "high": 1.0, "metric": "RSNA score" if schema.name == "rsna" else f"mAP@{iou_thr}",
               "value": float(table[0][off]), "off": float(table[0][off])}
     if not all(np.isfinite(t).any() for t in table):
@@ -207,5 +258,5 @@ def write_ensemble(paths: list[Path], sizes: dict[str, tuple[float, float]], out
     return table
 
 
-__all__ = ["two_class_filter", "filter_score", "filter_grid", "choose_filter", "choose_filter_where_complete",
-           "FILTER_LOWS", "FILTER_HIGHS", "ensemble", "write_ensemble"]
+__all__ = ["two_class_filter", "filter_score", "filter_scores", "filter_grid", "choose_filter",
+           "choose_filter_where_complete", "FILTER_LOWS", "FILTER_HIGHS", "ensemble", "write_ensemble"]
