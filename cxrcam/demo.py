@@ -13,10 +13,10 @@ passes the command line group, ``cxrcam.cli.main``), with its progress bars.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,14 +134,28 @@ class Stages:
         return ["evaluate", *preds, "--gt", self.cache(gt), "--out", out, *self.settings, *extra]
 
 
+def bench_parser(doc: str | None, n_images: int = 800, n_test: int = 400, size: int = 128, epochs: int = 10,
+                 n_test_help: str | None = None) -> argparse.ArgumentParser:
+    """The command line that ``scripts/bench_*.py`` pipeline benchmarks share (where, how many images,
+    at what size, how many classifier epochs); each script adds its own options."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--n-images", type=int, default=n_images, help="training images")
+    parser.add_argument("--n-test", type=int, default=n_test, help=n_test_help or "held-out test images")
+    parser.add_argument("--size", type=int, default=size, help="the model's input size (prepare.size)")
+    parser.add_argument("--epochs", type=int, default=epochs, help="classifier epochs")
+    return parser
+
+
 def run_command(cli: click.Command, *args: Any) -> None:
     """Run one ``cxrcam`` command (``cli``: the command line group) as a user would type it, printed
-    first, in this process."""
+    first, in this process; its wall time printed after (where a run's minutes go)."""
     args = [str(a) for a in args]
     line = f"cxrcam {shlex.join(args)}"
     print(f"\n$ {line}", flush=True)
+    start = time.perf_counter()
     code = run_in_process(cli, args)
-    sys.stdout.flush()
+    print(f"cxrcam {args[0]}: {time.perf_counter() - start:.1f} s", flush=True)
     if code != 0:
         raise CxrcamError(f"stage failed: {line}")
 

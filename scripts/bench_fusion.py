@@ -14,18 +14,16 @@ mean AUROC (``cxrcam predict``), the plain detector's findings mAP@0.4 (``refine
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 
 from cxrcam.cli import main as cli
 from cxrcam.data.cache import open_cache
 from cxrcam.data.tables import target_columns
-from cxrcam.demo import TINY, Stages, run_command
+from cxrcam.demo import TINY, Stages, bench_parser, run_command
 from cxrcam.evaluation.classification import auroc_per_class, mean_auroc
 from cxrcam.evaluation.evaluate import findings_map
 
@@ -33,12 +31,7 @@ METHODS = ("wbf", "majority", "reader", "union")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n-images", type=int, default=800)
-    parser.add_argument("--n-test", type=int, default=400)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser = bench_parser(__doc__)
     parser.add_argument("--detector-epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=35, help="the synthetic sets' seed (the tests use others)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))

@@ -19,7 +19,6 @@ trainings, and the classifier's AUROC.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 
 from cxrcam.cam import parse_map
 from cxrcam.cli import main as cli
-from cxrcam.demo import TINY, PipelineSettings, pipeline_stages, run_command, run_pipeline
+from cxrcam.demo import TINY, PipelineSettings, bench_parser, pipeline_stages, run_command, run_pipeline
 from cxrcam.evaluation.compare import beyond_noise
 from cxrcam.evaluation.evaluate import headline
 
@@ -61,12 +60,7 @@ def paired_marks(comparison: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n-images", type=int, default=800)
-    parser.add_argument("--n-test", type=int, default=400)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser = bench_parser(__doc__)
     parser.add_argument("--model", default="resnet10t")
     parser.add_argument("--config", default=TINY, help="a shipped config's name or a YAML file")
     parser.add_argument("--data-seed", type=int, default=7, help="the synthetic sets' seed (tests use others)")

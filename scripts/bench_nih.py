@@ -13,7 +13,6 @@ on real disease; the published rows are for orientation, not a comparison.
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -25,7 +24,7 @@ import pandas as pd
 from cxrcam.calibration import box_rules
 from cxrcam.cli import main as cli
 from cxrcam.config import load_config
-from cxrcam.demo import TINY, PipelineSettings, pipeline_stages, run_command, run_pipeline
+from cxrcam.demo import TINY, PipelineSettings, bench_parser, pipeline_stages, run_command, run_pipeline
 from cxrcam.evaluation.evaluate import score
 from cxrcam.evaluation.weak import LITERATURE_IOBB, LITERATURE_IOU, literature_table, mean_table, random_truth_detections
 
@@ -39,12 +38,7 @@ CHESTXRAY8 = {"Atelectasis": (.73, .28, .69, .05), "Cardiomegaly": (.99, .88, .9
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n-images", type=int, default=800)
-    parser.add_argument("--n-test", type=int, default=400)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser = bench_parser(__doc__)
     parser.add_argument("--data-seed", type=int, default=7)
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--backgrounds", type=Path, default=None, help="normal radiographs to insert findings into")

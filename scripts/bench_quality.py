@@ -15,7 +15,6 @@ pointing game) beside their random-map controls.
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 from pathlib import Path
@@ -23,16 +22,12 @@ from pathlib import Path
 import torch
 
 from cxrcam.cli import main as cli
-from cxrcam.demo import TINY, PipelineSettings, run_pipeline, summary_table
+from cxrcam.demo import TINY, PipelineSettings, bench_parser, run_pipeline, summary_table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n-images", type=int, default=400)
-    parser.add_argument("--n-test", type=int, default=0, help="held-out test images (default: n-images / 2)")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser = bench_parser(__doc__, n_images=400, n_test=0, epochs=15,
+                          n_test_help="held-out test images (default: n-images / 2)")
     parser.add_argument("--detector-epochs", type=int, default=8)
     parser.add_argument("--model", default="resnet10t")
     parser.add_argument("--config", type=Path, default=TINY)

@@ -17,17 +17,15 @@ With the real commands, into ``--out``:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
-from pathlib import Path
 
 import torch
 
 from bench_detectors import paired, row_labels, train
 from cxrcam.cli import main as cli
-from cxrcam.demo import TINY, Stages, run_command
+from cxrcam.demo import TINY, Stages, bench_parser, run_command
 from cxrcam.evaluation.compare import with_interval
 
 PLAIN = ["refine.proposals=rpn", "refine.gate=none"]
@@ -37,12 +35,7 @@ DETECTORS = {"Faster R-CNN": ("fasterrcnn", ["detector.arch=fasterrcnn"]),
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n-images", type=int, default=800)
-    parser.add_argument("--n-test", type=int, default=400)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=10, help="classifier epochs")
+    parser = bench_parser(__doc__)
     parser.add_argument("--detector-epochs", type=int, default=5)
     parser.add_argument("--model", default="resnet10t")
     parser.add_argument("--seed", type=int, default=7, help="the training set's seed (the test set: + 1000)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def test_demo_runs_every_stage_and_reports_their_metrics(tmp_path):
     for stage in ("synth", "prepare", "train-classifier", "calibrate", "localize", "train-detector", "refine",
                   "evaluate", "report"):
         assert f"$ cxrcam {stage} " in result.stdout, stage  # each stage is the command a user would type
+        assert re.search(rf"^cxrcam {stage}: \d+\.\d s$", result.stdout, re.M), stage  # and its wall time
     # a re-run into the same folder starts afresh (another --size or --seed included); 20 images: 2 folds
     prepares = [line for line in result.stdout.splitlines() if line.startswith("$ cxrcam prepare ")]
     assert len(prepares) == 2 and all("--overwrite" in line and "split.n_folds=2" in line for line in prepares)
