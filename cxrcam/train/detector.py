@@ -145,42 +145,42 @@ SCORE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 @torch.no_grad()
-def choose_postprocess(model, loader, val_set: DetectionDataset, truth: pd.DataFrame, schema, iou_thr: float,
-                       device: torch.device) -> dict[str, Any]:
-    """The NMS threshold and box scale that score best on the validation fold
-    (:func:`sweep_postprocess`), from the detections computed once without NMS. What ``refine``
-    reads (``refine.iou`` and ``refine.scale`` "auto")."""
+def raw_detections(model, loader, val_set: DetectionDataset, device: torch.device) -> tuple[pd.DataFrame, int]:
+    """(the validation fold's detections without NMS, up to 300 an image; the model's own cap per
+    image): computed once, what the post-processing sweep and the filter choice both cut."""
     holder = model if isinstance(model, CamRetinaNet) else model.roi_heads
     saved = holder.nms_thresh, holder.detections_per_img
     holder.nms_thresh, holder.detections_per_img = 1.0, max(saved[1], 300)
     try:
-        raw = detect(model, loader, val_set.images, device)
+        return detect(model, loader, val_set.images, device), saved[1]
     finally:
         holder.nms_thresh, holder.detections_per_img = saved
+
+
+def choose_postprocess(raw: pd.DataFrame, max_detections: int, val_set: DetectionDataset, truth: pd.DataFrame,
+                       schema, iou_thr: float) -> dict[str, Any]:
+    """The NMS threshold and box scale that score best on the validation fold
+    (:func:`sweep_postprocess`) for its :func:`raw_detections`. What ``refine`` reads
+    (``refine.iou`` and ``refine.scale`` "auto")."""
     val_truth = truth[truth["image_id"].isin(set(val_set.images["image_id"]))][["image_id", "class_id", *BOX_COLUMNS]]
     sizes = val_set.images.set_index("image_id")[["width", "height"]].astype(float)
     return sweep_postprocess(raw, val_truth, list(val_set.images["image_id"]), sizes, schema.name == "rsna", iou_thr,
-                             saved[1])
+                             max_detections)
 
 
-def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.DataFrame, cache: Cache,
-                           classifier: str | Path, chosen: dict[str, Any], iou_thr: float, device: torch.device,
-                           normal_rule: str = "max", top_k: int = 0) -> dict[str, Any]:
+def choose_detector_filter(raw: pd.DataFrame, max_detections: int, val_set: DetectionDataset, truth: pd.DataFrame,
+                           cache: Cache, classifier: str | Path, chosen: dict[str, Any], iou_thr: float,
+                           device: torch.device, normal_rule: str = "max", top_k: int = 0) -> dict[str, Any]:
     """The 2-class filter's thresholds for this detector's own boxes (``choose_filter``: held out on
     both halves of the validation fold), from the ``classifier``'s p_normal (``detector.init``, the
-    classifier refine is normally given); the detections are cut at the chosen NMS, box scale and
-    minimum score, and to refine's ``top_k`` per class and image. Scored on the images whose truth
-    is complete: the boxed ones and those without findings."""
+    classifier refine is normally given); the :func:`raw_detections` are cut at the chosen NMS (as
+    the sweep cut them), box scale and minimum score, and to refine's ``top_k`` per class and image.
+    Scored on the images whose truth is complete: the boxed ones and those without findings."""
     from cxrcam.calibrate.run import half_of
     from cxrcam.outputs.postprocess import choose_filter_where_complete
     from cxrcam.train.classifier import predict
 
-    holder = model if isinstance(model, CamRetinaNet) else model.roi_heads
-    saved, holder.nms_thresh = holder.nms_thresh, chosen["nms"]
-    try:
-        found = detect(model, loader, val_set.images, device)
-    finally:
-        holder.nms_thresh = saved
+    found = raw.iloc[nms_rows(raw, chosen["nms"], max_detections)]
     found = found[found["score"] >= chosen.get("min_score", 0.0)]
     if top_k > 0:  # what refine submits: each class's top_k boxes per image (and fewer boxes to score)
         found = found.sort_values("score", ascending=False, kind="stable").groupby(["image_id", "class_id"]).head(top_k)
@@ -195,6 +195,20 @@ def choose_detector_filter(model, loader, val_set: DetectionDataset, truth: pd.D
     return {k: v for k, v in result.items() if k != "grid"}
 
 
+def nms_rows(raw: pd.DataFrame, nms: float, max_detections: int = 100) -> np.ndarray:
+    """The rows of ``raw`` (detections before NMS) that NMS at IoU ``nms`` keeps per (image, class),
+    then each image's ``max_detections`` best: what the model returns at that NMS threshold."""
+    from torchvision.ops import batched_nms
+
+    image = pd.factorize(raw["image_id"])[0]
+    groups = torch.tensor(image.astype(np.int64) * (int(raw["class_id"].max()) + 1 if len(raw) else 1)
+                          + raw["class_id"].to_numpy(np.int64))
+    boxes, scores = torch.tensor(raw[BOX_COLUMNS].to_numpy(np.float64)), torch.tensor(raw["score"].to_numpy(np.float64))
+    keep = batched_nms(boxes, scores, groups, nms).numpy()
+    kept = raw.iloc[keep].assign(_row=keep)
+    return kept.sort_values("score", ascending=False).groupby("image_id").head(max_detections)["_row"].to_numpy()
+
+
 def sweep_postprocess(raw: pd.DataFrame, truth: pd.DataFrame, image_ids: list[str], sizes: pd.DataFrame, rsna: bool,
                       iou_thr: float, max_detections: int = 100) -> dict[str, Any]:
     """Each (NMS IoU, box scale, minimum score) of :data:`NMS_GRID` x :data:`SCALE_GRID` x
@@ -202,19 +216,7 @@ def sweep_postprocess(raw: pd.DataFrame, truth: pd.DataFrame, image_ids: list[st
     pixels; ``sizes``: width, height by image id) and scored with the dataset's own metric: RSNA's
     score (``rsna``), else VOC mAP@``iou_thr``. The best wins; ties keep the setting nearest NMS 0.5,
     scale 1 and no minimum (the least change)."""
-    from torchvision.ops import batched_nms
-
-    image = pd.Index(image_ids).get_indexer(raw["image_id"])
-    groups = torch.tensor(image.astype(np.int64) * (int(raw["class_id"].max()) + 1 if len(raw) else 1)
-                          + raw["class_id"].to_numpy(np.int64))
-    boxes, scores = torch.tensor(raw[BOX_COLUMNS].to_numpy(np.float64)), torch.tensor(raw["score"].to_numpy(np.float64))
     w, h = sizes.loc[raw["image_id"], "width"].to_numpy(), sizes.loc[raw["image_id"], "height"].to_numpy()
-
-    def after_nms(nms: float) -> np.ndarray:
-        """The rows NMS keeps per (image, class), then each image's ``max_detections`` best: one call."""
-        keep = batched_nms(boxes, scores, groups, nms).numpy()
-        kept = raw.iloc[keep].assign(_row=keep)
-        return kept.sort_values("score", ascending=False).groupby("image_id").head(max_detections)["_row"].to_numpy()
 
     def score(rows: np.ndarray, scale: float, min_score: float) -> float:
         rows = rows[raw["score"].to_numpy()[rows] >= min_score]
@@ -223,7 +225,7 @@ def sweep_postprocess(raw: pd.DataFrame, truth: pd.DataFrame, image_ids: list[st
         found = found.assign(**dict(zip(BOX_COLUMNS, resized.T)))
         return rsna_score(truth, found, image_ids)[0] if rsna else voc_map(truth, found, iou_thr)[0]
 
-    kept = {nms: after_nms(nms) for nms in NMS_GRID}  # NMS once per threshold; the scales re-cut its rows
+    kept = {nms: nms_rows(raw, nms, max_detections) for nms in NMS_GRID}  # NMS once a threshold; scales re-cut
     table = [(nms, scale, t, score(kept[nms], scale, t)) for nms in NMS_GRID for scale in SCALE_GRID
              for t in (SCORE_GRID if rsna else (0.0,))]
     values = np.array([v for *_, v in table], np.float64)
@@ -406,10 +408,10 @@ def train_detector(config: Config, data: str | Path, out: str | Path, resume: bo
     # closed the process group)
     if info.is_main and metrics:
         best, _ = load_detector(Path(out) / "best.pt", info.device)
-        chosen = choose_postprocess(best, val_loader, val_set, sup.boxes, cache.schema, config.eval.iou_thr,
-                                    info.device)
+        raw, cap = raw_detections(best, val_loader, val_set, info.device)
+        chosen = choose_postprocess(raw, cap, val_set, sup.boxes, cache.schema, config.eval.iou_thr)
         if dcfg.init and chosen["metric"] != "none":  # the 2-class filter for these boxes, by the init's p_normal
-            chosen["filter"] = choose_detector_filter(best, val_loader, val_set, sup.boxes, cache, dcfg.init, chosen,
+            chosen["filter"] = choose_detector_filter(raw, cap, val_set, sup.boxes, cache, dcfg.init, chosen,
                                                       config.eval.iou_thr, info.device, config.boxes.normal_score,
                                                       config.refine.top_k)
         _record_postprocess(Path(out), chosen)
