@@ -94,6 +94,11 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     pos_weight: bool = False  # weight positives by negatives/positives per class
     soft_targets: bool = False  # targets = share of readers who marked the class
+    # the few-boxes lever (Li et al. 2018; Choe et al. 2020's few-shot baseline): beside BCE on the labels, a cell BCE
+    # on each class's score map of the boxed training images (1 where its boxes are, 0 elsewhere and for the image's
+    # absent classes), times box_loss; 0: the image labels alone (weak supervision)
+    box_loss: float = 0.0
+    box_images: int = 0  # boxed training-fold images whose boxes it uses: a seeded sample of this many (0 = all)
     workers: int = 2
     seed: int = 0
     deterministic: bool = True
@@ -263,6 +268,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "augment.contrast": UNIT, "train.epochs": (1, None), "train.batch_size": (1, None),
     "train.weight_decay": (0, None), "train.momentum": UNIT, "train.warmup_epochs": (0, None),
     "train.step_size": (1, None), "train.gamma": UNIT, "train.grad_clip": (0, None), "train.workers": (0, None),
+    "train.box_loss": (0, None), "train.box_images": (0, None),
     "cam.batch_size": (1, None), "cam.workers": (0, None), "boxes.threshold": UNIT, "boxes.min_prob": UNIT,
     "boxes.min_area": UNIT, "boxes.top_k": (0, None), "boxes.nms_iou": UNIT, "boxes.filter_low": UNIT,
     "boxes.filter_high": UNIT, "detector.trainable_layers": (0, 5),

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cxrcam.config import AugmentConfig
@@ -29,23 +31,61 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class CacheDataset(Dataset):
-    """Rows of a cache manifest -> (1 x S x S float tensor in [0, 1], targets, row index)."""
+    """Rows of a cache manifest -> (1 x S x S float tensor in [0, 1], targets, row index).
 
-    def __init__(self, cache: Cache, rows: np.ndarray | None = None, transform=None, soft: bool = False):
+    ``boxes`` (cache-frame boxes of the images whose maps are supervised, ``train.box_loss``): each
+    item also carries its boxes padded to the most any image has (M x 4, moved with the image by
+    ``transform``), their class ids (M, -1 = padding) and which classes its boxes decide (C: the
+    boxed classes, and the absent ones, on a boxed image; none on an image without boxes)."""
+
+    def __init__(self, cache: Cache, rows: np.ndarray | None = None, transform=None, soft: bool = False,
+                 boxes: pd.DataFrame | None = None):
         images = cache.images if rows is None else cache.images.iloc[rows]
         self.files = [str(cache.root / f) for f in images["file"]]
         cols = soft_columns(cache.schema) if soft else target_columns(cache.schema)
         self.targets = torch.from_numpy(images[cols].to_numpy(np.float32))
         self.transform = transform
+        self.boxes = None if boxes is None else _padded_boxes(images, boxes, target_columns(cache.schema))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
         x = image_tensor(read_image(self.files[i]).image)
+        if self.boxes is None:
+            if self.transform is not None:
+                x = self.transform(x).clamp_(0, 1)
+            return x, self.targets[i], i
+        boxes, classes, decided = (t[i] for t in self.boxes)
         if self.transform is not None:
-            x = self.transform(x).clamp_(0, 1)
-        return x, self.targets[i], i
+            image, moved = self.transform(tv_tensors.Image(x), tv_tensors.BoundingBoxes(
+                boxes, format="XYXY", canvas_size=tuple(x.shape[-2:])))
+            x, boxes = image.as_subclass(torch.Tensor).clamp(0, 1), v2.functional.clamp_bounding_boxes(
+                moved).as_subclass(torch.Tensor)
+        return x, self.targets[i], i, (boxes, classes, decided)
+
+
+def _padded_boxes(images: pd.DataFrame, boxes: pd.DataFrame, label_columns: list[str]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N x M x 4 cache-frame boxes, N x M class ids with -1 padding, N x C classes decided) for
+    :class:`CacheDataset`: on an image with boxes, a class is decided where it has a box or its label
+    is negative (a positive label without a box says nothing of where)."""
+    from cxrcam.data.cache import CACHE_BOX_COLUMNS
+
+    groups = {k: g for k, g in boxes.groupby("image_id")}
+    most = max((len(g) for g in groups.values()), default=0)
+    n, c = len(images), len(label_columns)
+    xyxy, ids, decided = torch.zeros(n, max(most, 1), 4), torch.full((n, max(most, 1)), -1), torch.zeros(n, c)
+    negative = images[label_columns].to_numpy(np.float32) < 0.5
+    for k, image_id in enumerate(images["image_id"]):
+        g = groups.get(image_id)
+        if g is None:
+            continue
+        xyxy[k, :len(g)] = torch.tensor(g[CACHE_BOX_COLUMNS].to_numpy(np.float32))
+        ids[k, :len(g)] = torch.tensor(g["class_id"].to_numpy(np.int64))
+        decided[k] = torch.tensor(negative[k], dtype=torch.float32)
+        decided[k, g["class_id"].to_numpy(np.int64)] = 1
+    return xyxy, ids, decided
 
 
 class ImageFiles(Dataset):

@@ -123,9 +123,23 @@ class Classifier(nn.Module):
         """The one image normalisation: grey [0, 1] -> the backbone's channels and statistics."""
         return (grey_to_channels(x, self.in_chans) - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(self.normalize(x))
-        return out if self.head is None else self.head(out)
+    def forward(self, x: torch.Tensor, maps: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits; ``maps``: (logits, B x C x h x w class score maps), the maps ``train.box_loss``
+        fits: the score head's, or with average pooling + linear the class activation maps (the
+        linear layer at every cell, whose mean is the logit)."""
+        if not maps:
+            out = self.backbone(self.normalize(x))
+            return out if self.head is None else self.head(out)
+        if self.head is not None:
+            scores = self.head.scores(self.backbone(self.normalize(x)))
+            return self.head.pool(scores), scores
+        features = self.backbone.forward_features(self.normalize(x))
+        linear = self.backbone.get_classifier()
+        if not isinstance(linear, nn.Linear) or features.ndim != 4:
+            raise CxrcamError(f"train.box_loss needs class maps: {type(self.backbone).__name__}'s head is not global "
+                              f"pooling + one linear layer; use model.pooling=pcam (or lse, csra)")
+        cams = torch.einsum("bfhw,cf->bchw", features, linear.weight) + linear.bias.view(1, -1, 1, 1)
+        return self.backbone.forward_head(features), cams
 
 
 def _hub_reachable() -> bool:

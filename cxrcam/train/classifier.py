@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from cxrcam.config import Config, class_thresholds, config_to_dict
-from cxrcam.data.cache import open_cache
+from cxrcam.data.cache import Cache, open_cache
 from cxrcam.data.dataset import CacheDataset, train_transforms
 from cxrcam.errors import CxrcamError
 from cxrcam.evaluation.classification import (auroc_per_class, defined_mean, mean_auroc, operating_points,
@@ -93,6 +94,44 @@ def _validation(model, loader, loss_fn, info, classes: list[str], meta: dict[str
     return validate
 
 
+def box_map_loss(maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor, decided: torch.Tensor,
+                 size: int) -> torch.Tensor:
+    """``train.box_loss``'s term: per decided (image, class), a BCE between the class's score map
+    (B x C x h x w logits) and its boxes (B x M x 4 in the S x S input, ``classes`` B x M, -1 =
+    padding) drawn on the cells: 1 where a box of the class overlaps the cell, 0 elsewhere.
+    Positive and negative cells weigh half each (a small box covers one cell of 64); a class whose
+    boxes augmentation pushed out of the image is not decided. Mean over the decided pairs."""
+    b, c, h, w = maps.shape
+    device = maps.device
+    starts_y, starts_x = (torch.arange(n, device=device, dtype=torch.float32) * size / n for n in (h, w))
+    boxes = boxes.float()
+    valid = (classes >= 0) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    over_x = (boxes[..., 0, None] < starts_x + size / w) & (boxes[..., 2, None] > starts_x)  # B x M x w
+    over_y = (boxes[..., 1, None] < starts_y + size / h) & (boxes[..., 3, None] > starts_y)  # B x M x h
+    cover = (over_y[..., :, None] & over_x[..., None, :] & valid[..., None, None]).float()  # B x M x h x w
+    of_class = F.one_hot(classes.clamp_min(0), c).float() * (classes >= 0)[..., None]  # B x M x C
+    target = (torch.einsum("bmhw,bmc->bchw", cover, of_class * valid[..., None]) > 0).float()
+    cells = F.binary_cross_entropy_with_logits(maps.float(), target, reduction="none")
+    positive = target.sum((2, 3))
+    on = (cells * target).sum((2, 3)) / positive.clamp_min(1)
+    off = (cells * (1 - target)).sum((2, 3)) / (h * w - positive).clamp_min(1)
+    per_pair = torch.where(positive > 0, (on + off) / 2, off)
+    weight = decided.float() * ~((of_class.amax(1) > 0) & (positive == 0))  # its boxes lost: say nothing
+    return (per_pair * weight).sum() / weight.sum().clamp_min(1)
+
+
+def supervised_boxes(cache: Cache, train_rows: np.ndarray, count: int, seed: int) -> pd.DataFrame:
+    """The cache-frame boxes ``train.box_loss`` fits: those of the training fold's boxed images, or
+    of a seeded sample of ``count`` of them (``train.box_images``; 0 = all)."""
+    boxed = set(cache.boxes["image_id"])
+    ids = [i for i in cache.images["image_id"].to_numpy()[train_rows] if i in boxed]
+    if not ids:
+        raise CxrcamError(f"train.box_loss: {cache.root} has no boxes on its training fold; set train.box_loss=0")
+    if 0 < count < len(ids):
+        ids = list(np.random.default_rng(seed).choice(ids, count, replace=False))
+    return cache.boxes[cache.boxes["image_id"].isin(set(ids))]
+
+
 def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -124,7 +163,8 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
 
     # --- data
     classes = list(cache.schema.findings)
-    train_set = CacheDataset(cache, train_rows, train_transforms(config.augment), soft=tcfg.soft_targets)
+    boxes = supervised_boxes(cache, train_rows, tcfg.box_images, tcfg.seed) if tcfg.box_loss > 0 else None
+    train_set = CacheDataset(cache, train_rows, train_transforms(config.augment), soft=tcfg.soft_targets, boxes=boxes)
     val_set = CacheDataset(cache, val_rows)
     per_rank_batch = max(1, tcfg.batch_size // info.world_size)
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
@@ -161,11 +201,15 @@ def train_classifier(config: Config, data: str | Path, out: str | Path, resume: 
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
     def batch_loss(batch) -> tuple[dict[str, torch.Tensor], int]:
-        x, y, _ = batch
+        x, y, _, *boxed = batch
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return {"bce": loss_fn(model(x).float(), y)}, len(x)
+        if not boxed:
+            return {"bce": loss_fn(model(x).float(), y)}, len(x)
+        logits, maps = model(x, maps=True)
+        fitted = box_map_loss(maps, *(t.to(info.device) for t in boxed[0]), x.shape[-1])
+        return {"bce": loss_fn(logits.float(), y), "box": tcfg.box_loss * fitted}, len(x)
 
     optimizer = _optimizer(model, tcfg)
     steps_per_epoch = max(1, len(sampler) // per_rank_batch if drop_last else math.ceil(len(sampler) / per_rank_batch))
@@ -207,4 +251,4 @@ def predict(checkpoint: str | Path | list, data: str | Path, batch_size: int = 6
     return table
 
 
-__all__ = ["train_classifier", "predict"]
+__all__ = ["train_classifier", "predict", "box_map_loss", "supervised_boxes"]
