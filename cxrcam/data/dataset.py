@@ -84,7 +84,7 @@ def _padded_boxes(images: pd.DataFrame, boxes: pd.DataFrame, label_columns: list
         xyxy[k, :len(g)] = torch.tensor(g[CACHE_BOX_COLUMNS].to_numpy(np.float32))
         ids[k, :len(g)] = torch.tensor(g["class_id"].to_numpy(np.int64))
         decided[k] = torch.tensor(negative[k], dtype=torch.float32)
-        decided[k, g["class_id"].to_numpy(np.int64)] = 1
+        decided[k, torch.tensor(g["class_id"].to_numpy(np.int64))] = 1
     return xyxy, ids, decided
 
 
