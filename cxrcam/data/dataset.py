@@ -9,7 +9,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cxrcam.config import AugmentConfig
-from cxrcam.data.cache import Cache
+from cxrcam.data.cache import CACHE_BOX_COLUMNS, Cache
 from cxrcam.data.images import read_image
 from cxrcam.data.tables import soft_columns, target_columns
 
@@ -70,8 +70,6 @@ def _padded_boxes(images: pd.DataFrame, boxes: pd.DataFrame, label_columns: list
     """(N x M x 4 cache-frame boxes, N x M class ids with -1 padding, N x C classes decided) for
     :class:`CacheDataset`: on an image with boxes, a class is decided where it has a box or its label
     is negative (a positive label without a box says nothing of where)."""
-    from cxrcam.data.cache import CACHE_BOX_COLUMNS
-
     groups = {k: g for k, g in boxes.groupby("image_id")}
     most = max((len(g) for g in groups.values()), default=0)
     n, c = len(images), len(label_columns)

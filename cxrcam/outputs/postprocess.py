@@ -113,23 +113,23 @@ def filter_scores(detections: pd.DataFrame, p_normal: pd.Series, truth: pd.DataF
     truth_image = truth["image_id"].map(where).to_numpy()
     classes = []  # per class: its boxes' images and true-positive flags, best first, and its truth boxes' images
     for c in sorted(set(truth["class_id"]) | set(found["class_id"])):
-        mine = found[found["class_id"] == c]
+        is_c, truth_c = (found["class_id"] == c).to_numpy(), (truth["class_id"] == c).to_numpy()
+        mine = found[is_c]
         order = np.argsort(-mine["score"].to_numpy(np.float64), kind="stable")
-        tp = match_detections(truth_by_image(truth[truth["class_id"] == c]), mine["image_id"].to_numpy()[order],
+        tp = match_detections(truth_by_image(truth[truth_c]), mine["image_id"].to_numpy()[order],
                               mine[BOX_COLUMNS].to_numpy(np.float64)[order], iou_thr)
-        classes.append((c, image[(found["class_id"] == c).to_numpy()][order], tp,
-                        truth_image[(truth["class_id"] == c).to_numpy()]))
+        classes.append((c, image[is_c][order], tp, truth_image[truth_c]))
+    n_truth = [[int(subset[truth_images].sum()) for _, _, _, truth_images in classes] for subset in subsets]
     for r, (low, high) in enumerate(grid):
         for k, subset in enumerate(subsets):
             aps = []
-            for c, images, tp, truth_images in classes:
-                n_truth = int(subset[truth_images].sum())
-                if not n_truth:
+            for (c, images, tp, _), n in zip(classes, n_truth[k]):
+                if not n:
                     continue
                 kept = subset[images] & ((abnormal[images] <= high) if c == no_finding else (abnormal[images] >= low))
                 ctp = np.cumsum(tp[kept])
                 cfp = np.arange(1, len(ctp) + 1) - ctp
-                aps.append(voc_ap(ctp / n_truth, ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)))
+                aps.append(voc_ap(ctp / n, ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)))
             table[r, k] = np.mean(aps) if aps else np.nan
     return table
 
